@@ -1,0 +1,30 @@
+"""Errors the tool reports to users as one line: which file, and what is wrong with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MoshiTTTError(Exception):
+    """A user-facing error. `str()` is a single line naming the file (if any) and the reason."""
+
+    def __init__(self, reason: str, path: str | Path | None = None):
+        self.reason = " ".join(str(reason).split())  # keep it on one line
+        self.path = None if path is None else str(path)
+        super().__init__(self.reason if self.path is None else f"{self.path}: {self.reason}")
+
+
+class CheckpointError(MoshiTTTError):
+    """A checkpoint or its config is missing, malformed or inconsistent."""
+
+
+class AudioError(MoshiTTTError):
+    """An input recording cannot be read or is unusable."""
+
+
+class AudioTooShortError(AudioError):
+    """A recording holds less than one frame: nothing to stream, not a failure of the file."""
+
+
+class StreamingError(MoshiTTTError):
+    """The streaming loop was driven in a way the TTT layers cannot support."""

@@ -1,0 +1,1 @@
+"""TTT layer families and the machinery they share."""
