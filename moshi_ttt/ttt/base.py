@@ -53,6 +53,10 @@ class FastWeightState(State):
     tokens: int = 0
     pending: int = 0
     updates: int = 0
+    # Streaming forwards whose Python ran but that after_token() has not acknowledged yet. Under
+    # moshi's CUDAGraphed a step's Python runs at most once (warm-up, then capture; replays run
+    # none), so anything above 0 at the next forward means the host stopped driving the layer.
+    unacked: int = 0
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
@@ -63,7 +67,7 @@ class FastWeightState(State):
             value.zero_()
         if self.write_pos is not None:
             self.write_pos.zero_()
-        self.tokens = self.pending = self.updates = 0
+        self.tokens = self.pending = self.updates = self.unacked = 0
 
 
 class FastWeightModule(StreamingModule[FastWeightState]):
@@ -120,19 +124,25 @@ class FastWeightModule(StreamingModule[FastWeightState]):
             raise StreamingError(f"TTT layer {self.layer_index} is not streaming")
         return state
 
-    def _check_room(self, state: FastWeightState, steps: int) -> None:
-        """Host-side guard (no device sync): the controller must commit full chunks between steps."""
+    def _begin_step(self, state: FastWeightState, steps: int) -> None:
+        """Host-side guard at the start of a streaming forward (no device sync).
+
+        Without it a runner that forgot `after_step()` would silently never update (or overrun
+        the chunk buffer): say so instead.
+        """
         if steps != 1:
             raise StreamingError(f"TTT layers stream one token per step, got {steps}")
-        if state.pending >= self.chunk_size:
+        if state.unacked:
             raise StreamingError(
-                f"TTT layer {self.layer_index}: chunk buffer is full; call TTTController.after_step() "
-                "after every LMGen.step"
+                f"TTT layer {self.layer_index}: a streaming step ran without after_token(); call "
+                "TTTController.after_step() after every LMGen.step"
             )
+        state.unacked += 1
 
     # -- host-driven chunk schedule ----------------------------------------------------------
     def after_token(self) -> None:
         state = self._streaming_state_or_raise()
+        state.unacked = 0
         state.tokens += 1
         state.pending += 1
         if state.pending == self.chunk_size:
@@ -164,9 +174,9 @@ def fast_weight_report(layer: int, initial: tp.Mapping[str, torch.Tensor],
                        final: tp.Mapping[str, torch.Tensor], tokens: int, updates: int,
                        pending: int) -> LayerReport:
     """Norms over all fast weights of a layer taken together (concatenated)."""
-    norm_initial = math.sqrt(sum(float(v.double().square().sum()) for v in initial.values()))
-    norm_final = math.sqrt(sum(float(v.double().square().sum()) for v in final.values()))
-    drift = math.sqrt(sum(float((final[k].double() - v.double()).square().sum())
+    norm_initial = math.sqrt(sum(float(v.detach().double().square().sum()) for v in initial.values()))
+    norm_final = math.sqrt(sum(float(v.detach().double().square().sum()) for v in final.values()))
+    drift = math.sqrt(sum(float((final[k].detach().double() - v.detach().double()).square().sum())
                           for k, v in initial.items()))
     return LayerReport(
         layer=layer, tokens=tokens, updates=updates, pending_tokens=pending,

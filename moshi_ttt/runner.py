@@ -1,0 +1,87 @@
+"""Moshi's frame-by-frame streaming loop over one recording, with TTT layers driven between steps.
+
+The loop is `moshi/run_inference.py`'s (batch size 1): full 1920-sample frames only (a trailing
+partial frame is dropped), the first frame stepped twice (at offset 0 LMGen replaces its input by
+the initial tokens), `LMGen.step` returning None for the first `max(delays)` steps. On top of it,
+per file: RNG reseeded, fresh streaming state (new KV caches; TTT fast weights back to the
+checkpoint's), one `TTTController.after_step()` per step, and `flush()` at end of file.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .audio import FRAME_SIZE
+from .model import LoadedModel
+from .ttt.base import LayerReport
+
+ProgressFn = tp.Callable[[int, int], None]  # (frames done, frames total)
+
+
+@dataclass
+class StreamResult:
+    pcm: np.ndarray  # 24 kHz mono float32
+    text_tokens: list[int]
+    frames: int  # input frames streamed
+    steps: int  # LMGen steps = tokens seen by every TTT layer
+    ttt_layers: list[LayerReport] = field(default_factory=list)
+
+
+class StreamingRunner:
+    """Runs recordings through a loaded model, one at a time, each independent of the others."""
+
+    def __init__(self, model: LoadedModel, seed: int = 4242, ttt_enabled: bool = True):
+        from moshi.models import LMGen
+        from moshi.run_inference import get_condition_tensors
+
+        self.model = model
+        self.seed = seed
+        info = model.checkpoint_info
+        condition_tensors = get_condition_tensors(info.model_type, model.lm, 1, 1.0)
+        self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors, **info.lm_gen_config)
+        self.controller = model.controller()
+        self.controller.set_frozen(not ttt_enabled)
+
+    @torch.no_grad()
+    def run(self, pcm: np.ndarray, progress: ProgressFn | None = None) -> StreamResult:
+        from moshi.run_inference import seed_all
+
+        mimi, lm_gen, lm = self.model.mimi, self.lm_gen, self.model.lm
+        device = self.model.device
+        frames = [torch.from_numpy(np.ascontiguousarray(pcm[i:i + FRAME_SIZE])).to(device)[None, None]
+                  for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
+        out_pcm: list[np.ndarray] = []
+        text_tokens: list[int] = []
+        steps = 0
+        # Seed after loading and right before streaming, so a file's output does not depend on
+        # anything that ran before it.
+        seed_all(self.seed)
+        with mimi.streaming(1), lm_gen.streaming(1):
+            for index, frame in enumerate(frames):
+                codes = mimi.encode(frame)
+                for _ in range(2 if index == 0 else 1):
+                    tokens = lm_gen.step(codes)
+                    steps += 1
+                    self.controller.after_step()
+                if tokens is not None:
+                    out_pcm.append(mimi.decode(tokens[:, 1:]).float().cpu().numpy()[0, 0])
+                    text_tokens.append(int(tokens[0, 0].item()))
+                if progress is not None:
+                    progress(index + 1, len(frames))
+            self.controller.flush()
+            reports = self.controller.reports()
+        audio = np.concatenate(out_pcm) if out_pcm else np.zeros(0, dtype=np.float32)
+        return StreamResult(pcm=audio, text_tokens=text_tokens, frames=len(frames), steps=steps,
+                            ttt_layers=reports)
+
+    def transcript(self, text_tokens: tp.Iterable[int]) -> str:
+        """Moshi's text stream as words, padding tokens dropped (as run_inference prints it)."""
+        lm = self.model.lm
+        skip = {lm.text_padding_token_id, lm.end_of_text_padding_id}
+        tokenizer = self.model.text_tokenizer
+        pieces = [tokenizer.id_to_piece(t) for t in text_tokens if t not in skip and t < tokenizer.vocab_size()]
+        return "".join(pieces).replace("\u2581", " ").strip()

@@ -1,0 +1,212 @@
+"""In-Place Test-Time Training (ICLR 2026, Algorithm 1) on Moshi's gated MLP.
+
+The gated MLP computes `Z = act(X W_gate^T) * (X W_up^T)` and `O = Z W_down^T`. In a TTT layer
+`W_down` is a fast weight `W` (float32). Tokens are split into chunks of C; for chunk i:
+
+    O_i     = Z_i W^(i)T                      (weights from *before* the chunk)
+    V_i     = Conv1D_K(X0_i) W_target^T       (X0: the transformer's input embeddings; the conv
+                                               looks ahead, zero-padded at the chunk's end)
+    W^(i+1) = W^(i) + lr * clip(V_i^T Z_i)
+
+Streaming (one token per `LMGen.step`) buffers each token's Z and X0 and applies the update when
+the controller commits a full chunk (only then is the look-ahead available) or flushes a partial
+one. The parallel path computes the same thing over a whole sequence at once.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import FastWeightModule, FastWeightState
+
+
+@dataclass
+class InPlaceTTTConfig:
+    """TTT hyper-parameters of an In-Place fine-tune (read from its checkpoint)."""
+
+    layers: list[int]
+    chunk_size: int
+    learning_rate: float
+    conv_kernel_size: int = 2
+    # Frobenius-norm bound on each chunk's delta; None = no clipping (only when the config asks).
+    delta_clip: float | None = None
+
+    variant: tp.ClassVar[str] = "inplace"
+
+
+class TokenEmbeddingTap:
+    """Holds the temporal transformer's current input (X0), captured by a forward pre-hook.
+
+    The In-Place target is built from X0 rather than from the layer's own input, so each TTT
+    layer needs the tensor the transformer was called with. Under a CUDA graph the hook runs at
+    capture time and the captured kernels keep reading the same (graph-owned) memory on replay.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        self.current: torch.Tensor | None = None
+        self._handle = transformer.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self.current = args[0]
+
+    def get(self) -> torch.Tensor:
+        if self.current is None:
+            raise RuntimeError("TTT target needs the transformer input, but none was captured")
+        return self.current
+
+
+class Conv1dWrapper(nn.Module):
+    """Named to match the checkpoint keys `target_generator.conv1d.conv.weight`."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel_size, bias=False)
+
+
+class TargetGenerator(nn.Module):
+    """V = Conv1D(X0) W_target^T over one or more chunks, never looking past a chunk's end."""
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv1d = Conv1dWrapper(dim, kernel_size)
+        self.W_target = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x0_chunks: torch.Tensor) -> torch.Tensor:
+        """`x0_chunks` [N, L, D] (N independent chunks of L tokens) -> V [N, L, D], float32.
+
+        Kernel index k multiplies token t + k (index 0 = current token, 1 = next), so the input
+        is zero-padded on the right: the last tokens of a chunk see zeros, not the next chunk.
+        """
+        x = x0_chunks.float().transpose(1, 2)
+        x = F.pad(x, (0, self.kernel_size - 1))
+        conv = F.conv1d(x, self.conv1d.conv.weight.float())
+        return F.linear(conv.transpose(1, 2), self.W_target.weight.float())
+
+
+def chunk_scales(v: torch.Tensor, z: torch.Tensor, chunk_ids: torch.Tensor, n_chunks: int,
+                 lr: float, delta_clip: float | None) -> torch.Tensor:
+    """Per-token factor that applies each chunk's delta clipping, [B, T].
+
+    ||V_c^T Z_c||_F^2 = sum_{t,u in c} (v_t . v_u)(z_t . z_u), so the norms come from Gram
+    matrices without materialising one [D, H] delta per chunk.
+    """
+    ones = torch.ones(v.shape[:2], dtype=v.dtype, device=v.device)
+    if delta_clip is None:
+        return ones
+    same_chunk = chunk_ids[:, None] == chunk_ids[None, :]
+    gram = (v @ v.transpose(1, 2)) * (z @ z.transpose(1, 2)) * same_chunk
+    per_token = gram.sum(dim=2)  # sum over u in t's chunk
+    sq = torch.zeros(v.shape[0], n_chunks, dtype=v.dtype, device=v.device)
+    sq.index_add_(1, chunk_ids, per_token)
+    norms = lr * sq.clamp_min(0).sqrt()
+    scale = torch.where(norms > delta_clip, delta_clip / norms.clamp_min(1e-30), torch.ones_like(norms))
+    return scale[:, chunk_ids]
+
+
+def inplace_ttt_parallel(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor,
+                         target: TargetGenerator, chunk_size: int, lr: float,
+                         delta_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunk-parallel In-Place TTT over whole sequences (as in training).
+
+    z [B, T, H], x0 [B, T, D], w0 [D, H] -> outputs [B, T, D] and final fast weights [B, D, H],
+    all float32. Equivalent to a prefix sum of chunk deltas, written in its dual form:
+    `Z_i (sum_{j<i} dW_j)^T = lr * sum_{j<i} (Z_i Z_j^T) V_j`, i.e. a block-causal product that
+    never materialises per-chunk weights. Tokens past T never exist, so no padding enters an update.
+    """
+    B, T, _ = z.shape
+    z = z.float()
+    n_chunks = -(-T // chunk_size)
+    pad = n_chunks * chunk_size - T
+    x0_chunks = F.pad(x0.float(), (0, 0, 0, pad)).view(B * n_chunks, chunk_size, -1)
+    v = target(x0_chunks).view(B, n_chunks * chunk_size, -1)[:, :T]
+
+    chunk_ids = torch.arange(T, device=z.device) // chunk_size
+    v = v * chunk_scales(v, z, chunk_ids, n_chunks, lr, delta_clip)[..., None]
+    out = F.linear(z, w0.float())
+    w_final = w0.float().expand(B, -1, -1)
+    if lr != 0.0:
+        strictly_earlier_chunk = chunk_ids[None, :] < chunk_ids[:, None]  # [t, u]: chunk(u) < chunk(t)
+        scores = (z @ z.transpose(1, 2)) * strictly_earlier_chunk
+        out = out + lr * (scores @ v)
+        w_final = w_final + lr * (v.transpose(1, 2) @ z)
+    return out, w_final
+
+
+class InPlaceTTTGating(FastWeightModule):
+    """Drop-in replacement for a layer's `ActivationGating` whose down projection adapts.
+
+    Keeps the original `linear_in` / `linear_out` (same state-dict keys as the base model) and adds
+    `target_generator.{conv1d.conv,W_target}` (the fine-tune's keys). `fast_weight_init` is W^(0)
+    in float32: the base `linear_out.weight`, or a trained init if the checkpoint carries one.
+    """
+
+    def __init__(self, gating: nn.Module, layer_index: int, config: InPlaceTTTConfig,
+                 x0_tap: TokenEmbeddingTap):
+        super().__init__(layer_index, config.chunk_size)
+        self.linear_in = gating.linear_in
+        self.linear_out = gating.linear_out
+        self.activation = gating.activation
+        self.config = config
+        self.x0_tap = x0_tap
+        dim, hidden = self.linear_out.weight.shape
+        device = self.linear_out.weight.device
+        self.target_generator = TargetGenerator(dim, config.conv_kernel_size).to(device)
+        self.register_buffer("fast_weight_init", self.linear_out.weight.detach().float().clone())
+        self.last_parallel_state: dict[str, torch.Tensor] = {}
+
+    def initial_fast_weights(self) -> dict[str, torch.Tensor]:
+        return {"W": self.fast_weight_init}
+
+    def _make_scratch(self) -> dict[str, torch.Tensor]:
+        dim, hidden = self.fast_weight_init.shape
+        device = self.fast_weight_init.device
+        return {
+            "z": torch.zeros(self.chunk_size, hidden, device=device),
+            "x0": torch.zeros(self.chunk_size, dim, device=device),
+        }
+
+    @property
+    def learning_rate(self) -> float:
+        return 0.0 if self.frozen else self.config.learning_rate
+
+    def _gate(self, x: torch.Tensor) -> torch.Tensor:
+        # Same ops as moshi's gating kernel, so with a zero learning rate the output is identical.
+        h = F.linear(x, self.linear_in.weight)
+        B, T, _ = h.shape
+        h = h.view(B, T, 2, -1)
+        return self.activation(h[..., 0, :]) * h[..., 1, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._gate(x)
+        x0 = self.x0_tap.get()
+        state = self._streaming_state
+        if state is None:
+            out, w_final = inplace_ttt_parallel(
+                z, x0, self.fast_weight_init, self.target_generator, self.chunk_size,
+                self.learning_rate, self.config.delta_clip)
+            self.last_parallel_state = {"W": w_final}
+            return out.to(x.dtype)
+        self._begin_step(state, x.shape[1])
+        out = F.linear(z.float(), state.fast["W"])
+        # Fixed-shape writes at a device-side position: graph-capturable, no host sync.
+        state.scratch["z"].index_copy_(0, state.write_pos, z[0].float())
+        state.scratch["x0"].index_copy_(0, state.write_pos, x0[0].float())
+        state.write_pos.add_(1)
+        return out.to(x.dtype)
+
+    def _apply_chunk(self, state: FastWeightState, n: int) -> None:
+        z = state.scratch["z"][:n]
+        v = self.target_generator(state.scratch["x0"][None, :n])[0]
+        delta = self.config.learning_rate * (v.T @ z)
+        clip = self.config.delta_clip
+        if clip is not None:
+            # torch ops only (no .item()): commits run outside the graph but need not sync.
+            norm = torch.linalg.matrix_norm(delta)
+            delta = delta * torch.clamp(clip / norm.clamp_min(1e-30), max=1.0)
+        state.fast["W"].add_(delta)

@@ -1,0 +1,383 @@
+"""TTT-MLP layer (ttt-lm / Video-DiT style) and its attachment to a moshi transformer layer.
+
+The inner model of each head is a two-layer MLP `f(x) = gelu_tanh(x W1 + b1) W2 + b2` trained
+online on the self-supervised loss `0.5 * ||LN(f(K)) - (V - K)||^2`, one gradient step per
+mini-batch of `C` tokens. Inside a mini-batch every gradient is taken at the mini-batch's start
+weights, and token `t` reads the weights corrected by the eta-weighted gradients of tokens
+`j <= t` (the causal "dual form"). A final partial mini-batch is simply shorter: no padding token
+ever contributes to an update.
+
+Two paths give the same result:
+- parallel (not streaming): scan over mini-batches, dual form with lower-triangular masks;
+- streaming (one token per step): running gradient sums in scratch, committed by the host
+  through `after_token()` / `flush()` (see `base.py` for why commits are host-driven).
+"""
+
+from __future__ import annotations
+
+import math
+import typing as tp
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from moshi.modules.transformer import StreamingTransformerLayer
+from torch import nn
+
+from ..errors import StreamingError
+from .base import FastWeightModule, FastWeightState
+
+LN_EPS = 1e-6
+FAST_WEIGHT_NAMES = ("W1", "b1", "W2", "b2")
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+@dataclass
+class TTTMLPConfig:
+    """TTT-MLP settings of a checkpoint.
+
+    `persistent_states` is the training-time choice of carrying fast weights across training
+    sequences; at inference fast weights always carry through a file and reset between files, so
+    it does not change this module's behaviour.
+    """
+
+    layers: list[int]
+    mini_batch_size: int
+    base_lr: float
+    initial_gating_alpha: float = 0.1
+    apply_output_proj: bool = True
+    ttt_layer_context: int | None = None
+    non_ttt_layer_context: int | None = None
+    persistent_states: bool = False
+    use_rope: bool = False
+    mlp_expansion: int = 4
+
+    variant: tp.ClassVar[str] = "ttt-mlp"
+
+
+# -- analytic pieces of the inner gradient -------------------------------------------------------
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx of the tanh-approximated GELU, closed form (no autograd on the inference path)."""
+    tanh_u = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x.pow(3)))
+    du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x.square())
+    return 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u.square()) * du_dx
+
+
+def head_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                    eps: float = LN_EPS) -> torch.Tensor:
+    """LayerNorm over the last dim with per-head affine; gamma/beta are [H, HD], x is [..., H, n, HD]."""
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).square().mean(-1, keepdim=True)
+    return (x - mu) * torch.rsqrt(var + eps) * gamma.unsqueeze(-2) + beta.unsqueeze(-2)
+
+
+def ln_l2_backward(z: torch.Tensor, target: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                   eps: float = LN_EPS) -> torch.Tensor:
+    """Gradient wrt `z` of `0.5 * ||head_layer_norm(z) - target||^2`, per row.
+
+    Derivation: with xhat = (z - mu) / std and g = dl/dxhat = (gamma xhat + beta - target) gamma,
+    dl/dz = (d g - sum(g) - xhat sum(g xhat)) / (d std), the mean and variance terms projecting
+    out the two directions LayerNorm is invariant to.
+    """
+    d = z.shape[-1]
+    mu = z.mean(-1, keepdim=True)
+    var = (z - mu).square().mean(-1, keepdim=True)
+    inv_std = torch.rsqrt(var + eps)
+    xhat = (z - mu) * inv_std
+    gamma_ = gamma.unsqueeze(-2)
+    g = (gamma_ * xhat + beta.unsqueeze(-2) - target) * gamma_
+    return (d * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True)) * (inv_std / d)
+
+
+def inner_gradients(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                    gamma: torch.Tensor, beta: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (G1 = dl/dZ1, G2 = dl/dZ2, X2) of the inner loss at `weights`, all [B, H, n, *]."""
+    z1 = k @ weights["W1"] + weights["b1"]
+    x2 = gelu_tanh(z1)
+    z2 = x2 @ weights["W2"] + weights["b2"]
+    # The inner model learns the residual: it maps K to V - K.
+    g2 = ln_l2_backward(z2, v - k, gamma, beta)
+    g1 = (g2 @ weights["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)
+    return g1, g2, x2
+
+
+def mlp_output(weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor, gamma: torch.Tensor,
+               beta: torch.Tensor) -> torch.Tensor:
+    """Output with uncorrected weights: Q + LN(f(Q)). Used when the fast weights are frozen."""
+    z2 = gelu_tanh(q @ weights["W1"] + weights["b1"]) @ weights["W2"] + weights["b2"]
+    return q + head_layer_norm(z2, gamma, beta)
+
+
+def dual_form_minibatch(weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, eta: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One mini-batch of n tokens in the causal dual form.
+
+    weights: W1 [B,H,HD,F], b1 [B,H,1,F], W2 [B,H,F,HD], b2 [B,H,1,HD]; q/k/v [B,H,n,HD];
+    eta [B,H,n]. Returns the outputs [B,H,n,HD] and the weights after the mini-batch's step.
+    Token t's corrected weights are never materialised: q_t W1_t = q_t W1 - sum_{j<=t} eta_j
+    (q_t . k_j) G1_j, so a masked [n, n] matrix stands in for n weight copies.
+    """
+    n = q.shape[-2]
+    g1, g2, x2 = inner_gradients(weights, k, v, gamma, beta)
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    eta_j = eta.unsqueeze(-2)  # scales column j
+
+    attn1 = ((q @ k.transpose(-1, -2) + 1.0) * eta_j).masked_fill(~causal, 0.0)
+    x2_bar = gelu_tanh(q @ weights["W1"] + weights["b1"] - attn1 @ g1)
+    attn2 = ((x2_bar @ x2.transpose(-1, -2) + 1.0) * eta_j).masked_fill(~causal, 0.0)
+    z2_bar = x2_bar @ weights["W2"] + weights["b2"] - attn2 @ g2
+    out = q + head_layer_norm(z2_bar, gamma, beta)
+
+    eg1 = eta.unsqueeze(-1) * g1
+    eg2 = eta.unsqueeze(-1) * g2
+    new = {
+        "W1": weights["W1"] - k.transpose(-1, -2) @ eg1,
+        "b1": weights["b1"] - eg1.sum(-2, keepdim=True),
+        "W2": weights["W2"] - x2.transpose(-1, -2) @ eg2,
+        "b2": weights["b2"] - eg2.sum(-2, keepdim=True),
+    }
+    return out, new
+
+
+# -- modules ------------------------------------------------------------------------------------
+
+class TTTMLP(FastWeightModule):
+    """The TTT-MLP sequence mixer of one layer: x1 [B, T, D] -> [B, T, D].
+
+    Parameters keep the checkpoint's names and dtype; all fast-weight math runs in float32.
+    After a parallel (non-streaming) forward, `last_parallel_state` holds the final inner weights
+    per batch element (keys W1, b1, W2, b2, leading batch dim).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, layer_index: int, mini_batch_size: int,
+                 base_lr: float, *, apply_output_proj: bool = True, mlp_expansion: int = 4,
+                 use_rope: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(layer_index, mini_batch_size)
+        if use_rope:
+            raise ValueError(
+                f"TTT layer {layer_index}: use_rope=True is not supported by the TTT-MLP layer "
+                "(the checkpoint was trained with RoPE on Q/K inside TTT, which is not implemented)"
+            )
+        if num_heads < 1 or d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not divisible into {num_heads} TTT heads")
+        factory: dict[str, tp.Any] = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.base_lr = base_lr
+        self.apply_output_proj = apply_output_proj
+        hidden = mlp_expansion * self.head_dim
+        h, hd = num_heads, self.head_dim
+
+        self.wq = nn.Linear(d_model, d_model, bias=True, **factory)
+        self.wk = nn.Linear(d_model, d_model, bias=True, **factory)
+        self.wv = nn.Linear(d_model, d_model, bias=True, **factory)
+        self.wo = nn.Linear(d_model, d_model, bias=True, **factory)
+        self.post_norm = nn.LayerNorm(d_model, eps=LN_EPS, **factory)
+        self.ttt_norm_weight = nn.Parameter(torch.ones(h, hd, **factory))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(h, hd, **factory))
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(h, 1, d_model, **factory).normal_(0, 0.02))
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(h, 1, **factory))
+        self.W1 = nn.Parameter(torch.empty(h, hd, hidden, **factory).normal_(0, 0.02))
+        self.b1 = nn.Parameter(torch.zeros(h, 1, hidden, **factory))
+        self.W2 = nn.Parameter(torch.empty(h, hidden, hd, **factory).normal_(0, 0.02))
+        self.b2 = nn.Parameter(torch.zeros(h, 1, hd, **factory))
+        self.last_parallel_state: dict[str, torch.Tensor] | None = None
+
+    # -- FastWeightModule contract --------------------------------------------------------------
+    def initial_fast_weights(self) -> dict[str, torch.Tensor]:
+        # Read from the parameters every time streaming starts, so weights loaded after
+        # construction are what the stream resets to. float32 params are shared, not copied.
+        return {name: getattr(self, name).detach().to(torch.float32) for name in FAST_WEIGHT_NAMES}
+
+    def _make_scratch(self) -> dict[str, torch.Tensor]:
+        # Running eta-weighted gradient sums of the current mini-batch; fast - sum is the weight
+        # set the latest token reads, and committing is `fast -= sum`.
+        return {name: torch.zeros(getattr(self, name).shape, dtype=torch.float32,
+                                  device=getattr(self, name).device)
+                for name in FAST_WEIGHT_NAMES}
+
+    def _apply_chunk(self, state: FastWeightState, n: int) -> None:
+        # The sums hold exactly the tokens fed since the last commit (`n` of them), so they are
+        # the whole mini-batch's step.
+        for name in FAST_WEIGHT_NAMES:
+            state.fast[name].sub_(state.scratch[name])
+
+    # -- forward --------------------------------------------------------------------------------
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V as [B, H, T, HD] float32 (Q, K L2-normalised) and eta [B, H, T]."""
+        b, t, _ = x.shape
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.float().view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+        # Projections stay in the model dtype: casting D x D weights to float32 every step would
+        # cost more than the whole TTT update.
+        q = F.normalize(heads(self.wq(x)), dim=-1)
+        k = F.normalize(heads(self.wk(x)), dim=-1)
+        v = heads(self.wv(x))
+        lr_logits = torch.einsum("btd,hd->bht", x.float(), self.learnable_ttt_lr_weight.float().squeeze(1))
+        lr_logits = lr_logits + self.learnable_ttt_lr_bias.float()
+        eta = self.base_lr * torch.sigmoid(lr_logits) / (self.head_dim * self.chunk_size)
+        return q, k, v, eta
+
+    def _merge(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        b, _, t, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, t, self.d_model)
+        # Some fine-tuning code saved post_norm/wo without applying them; the config decides.
+        if self.apply_output_proj:
+            out = F.layer_norm(out, (self.d_model,), self.post_norm.weight.float(),
+                               self.post_norm.bias.float(), LN_EPS)
+            out = self.wo(out.to(self.wo.weight.dtype))
+        return out.to(dtype)
+
+    def _norm_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ttt_norm_weight.float(), self.ttt_norm_bias.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._streaming_state
+        if state is None:
+            return self._forward_parallel(x)
+        return self._forward_step(x, state)
+
+    def _forward_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v, eta = self._project(x)
+        gamma, beta = self._norm_params()
+        weights = {name: w.unsqueeze(0).expand(b, *w.shape)
+                   for name, w in self.initial_fast_weights().items()}
+        if self.frozen:
+            out = mlp_output(weights, q, gamma, beta)
+        else:
+            outs = []
+            for start in range(0, t, self.chunk_size):
+                stop = min(start + self.chunk_size, t)  # the last mini-batch may be shorter
+                part, weights = dual_form_minibatch(
+                    weights, q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
+                    eta[:, :, start:stop], gamma, beta)
+                outs.append(part)
+            out = torch.cat(outs, dim=2) if outs else q
+        self.last_parallel_state = {name: w.detach().clone() for name, w in weights.items()}
+        return self._merge(out, x.dtype)
+
+    def _forward_step(self, x: torch.Tensor, state: FastWeightState) -> torch.Tensor:
+        """One token: fixed-shape, in-place tensor work only (graph-capturable)."""
+        self._begin_step(state, x.shape[1])
+        q, k, v, eta = self._project(x)
+        gamma, beta = self._norm_params()
+        fast = {name: w.unsqueeze(0) for name, w in state.fast.items()}
+        if self.frozen:
+            return self._merge(mlp_output(fast, q, gamma, beta), x.dtype)
+
+        # A step the stream masks out (moshi's exec_mask) must leave the fast weights untouched.
+        eta = eta * state.exec_mask.to(eta.dtype).view(-1, 1, 1)
+        g1, g2, x2 = inner_gradients(fast, k, v, gamma, beta)
+        eg1 = (eta.unsqueeze(-1) * g1)[0]  # [H, 1, F]
+        eg2 = (eta.unsqueeze(-1) * g2)[0]  # [H, 1, HD]
+        sums = state.scratch
+        sums["W1"].baddbmm_(k[0].transpose(-1, -2), eg1)
+        sums["b1"].add_(eg1)
+        sums["W2"].baddbmm_(x2[0].transpose(-1, -2), eg2)
+        sums["b2"].add_(eg2)
+
+        # q (W - S) as q W - q S: no per-step copy of the weights.
+        qh = q[0]
+        x2_bar = gelu_tanh(qh @ state.fast["W1"] - qh @ sums["W1"] + state.fast["b1"] - sums["b1"])
+        z2_bar = (x2_bar @ state.fast["W2"] - x2_bar @ sums["W2"]
+                  + state.fast["b2"] - sums["b2"])
+        out = q + head_layer_norm(z2_bar.unsqueeze(0), gamma, beta)
+        return self._merge(out, x.dtype)
+
+
+class TTTLayer(nn.Module):
+    """Holds the TTT module under the name `ttt`, matching the checkpoint's key layout."""
+
+    def __init__(self, ttt: TTTMLP):
+        super().__init__()
+        self.ttt = ttt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ttt(x)
+
+
+class SSMGating(nn.Module):
+    """Per-channel tanh gate on the TTT branch; alpha = 0 makes the branch vanish exactly."""
+
+    def __init__(self, d_model: int, initial_alpha: float, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.gating_alpha = nn.Parameter(torch.full((d_model,), float(initial_alpha), device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.gating_alpha.float()) * x.float()
+
+
+class TTTMLPBlock(nn.Module):
+    """`seq_modeling_block` of a TTT layer: x2 = x1 + tanh(alpha) * TTT(x1)."""
+
+    def __init__(self, d_model: int, num_heads: int, layer_index: int, config: TTTMLPConfig, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        ttt = TTTMLP(d_model, num_heads, layer_index, config.mini_batch_size, config.base_lr,
+                     apply_output_proj=config.apply_output_proj, mlp_expansion=config.mlp_expansion,
+                     use_rope=config.use_rope, device=device, dtype=dtype)
+        self.ttt_layer = TTTLayer(ttt)
+        self.forward_ssm_gating = SSMGating(d_model, config.initial_gating_alpha, device=device, dtype=dtype)
+
+    @property
+    def ttt(self) -> TTTMLP:
+        return self.ttt_layer.ttt
+
+    def forward(self, x1: torch.Tensor) -> torch.Tensor:
+        update = self.forward_ssm_gating(self.ttt_layer(x1))
+        return x1 + update.to(x1.dtype)
+
+
+class TTTMLPTransformerLayer(StreamingTransformerLayer):
+    """A moshi layer with the TTT block right after self-attention.
+
+    Attached by swapping `__class__` on a built layer (see `attach_ttt_mlp`) rather than
+    rebuilding it: the loaded attention/FFN weights, the module tree and moshi's own `forward`
+    (streaming offsets, cross-attention, FFN) stay exactly as they are; only `_sa_block`, which
+    that forward calls, gains the TTT step.
+    """
+
+    seq_modeling_block: TTTMLPBlock
+
+    def _sa_block(self, x: torch.Tensor):
+        return self.seq_modeling_block(super()._sa_block(x))
+
+
+def attach_ttt_mlp(layer: StreamingTransformerLayer, layer_index: int, config: TTTMLPConfig, *,
+                   num_heads: int | None = None) -> TTTMLPBlock:
+    """Add a TTT-MLP block to `layer` in place and return it.
+
+    `num_heads` defaults to the layer's attention heads. Must be called before the model first
+    enters streaming: moshi caches each module's streaming children on first use.
+    """
+    if type(layer) is not StreamingTransformerLayer:
+        raise TypeError(f"layer {layer_index}: expected a plain StreamingTransformerLayer, got {type(layer).__name__}")
+    if layer.skip_self_attn:
+        raise ValueError(f"layer {layer_index}: TTT-MLP needs a layer with self-attention")
+    if layer.is_streaming:
+        raise StreamingError(f"layer {layer_index}: cannot attach a TTT block while the layer is streaming")
+    attn = layer.self_attn
+    # norm params may be float32 in a bf16 model (rms_norm_f32); the projections carry the model dtype.
+    ref = attn.in_projs[0].weight
+    block = TTTMLPBlock(attn.embed_dim, num_heads or attn.num_heads, layer_index, config,
+                        device=ref.device, dtype=ref.dtype)
+    layer.seq_modeling_block = block
+    layer.__class__ = TTTMLPTransformerLayer
+    layer._cached_children = None  # the new streaming child must be found when streaming starts
+    if config.ttt_layer_context is not None:
+        attn.context = config.ttt_layer_context
+    return block

@@ -1,0 +1,345 @@
+"""TTT-MLP layer: analytic gradients, dual form vs a naive reference, streaming vs parallel,
+identity at alpha = 0, reset, frozen mode, and misuse of the streaming contract."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+from moshi.modules.rope import RotaryEmbedding
+from moshi.modules.transformer import StreamingTransformerLayer
+
+from moshi_ttt.errors import StreamingError
+from moshi_ttt.ttt.mlp import (
+    TTTMLP,
+    TTTMLPBlock,
+    TTTMLPConfig,
+    attach_ttt_mlp,
+    gelu_tanh,
+    gelu_tanh_grad,
+    ln_l2_backward,
+)
+
+torch.set_num_threads(1)
+
+D, H, C = 16, 2, 4
+HD = D // H
+BASE_LR = 1.0
+NAMES = ("W1", "b1", "W2", "b2")
+
+
+def make_module(seed: int = 0, apply_output_proj: bool = True) -> TTTMLP:
+    torch.manual_seed(seed)
+    module = TTTMLP(D, H, layer_index=3, mini_batch_size=C, base_lr=BASE_LR,
+                    apply_output_proj=apply_output_proj)
+    # Larger-than-init weights and a non-trivial LN/lr so every term of the update matters.
+    with torch.no_grad():
+        module.W1.normal_(0, 0.5)
+        module.W2.normal_(0, 0.5)
+        module.b1.normal_(0, 0.1)
+        module.b2.normal_(0, 0.1)
+        module.ttt_norm_weight.uniform_(0.5, 1.5)
+        module.ttt_norm_bias.normal_(0, 0.1)
+        module.learnable_ttt_lr_weight.normal_(0, 0.3)
+        module.learnable_ttt_lr_bias.normal_(0, 0.3)
+    return module
+
+
+def loaded_weights(module: TTTMLP) -> dict[str, torch.Tensor]:
+    return {name: getattr(module, name).detach().clone() for name in NAMES}
+
+
+def stream(module: TTTMLP, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, int]:
+    """Feed x [1, T, D] token by token; returns outputs, final fast weights, updates, pending."""
+    outs = []
+    for t in range(x.shape[1]):
+        outs.append(module(x[:, t:t + 1]))
+        module.after_token()
+    module.flush()
+    state = module._streaming_state
+    report = module.report()
+    return (torch.cat(outs, dim=1), {k: v.clone() for k, v in state.fast.items()},
+            report.updates, report.pending_tokens)
+
+
+# -- naive reference: autograd per token, explicit corrected weights -----------------------------
+
+def _ln(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(z, (z.shape[-1],), gamma, beta, eps=1e-6)
+
+
+def _f(w: dict[str, torch.Tensor], h: int, x: torch.Tensor) -> torch.Tensor:
+    return gelu_tanh(x @ w["W1"][h] + w["b1"][h, 0]) @ w["W2"][h] + w["b2"][h, 0]
+
+
+def reference(module: TTTMLP, x: torch.Tensor, frozen: bool = False
+              ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """The slow obvious way, one batch element and head at a time."""
+    p = {n: t.detach() for n, t in module.named_parameters()}
+    b_size, t_len, _ = x.shape
+    outputs = torch.zeros(b_size, t_len, D)
+    finals = []
+    for b in range(b_size):
+        xb = x[b]
+        q = F.normalize(F.linear(xb, p["wq.weight"], p["wq.bias"]).view(t_len, H, HD), dim=-1)
+        k = F.normalize(F.linear(xb, p["wk.weight"], p["wk.bias"]).view(t_len, H, HD), dim=-1)
+        v = F.linear(xb, p["wv.weight"], p["wv.bias"]).view(t_len, H, HD)
+        w = {n: p[n].clone() for n in NAMES}
+        head_out = torch.zeros(t_len, H, HD)
+        for h in range(H):
+            gamma, beta = p["ttt_norm_weight"][h], p["ttt_norm_bias"][h]
+            for start in range(0, t_len, C):
+                grads_so_far = {n: torch.zeros_like(w[n][h]) for n in NAMES}
+                for t in range(start, min(start + C, t_len)):
+                    logit = p["learnable_ttt_lr_weight"][h, 0] @ xb[t] + p["learnable_ttt_lr_bias"][h, 0]
+                    eta = BASE_LR * torch.sigmoid(logit) / (HD * C)
+                    start_w = {n: w[n].clone().requires_grad_(True) for n in NAMES}
+                    loss = 0.5 * (_ln(_f(start_w, h, k[t, h]), gamma, beta) - (v[t, h] - k[t, h])).square().sum()
+                    grads = torch.autograd.grad(loss, [start_w[n] for n in NAMES])
+                    for n, g in zip(NAMES, grads):
+                        grads_so_far[n] += eta * g[h]
+                    corrected = {n: w[n].clone() for n in NAMES}
+                    if not frozen:
+                        for n in NAMES:
+                            corrected[n][h] -= grads_so_far[n]
+                    head_out[t, h] = q[t, h] + _ln(_f(corrected, h, q[t, h]), gamma, beta)
+                if not frozen:
+                    for n in NAMES:
+                        w[n][h] -= grads_so_far[n]
+        out = head_out.reshape(t_len, D)
+        if module.apply_output_proj:
+            out = F.linear(F.layer_norm(out, (D,), p["post_norm.weight"], p["post_norm.bias"], 1e-6),
+                           p["wo.weight"], p["wo.bias"])
+        outputs[b] = out
+        finals.append(w)
+    return outputs, finals
+
+
+# -- 1. analytic derivatives -------------------------------------------------------------------
+
+def test_gelu_tanh_grad_matches_autograd() -> None:
+    x = torch.linspace(-6, 6, 401, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(gelu_tanh(x).sum(), x)
+    torch.testing.assert_close(gelu_tanh_grad(x.detach()), grad, rtol=1e-10, atol=1e-12)
+
+
+def test_ln_l2_backward_matches_autograd() -> None:
+    torch.manual_seed(1)
+    z = (torch.randn(3, H, 5, HD, dtype=torch.float64) * 2 + 0.5).requires_grad_(True)
+    target = torch.randn(3, H, 5, HD, dtype=torch.float64)
+    gamma = torch.rand(H, HD, dtype=torch.float64) + 0.5
+    beta = torch.randn(H, HD, dtype=torch.float64)
+    y = F.layer_norm(z, (HD,), eps=1e-6) * gamma[:, None] + beta[:, None]
+    (grad,) = torch.autograd.grad(0.5 * (y - target).square().sum(), z)
+    torch.testing.assert_close(ln_l2_backward(z.detach(), target, gamma, beta), grad,
+                               rtol=1e-9, atol=1e-10)
+
+
+# -- 2. parallel dual form vs naive ------------------------------------------------------------
+
+@pytest.mark.parametrize("t_len", [11, 13, 8])
+@pytest.mark.parametrize("apply_output_proj", [True, False])
+def test_parallel_matches_naive_reference(t_len: int, apply_output_proj: bool) -> None:
+    module = make_module(seed=t_len, apply_output_proj=apply_output_proj)
+    x = torch.randn(2, t_len, D)
+    with torch.no_grad():
+        out = module(x)
+    ref_out, ref_finals = reference(module, x)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    for b, final in enumerate(ref_finals):
+        for n in NAMES:
+            torch.testing.assert_close(module.last_parallel_state[n][b], final[n], rtol=0, atol=1e-5)
+    # The weights must actually have moved, or the comparison above proves little.
+    assert (module.last_parallel_state["W1"][0] - module.W1).abs().max() > 1e-4
+
+
+def test_partial_last_minibatch_is_not_padded() -> None:
+    """The state after 9 tokens with C=4 is the state after 8 tokens plus a 1-token step."""
+    module = make_module(seed=5)
+    x = torch.randn(1, 9, D)
+    with torch.no_grad():
+        module(x[:, :8])
+        after_8 = {n: w.clone() for n, w in module.last_parallel_state.items()}
+        module(x)
+        after_9 = module.last_parallel_state
+    assert not torch.equal(after_8["W1"], after_9["W1"])
+    _, finals = reference(module, x)
+    torch.testing.assert_close(after_9["b2"][0], finals[0]["b2"], rtol=0, atol=1e-5)
+
+
+# -- 3. streaming vs parallel --------------------------------------------------------------------
+
+@pytest.mark.parametrize("t_len", [11, 6])
+def test_streaming_matches_parallel(t_len: int) -> None:
+    module = make_module(seed=7)
+    x = torch.randn(1, t_len, D)
+    with torch.no_grad():
+        parallel = module(x)
+        with module.streaming(1):
+            streamed, fast, updates, pending = stream(module, x)
+    torch.testing.assert_close(streamed, parallel, rtol=0, atol=1e-5)
+    for n in NAMES:
+        torch.testing.assert_close(fast[n], module.last_parallel_state[n][0], rtol=0, atol=1e-5)
+    assert updates == math.ceil(t_len / C)
+    assert pending == 0
+
+
+# -- 4. streaming misuse -------------------------------------------------------------------------
+
+def test_forward_without_after_token_raises_streaming_error() -> None:
+    module = make_module()
+    x = torch.randn(1, 1, D)
+    with torch.no_grad(), module.streaming(1):
+        with pytest.raises(StreamingError, match="after_step"):
+            for _ in range(2 * C):
+                module(x)
+
+
+def test_multi_token_streaming_step_raises() -> None:
+    module = make_module()
+    with torch.no_grad(), module.streaming(1), pytest.raises(StreamingError):
+        module(torch.randn(1, 2, D))
+
+
+# -- 5. alpha = 0 is the identity ---------------------------------------------------------------
+
+def _moshi_layer() -> StreamingTransformerLayer:
+    torch.manual_seed(11)
+    return StreamingTransformerLayer(
+        d_model=D, num_heads=H, dim_feedforward=32, causal=True, context=16,
+        rope=RotaryEmbedding(interleave=True), norm="rms_norm_f32", gating="silu")
+
+
+def test_zero_alpha_block_is_identity() -> None:
+    config = TTTMLPConfig(layers=[0], mini_batch_size=C, base_lr=BASE_LR, initial_gating_alpha=0.0)
+    block = TTTMLPBlock(D, H, 0, config)
+    x = torch.randn(1, 7, D)
+    with torch.no_grad():
+        assert torch.equal(block(x), x)
+
+
+def test_zero_alpha_layer_equals_plain_moshi_layer() -> None:
+    layer = _moshi_layer()
+    x = torch.randn(1, 10, D)
+    with torch.no_grad():
+        plain = layer(x)
+        with layer.streaming(1):
+            plain_steps = torch.cat([layer(x[:, t:t + 1]) for t in range(x.shape[1])], dim=1)
+
+        config = TTTMLPConfig(layers=[0], mini_batch_size=C, base_lr=BASE_LR, initial_gating_alpha=0.0)
+        block = attach_ttt_mlp(layer, 0, config)
+        assert isinstance(layer, StreamingTransformerLayer)
+        assert "seq_modeling_block.ttt_layer.ttt.W1" in layer.state_dict()
+        assert "seq_modeling_block.forward_ssm_gating.gating_alpha" in layer.state_dict()
+        assert torch.equal(layer(x), plain)
+        with layer.streaming(1):
+            steps = []
+            for t in range(x.shape[1]):
+                steps.append(layer(x[:, t:t + 1]))
+                block.ttt.after_token()
+            block.ttt.flush()
+            assert block.ttt.report().updates == math.ceil(x.shape[1] / C)
+        assert torch.equal(torch.cat(steps, dim=1), plain_steps)
+
+        # With a non-zero gate the TTT branch really runs inside the layer.
+        block.forward_ssm_gating.gating_alpha.fill_(0.5)
+        assert not torch.allclose(layer(x), plain)
+
+
+def test_attach_loads_checkpoint_keys_and_sets_context() -> None:
+    layer = _moshi_layer()
+    config = TTTMLPConfig(layers=[2], mini_batch_size=C, base_lr=BASE_LR, ttt_layer_context=8)
+    attach_ttt_mlp(layer, 2, config)
+    assert layer.self_attn.context == 8
+    source = make_module(seed=3)
+    prefix = "seq_modeling_block.ttt_layer.ttt."
+    state = {prefix + k: v for k, v in source.state_dict().items()}
+    state["seq_modeling_block.forward_ssm_gating.gating_alpha"] = torch.full((D,), 0.3)
+    missing, unexpected = layer.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert all(not key.startswith("seq_modeling_block") for key in missing)
+    assert torch.equal(layer.seq_modeling_block.ttt.W1, source.W1)
+
+
+def test_use_rope_is_rejected() -> None:
+    with pytest.raises(ValueError, match="use_rope"):
+        TTTMLP(D, H, 0, C, BASE_LR, use_rope=True)
+
+
+# -- 6. reset -----------------------------------------------------------------------------------
+
+def test_reset_restores_loaded_weights_and_outputs() -> None:
+    module = make_module(seed=9)
+    loaded = loaded_weights(module)
+    x = torch.randn(1, 10, D)
+    with torch.no_grad():
+        with module.streaming(1):
+            first, fast, _, _ = stream(module, x)
+            assert not torch.equal(fast["W1"], loaded["W1"])
+            module.reset_streaming()
+            state = module._streaming_state
+            for n in NAMES:
+                assert torch.equal(state.fast[n], loaded[n])
+            assert state.tokens == state.pending == state.updates == 0
+            second, _, _, _ = stream(module, x)
+        with module.streaming(1):
+            for n in NAMES:
+                assert torch.equal(module._streaming_state.fast[n], loaded[n])
+            third, _, _, _ = stream(module, x)
+    assert torch.equal(first, second)
+    assert torch.equal(first, third)
+    for n in NAMES:
+        assert torch.equal(getattr(module, n), loaded[n])  # parameters are never written
+
+
+def test_reset_mid_minibatch_discards_running_sums() -> None:
+    module = make_module(seed=10)
+    x = torch.randn(1, 6, D)
+    with torch.no_grad(), module.streaming(1):
+        for t in range(3):  # stop inside a mini-batch, before any commit
+            module(x[:, t:t + 1])
+            module.after_token()
+        module.reset_streaming()
+        again, _, _, _ = stream(module, x)
+        module.reset_streaming()
+        clean, _, _, _ = stream(module, x)
+    assert torch.equal(again, clean)
+
+
+# -- 7. frozen ----------------------------------------------------------------------------------
+
+def test_frozen_uses_loaded_weights_without_correction() -> None:
+    module = make_module(seed=12)
+    module.frozen = True
+    loaded = loaded_weights(module)
+    x = torch.randn(1, 9, D)
+    ref_out, ref_finals = reference(module, x, frozen=True)
+    with torch.no_grad():
+        parallel = module(x)
+        with module.streaming(1):
+            streamed, fast, updates, _ = stream(module, x)
+    torch.testing.assert_close(parallel, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(streamed, ref_out, rtol=0, atol=1e-5)
+    assert updates == 0
+    for n in NAMES:
+        assert torch.equal(fast[n], loaded[n])
+        assert torch.equal(module.last_parallel_state[n][0], loaded[n])
+        assert torch.equal(ref_finals[0][n], loaded[n])
+    # Not just the unfrozen result in disguise.
+    module.frozen = False
+    with torch.no_grad():
+        assert not torch.allclose(module(x), parallel, atol=1e-4)
+
+
+# -- 8. batch size ------------------------------------------------------------------------------
+
+def test_streaming_batch_size_two_raises() -> None:
+    module = make_module()
+    with pytest.raises(StreamingError):
+        with module.streaming(2):
+            pass
