@@ -83,5 +83,6 @@ class StreamingRunner:
         lm = self.model.lm
         skip = {lm.text_padding_token_id, lm.end_of_text_padding_id}
         tokenizer = self.model.text_tokenizer
-        pieces = [tokenizer.id_to_piece(t) for t in text_tokens if t not in skip and t < tokenizer.vocab_size()]
+        pieces = [tokenizer.id_to_piece(t) for t in text_tokens
+                  if t not in skip and t < tokenizer.vocab_size() and not tokenizer.is_control(t)]
         return "".join(pieces).replace("\u2581", " ").strip()

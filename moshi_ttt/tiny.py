@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +436,93 @@ def write_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
     }
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+# -- TTT fine-tunes ------------------------------------------------------------------------------
+#
+# Laid out the way the research training code writes them, so `--checkpoint` loading is tested
+# on the real layouts:
+#
+#   <dir>/base/                                     the tiny base above
+#   <dir>/inplace/checkpoints/checkpoint_000100/consolidated/
+#       config.json        base LM config + `ttt_config` (moshi_in_place) + yarn/lora keys
+#       lora.safetensors   target generators only (conv1d.conv.weight, W_target.weight), bf16
+#   <dir>/ttt-mlp/checkpoints/checkpoint_000100/consolidated/
+#       config.json        the LM config
+#       training_config.json   training args with the `ttt` section (moshi-finetune)
+#       lora.safetensors   TTT-MLP block weights, bf16
+
+FINETUNE_STEP_DIR = Path("checkpoints") / "checkpoint_000100" / "consolidated"
+
+# On the tiny 4-layer model: layers 1 and 3, chunks of 8 tokens.
+TINY_INPLACE_TTT_CONFIG: dict[str, tp.Any] = {
+    "enabled": True, "start_layer": 1, "layer_frequency": 2, "chunk_size": 8,
+    "learning_rate": 0.002, "conv_kernel_size": 2,
+}
+# "middle" on 4 layers is layers 1 and 2.
+TINY_TTT_MLP_CONFIG: dict[str, tp.Any] = {
+    "enable": True, "layers": "middle", "base_lr": 0.3, "mini_batch_size": 8, "persistent_states": True,
+    "initial_gating_alpha": 0.1, "ttt_layer_context": None, "non_ttt_layer_context": None,
+    "ttt_mlp_layers": 2, "ttt_mlp_expansion_factor": 4, "use_rope": False,
+}
+# Random-init scale of the fine-tune tensors: large enough that fast weights visibly drift.
+_FINETUNE_STD = {"inplace": 0.3, "ttt-mlp": 0.05}
+
+
+@dataclass
+class TinyPaths:
+    base: Path
+    finetune: Path  # the run folder; loaders take the latest checkpoint below it
+
+
+def write_tiny_variant(root: str | Path, variant: str, seed: int = 0) -> TinyPaths:
+    """Write `root/base` and `root/<variant>` (a TTT fine-tune of it); see the layout above."""
+    if variant not in _FINETUNE_STD:
+        raise ValueError(f"unknown TTT variant {variant!r}")
+    root = Path(root)
+    base = write_tiny_base(root / "base", seed=seed)
+    folder = root / variant / FINETUNE_STEP_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    lm_config = {k: v for k, v in json.loads((base / CONFIG_NAME).read_text()).items()
+                 if k not in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "lm_gen_config")}
+    if variant == "inplace":
+        section = dict(TINY_INPLACE_TTT_CONFIG)
+        config = {**lm_config, "ttt_config": section, "yarn_config": {"enabled": False},
+                  "lora": True, "lora_rank": 16, "lora_scaling": 2.0}
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    else:
+        section = dict(TINY_TTT_MLP_CONFIG)
+        (folder / CONFIG_NAME).write_text(json.dumps(lm_config, indent=2) + "\n")
+        training = {"run_dir": str(root / variant), "seed": seed, "max_steps": 100, "batch_size": 1,
+                    "lora": {"enable": False}, "ttt": section}
+        (folder / "training_config.json").write_text(json.dumps(training, indent=2) + "\n")
+    _save_finetune_weights(base, folder / "lora.safetensors", variant, section, seed)
+    return TinyPaths(base=base, finetune=root / variant)
+
+
+def _save_finetune_weights(base: Path, path: Path, variant: str, section: dict, seed: int) -> None:
+    """Random TTT tensors with exactly the names and shapes our loader expects for `section`."""
+    from safetensors.torch import save_file
+
+    from .config import ttt_config_from_section
+    from .model import attach_ttt, load_model
+
+    lm = load_model(str(base)).lm
+    num_layers = len(lm.transformer.layers)
+    config = ttt_config_from_section(section, num_layers, path, default_variant=variant,
+                                     apply_output_proj_default=variant == "inplace")
+    assert config is not None
+    base_keys = set(lm.state_dict())
+    attach_ttt(lm, config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tensors = {}
+    for name, param in lm.named_parameters():
+        if name in base_keys:
+            continue
+        value = torch.randn(param.shape, generator=gen) * _FINETUNE_STD[variant]
+        if name.endswith(("ttt_norm_weight", "post_norm.weight")):
+            value = 1.0 + value  # norm gains around one, as trained ones are
+        elif name.endswith("gating_alpha"):
+            value = torch.full(param.shape, float(section["initial_gating_alpha"]))
+        tensors[name] = value.to(torch.bfloat16).contiguous()
+    save_file(tensors, str(path))

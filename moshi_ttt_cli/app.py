@@ -93,10 +93,11 @@ def infer(
         if not jobs:
             raise MoshiTTTError("no audio files found" + (f" matching {glob!r}" if glob else ""), source)
         report_path = report if report is not None else default_report_path(source, target)
-        batch = _load_batch(base, checkpoint, torch_device, torch_dtype, n_threads, seed, not no_ttt,
-                            report_path, overwrite, quiet)
+        runner, settings = _load_runner(base, checkpoint, torch_device, torch_dtype, n_threads, seed,
+                                        not no_ttt, quiet)
     show_details = (len(jobs) == 1) if details is None else details
     events = render.make_events(out, quiet=quiet, details=show_details)
+    batch = BatchRunner(runner, settings, report_path=report_path, overwrite=overwrite, events=events)
     try:
         with events:
             result = batch.run(jobs)
@@ -108,9 +109,9 @@ def infer(
     raise typer.Exit(1 if result.totals()["failed"] else 0)
 
 
-def _load_batch(base: str, checkpoint: str | None, device: tp.Any, dtype: tp.Any, threads: int, seed: int,
-                ttt_enabled: bool, report_path: Path | None, overwrite: bool, quiet: bool) -> tp.Any:
-    from moshi_ttt.batch import BatchRunner
+def _load_runner(base: str, checkpoint: str | None, device: tp.Any, dtype: tp.Any, threads: int, seed: int,
+                 ttt_enabled: bool, quiet: bool) -> tuple[tp.Any, dict]:
+    """Load the model once for the whole run; return the runner and the settings to report."""
     from moshi_ttt.model import load_model
     from moshi_ttt.runner import StreamingRunner
 
@@ -122,7 +123,7 @@ def _load_batch(base: str, checkpoint: str | None, device: tp.Any, dtype: tp.Any
     settings = {"base": base, "checkpoint": checkpoint, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "seed": seed, "threads": threads,
                 "ttt": None if ttt is None else {**ttt, "enabled": ttt_enabled}}
-    return BatchRunner(runner, settings, report_path=report_path, overwrite=overwrite)
+    return runner, settings
 
 
 @app.command("make-tiny")

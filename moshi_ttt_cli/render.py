@@ -1,0 +1,142 @@
+"""Rich rendering for the CLI: progress, per-file TTT tables, the run summary, inspect output."""
+
+from __future__ import annotations
+
+import sys
+import typing as tp
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from moshi_ttt.batch import FileResult, Job, Report
+
+STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
+
+
+def ttt_table(result: FileResult) -> Table:
+    table = Table(title=f"TTT layers: {Path(result.input).name}", title_justify="left")
+    for column in ("layer", "tokens", "updates", "pending", "||W0||", "||W_final||", "drift", "rel. drift"):
+        table.add_column(column, justify="right")
+    assert result.ttt is not None
+    for layer in result.ttt["layers"]:
+        table.add_row(str(layer["layer"]), str(layer["tokens"]), str(layer["updates"]),
+                      str(layer["pending_tokens"]), f"{layer['norm_initial']:.4g}", f"{layer['norm_final']:.4g}",
+                      f"{layer['drift']:.4g}", f"{layer['relative_drift']:.3%}")
+    return table
+
+
+def _line(result: FileResult) -> str:
+    text = f"[{STATUS_STYLE[result.status]}]{result.status}[/] {result.input}"
+    if result.reason:
+        text += f": {result.reason}"
+    elif result.status == "ok":
+        text += f" -> {result.output} ({result.duration_s:.1f} s audio in {result.wall_s:.2f} s)"
+    return text
+
+
+class RichEvents:
+    """Two bars (files, audio seconds) with ETA and the current file on a terminal; plain log
+    lines otherwise. Per-file results print above the bars."""
+
+    def __init__(self, console: Console, details: bool):
+        self.console = console
+        self.details = details
+        self.live = console.is_terminal
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=True, disable=not self.live)
+        self.files_task = self.progress.add_task("files", total=None)
+        self.audio_task = self.progress.add_task("audio s", total=None)
+        self._audio_base = 0.0
+        self._audio_file = 0.0
+
+    def __enter__(self) -> "RichEvents":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
+        self._audio_file = audio_s
+        self.progress.update(self.files_task, total=total, completed=index, description=f"files: {job.input.name}")
+        if not self.live:
+            self.console.print(f"[{index + 1}/{total}] {job.input} ({audio_s:.1f} s)", highlight=False)
+
+    def frames_done(self, done: int, total: int) -> None:
+        if self.live:
+            self.progress.update(self.audio_task, completed=round(self._audio_base + self._audio_file * done / max(total, 1), 1))
+
+    def file_finished(self, index: int, total: int, result: FileResult) -> None:
+        self._audio_base += result.duration_s
+        self.progress.update(self.files_task, total=total, completed=index + 1)
+        self.console.print(_line(result), highlight=False)
+        if self.details and result.ttt is not None:
+            self.console.print(ttt_table(result))
+
+
+class QuietEvents:
+    def __enter__(self) -> "QuietEvents":
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        pass
+
+    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
+        pass
+
+    def frames_done(self, done: int, total: int) -> None:
+        pass
+
+    def file_finished(self, index: int, total: int, result: FileResult) -> None:
+        pass
+
+
+def make_events(console: Console, quiet: bool, details: bool) -> tp.Any:
+    return QuietEvents() if quiet else RichEvents(console, details)
+
+
+def summary(console: Console, report: Report, report_path: Path | None) -> None:
+    table = Table(title="moshi-ttt run", title_justify="left")
+    for column, justify in (("file", "left"), ("status", "left"), ("audio s", "right"), ("updates", "right"),
+                            ("max rel. drift", "right"), ("note", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for result in report.files:
+        layers = (result.ttt or {}).get("layers", [])
+        updates = str(sum(layer["updates"] for layer in layers)) if layers else "-"
+        drift = f"{max(layer['relative_drift'] for layer in layers):.3%}" if layers else "-"
+        table.add_row(Path(result.input).name, f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
+                      f"{result.duration_s:.1f}", updates, drift, result.reason or "")
+    console.print(table)
+    t = report.totals()
+    console.print(f"{t['files']} files: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
+                  f"[yellow]{t['skipped']} skipped[/]; {t['audio_s']:.1f} s of audio in {t['wall_s']:.1f} s "
+                  f"(real-time factor {t['real_time_factor']:.3f})", highlight=False)
+    if report_path is not None:
+        console.print(f"report: {report_path}", highlight=False)
+
+
+def inspection(console: Console, info: tp.Any) -> None:
+    table = Table(title=f"TTT fine-tune: {info.finetune.folder}", title_justify="left", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    if info.finetune.ttt is None:
+        table.add_row("TTT", "disabled in this checkpoint")
+    for key, value in info.settings.items():
+        table.add_row(str(key), str(value))
+    table.add_row("weights", str(info.finetune.weights))
+    if info.num_layers is not None and info.finetune.ttt is not None:
+        marks = "".join("T" if i in info.finetune.ttt.layers else "." for i in range(info.num_layers))
+        table.add_row("layer map", marks + "  (T = TTT layer)")
+    for layer, count in sorted(info.tensors_per_layer.items()):
+        table.add_row(f"layer {layer} TTT params", f"{count:,}")
+    if info.other_tensors:
+        table.add_row("other params in file", f"{info.other_tensors:,}")
+    total = sum(info.tensors_per_layer.values())
+    table.add_row("TTT params total", f"{total:,}")
+    if info.base_parameters is not None:
+        table.add_row("base LM params", f"{info.base_parameters:,}")
+    console.print(table)
