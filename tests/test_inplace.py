@@ -1,0 +1,252 @@
+"""In-Place TTT: streaming token by token equals the chunk-parallel computation, lr=0 is plain
+Moshi, updates are driven by the runner, and every file starts from the checkpoint's weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from moshi.modules.gating import make_gating
+from safetensors.torch import load_file
+from torch import nn
+
+from moshi_ttt.audio import read_audio
+from moshi_ttt.errors import StreamingError
+from moshi_ttt.model import load_model
+from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.ttt.base import TTTController
+from moshi_ttt.ttt.inplace import InPlaceTTTConfig, InPlaceTTTGating, TokenEmbeddingTap, inplace_ttt_parallel
+
+DIM = 16
+
+
+class Identity(nn.Module):
+    """Stands in for the transformer whose input the tap records."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def make_module(chunk_size: int = 4, lr: float = 0.5, kernel: int = 2, clip: float | None = None,
+                seed: int = 0) -> tuple[InPlaceTTTGating, Identity]:
+    torch.manual_seed(seed)
+    transformer = Identity()
+    gating = make_gating("silu", DIM, 4 * DIM)
+    config = InPlaceTTTConfig(layers=[0], chunk_size=chunk_size, learning_rate=lr, conv_kernel_size=kernel,
+                              delta_clip=clip)
+    return InPlaceTTTGating(gating, 0, config, TokenEmbeddingTap(transformer)), transformer
+
+
+def stream(module: InPlaceTTTGating, transformer: Identity, x: torch.Tensor, x0: torch.Tensor):
+    outs = []
+    with module.streaming(1):
+        for t in range(x.shape[1]):
+            transformer(x0[:, t:t + 1])
+            outs.append(module(x[:, t:t + 1]))
+            module.after_token()
+        module.flush()
+        state = module._streaming_state
+        return torch.cat(outs, 1), state.fast["W"].clone(), module.report()
+
+
+def naive_reference(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor, module: InPlaceTTTGating,
+                    chunk_size: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1 literally: per chunk, apply with the old weights, then update from that chunk."""
+    conv = module.target_generator.conv1d.conv.weight  # [D, D, K]
+    w_target = module.target_generator.W_target.weight
+    w = w0.clone()
+    outs = []
+    for start in range(0, z.shape[1], chunk_size):
+        zc, xc = z[0, start:start + chunk_size], x0[0, start:start + chunk_size]
+        outs.append(zc @ w.T)
+        v = torch.zeros_like(xc)
+        for t in range(len(xc)):
+            for k in range(conv.shape[2]):
+                if t + k < len(xc):  # zero padding at the chunk's end: never the next chunk
+                    v[t] += conv[:, :, k] @ xc[t + k]
+        w = w + lr * (v @ w_target.T).T @ zc
+    return torch.cat(outs)[None], w
+
+
+@pytest.mark.parametrize("length", [5, 11, 16, 19])
+@pytest.mark.parametrize("clip", [None, 2e-3])
+def test_module_streaming_equals_parallel(length: int, clip: float | None) -> None:
+    module, transformer = make_module(clip=clip)
+    x, x0 = torch.randn(1, length, DIM), torch.randn(1, length, DIM)
+    with torch.no_grad():
+        transformer(x0)
+        parallel = module(x)
+        w_parallel = module.last_parallel_state["W"][0]
+        streamed, w_streamed, report = stream(module, transformer, x, x0)
+    assert (streamed - parallel).abs().max() <= 1e-5
+    assert (w_streamed - w_parallel).abs().max() <= 1e-5
+    assert report.tokens == length
+    assert report.updates == math.ceil(length / 4)
+    assert report.pending_tokens == 0
+    assert report.drift > 0
+    if clip is not None:
+        # Each chunk's delta is clipped, so the total drift is bounded by updates * clip.
+        assert report.drift <= report.updates * clip * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 3])
+def test_parallel_matches_algorithm_1(kernel: int) -> None:
+    module, transformer = make_module(chunk_size=4, lr=0.3, kernel=kernel)
+    x, x0 = torch.randn(1, 13, DIM), torch.randn(1, 13, DIM)
+    with torch.no_grad():
+        z = module._gate(x)
+        out, w_final = inplace_ttt_parallel(z, x0, module.fast_weight_init, module.target_generator, 4, 0.3)
+        ref_out, ref_w = naive_reference(z, x0, module.fast_weight_init, module, 4, 0.3)
+    assert (out - ref_out).abs().max() <= 1e-5
+    assert (w_final[0] - ref_w).abs().max() <= 1e-5
+
+
+def test_last_chunk_target_does_not_see_past_the_stream() -> None:
+    """The final partial chunk is updated from its own tokens only: appending tokens after a
+    flush boundary must not change the updates that came before them."""
+    module, transformer = make_module(chunk_size=4)
+    x, x0 = torch.randn(1, 8, DIM), torch.randn(1, 8, DIM)
+    with torch.no_grad():
+        _, w_first, _ = stream(module, transformer, x[:, :4], x0[:, :4])
+        with module.streaming(1):
+            for t in range(8):
+                transformer(x0[:, t:t + 1])
+                module(x[:, t:t + 1])
+                module.after_token()
+                if t == 3:
+                    w_after_chunk = module._streaming_state.fast["W"].clone()
+    assert torch.equal(w_first, w_after_chunk)
+
+
+def test_streaming_requires_the_controller_between_steps() -> None:
+    module, transformer = make_module()
+    with torch.no_grad(), module.streaming(1):
+        transformer(torch.randn(1, 1, DIM))
+        module(torch.randn(1, 1, DIM))
+        with pytest.raises(StreamingError, match="after_step"):
+            module(torch.randn(1, 1, DIM))
+
+
+def test_streaming_batch_above_one_is_refused() -> None:
+    module, _ = make_module()
+    with pytest.raises(StreamingError, match="batch size must be 1"):
+        with module.streaming(2):
+            pass
+
+
+def test_fast_weight_stays_float32_in_a_bf16_model() -> None:
+    module, transformer = make_module()
+    module.to(torch.bfloat16)
+    module.fast_weight_init.data = module.linear_out.weight.float()
+    with torch.no_grad(), module.streaming(1):
+        transformer(torch.randn(1, 1, DIM, dtype=torch.bfloat16))
+        out = module(torch.randn(1, 1, DIM, dtype=torch.bfloat16))
+        assert module._streaming_state.fast["W"].dtype == torch.float32
+        assert out.dtype == torch.bfloat16
+
+
+# --- whole model ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ttt_model(tiny_inplace):
+    return load_model(str(tiny_inplace.base), str(tiny_inplace.finetune))
+
+
+@pytest.fixture(scope="module")
+def plain_model(tiny_inplace):
+    return load_model(str(tiny_inplace.base))
+
+
+def random_tokens(lm, length: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, lm.text_card, (1, 1, length), generator=gen)
+    audio = torch.randint(0, lm.card, (1, lm.num_codebooks - 1, length), generator=gen)
+    return torch.cat([text, audio], dim=1)
+
+
+def stream_lm(lm, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    controller = TTTController(lm)
+    outs = []
+    with lm.streaming(1):
+        for t in range(tokens.shape[2]):
+            out, _ = lm.forward_text(tokens[:, :, t:t + 1])
+            outs.append(out)
+            controller.after_step()
+        controller.flush()
+        weights = [layer._streaming_state.fast["W"].clone() for layer in controller.layers]
+    return torch.cat(outs, 1), weights
+
+
+@pytest.mark.parametrize("length", [21, 27])
+def test_whole_model_streaming_equals_parallel(ttt_model, length: int) -> None:
+    lm = ttt_model.lm
+    tokens = random_tokens(lm, length, seed=length)
+    with torch.no_grad():
+        parallel, _ = lm.forward_text(tokens)
+        layers = TTTController(lm).layers
+        parallel_weights = [layer.last_parallel_state["W"][0].clone() for layer in layers]
+        streamed, streamed_weights = stream_lm(lm, tokens)
+    assert [layer.layer_index for layer in layers] == [1, 3]
+    assert (streamed - parallel).abs().max() <= 1e-5
+    for w_stream, w_par, layer in zip(streamed_weights, parallel_weights, layers):
+        assert (w_stream - w_par).abs().max() <= 1e-5
+        assert (w_stream - layer.fast_weight_init).abs().max() > 1e-4  # it did adapt
+
+
+def test_zero_learning_rate_is_plain_moshi(tiny_inplace, plain_model, recordings) -> None:
+    model = load_model(str(tiny_inplace.base), str(tiny_inplace.finetune))
+    model.ttt.learning_rate = 0.0  # the config object the TTT layers read
+    tokens = random_tokens(model.lm, 19, seed=1)
+    with torch.no_grad():
+        assert torch.equal(model.lm.forward_text(tokens)[0], plain_model.lm.forward_text(tokens)[0])
+        streamed, plain_streamed = stream_lm(model.lm, tokens)[0], stream_lm(plain_model.lm, tokens)[0]
+    # W^(0) holds bit-identical values, but moshi's safetensors-loaded weights sit 24 bytes off a
+    # 64-byte boundary and the fast weight does not, so BLAS may sum in another order: equal up
+    # to float32 rounding, and the sampled tokens and audio below are identical.
+    assert (streamed - plain_streamed).abs().max() <= 1e-6
+    pcm = read_audio(recordings[1])
+    ours = StreamingRunner(model).run(pcm)
+    plain = StreamingRunner(plain_model).run(pcm)
+    assert ours.pcm.tobytes() == plain.pcm.tobytes()
+    assert ours.text_tokens == plain.text_tokens
+
+
+def test_runner_drives_updates_and_flushes(ttt_model, recordings) -> None:
+    runner = StreamingRunner(ttt_model)
+    for path in recordings:
+        result = runner.run(read_audio(path))
+        assert result.steps == result.frames + 1  # the first frame is stepped twice, as moshi does
+        assert [r.layer for r in result.ttt_layers] == [1, 3]
+        for report in result.ttt_layers:
+            assert report.tokens == result.steps
+            assert report.updates == math.ceil(result.steps / 8)
+            assert report.pending_tokens == 0
+            assert report.drift > 0
+            assert report.relative_drift == pytest.approx(report.drift / report.norm_initial)
+
+
+def test_no_ttt_freezes_fast_weights_and_changes_output(ttt_model, recordings) -> None:
+    pcm = read_audio(recordings[2])
+    adapted = StreamingRunner(ttt_model).run(pcm)
+    frozen = StreamingRunner(ttt_model, ttt_enabled=False).run(pcm)
+    for report in frozen.ttt_layers:
+        assert report.updates == 0 and report.drift == 0.0 and report.pending_tokens == 0
+        assert report.tokens == frozen.steps
+    # Updates reach the output: the adapted run differs once the first chunk has been applied.
+    assert adapted.pcm.tobytes() != frozen.pcm.tobytes()
+
+
+def test_every_file_starts_from_the_checkpoint_weights(tiny_inplace, ttt_model, recordings) -> None:
+    base_weights = load_file(str(tiny_inplace.base / "model.safetensors"))
+    for layer in TTTController(ttt_model.lm).layers:
+        expected = base_weights[f"transformer.layers.{layer.layer_index}.gating.linear_out.weight"].float()
+        assert torch.equal(layer.fast_weight_init, expected)  # W^(0) is the base down projection
+    runner = StreamingRunner(ttt_model)
+    first = runner.run(read_audio(recordings[0]))
+    runner.run(read_audio(recordings[2]))
+    again = runner.run(read_audio(recordings[0]))
+    assert first.pcm.tobytes() == again.pcm.tobytes()
+    assert first.text_tokens == again.text_tokens
+    assert first.ttt_layers == again.ttt_layers
