@@ -131,12 +131,16 @@ def _local_checkpoint_info(folder: Path) -> tp.Any:
     return info
 
 
+def _yarn_enabled(yarn: tp.Any) -> bool:
+    """A yarn_config section without `enabled` is taken as on: refusing beats silently wrong RoPE."""
+    return isinstance(yarn, dict) and bool(yarn.get("enabled", True))
+
+
 def _sanitize_lm_config(info: tp.Any, source: Path) -> None:
     """Make the LM kwargs safe for `LMModel(...)` (moshi passes every unknown key through)."""
     if info.lm_config is None:
         return
-    yarn = info.lm_config.get("yarn_config")
-    if isinstance(yarn, dict) and yarn.get("enabled", True):
+    if _yarn_enabled(info.lm_config.get("yarn_config")):
         raise CheckpointError("RoPE scaling (yarn_config) is not supported", source)
     for key in NON_LM_KEYS:
         info.lm_config.pop(key, None)
@@ -220,9 +224,12 @@ def load_finetune(path: str | Path, num_layers: int) -> FineTune:
     weights = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
     if ttt is not None and weights is None:
         raise CheckpointError(f"no TTT weights: expected one of {', '.join(WEIGHT_NAMES)}", folder)
+    given = Path(path).expanduser()
+    if given.is_file() and given.suffix == ".safetensors":
+        weights = given  # the user named the file: do not pick another one beside it
     if lm_config is not None:
         yarn = lm_config.get("yarn_config")
-        if isinstance(yarn, dict) and yarn.get("enabled", False):
+        if _yarn_enabled(yarn):
             raise CheckpointError("RoPE scaling (yarn_config) is not supported", folder / "config.json")
     return FineTune(folder=folder, ttt=ttt, config_source=source, weights=weights, lm_config=lm_config)
 

@@ -113,6 +113,14 @@ def _unused_keys(config: TTTConfig) -> tuple[str, ...]:
     return ()
 
 
+def _ignored_keys(config: TTTConfig) -> tuple[str, ...]:
+    """Tensors real checkpoints carry that inference never uses: moshi-finetune saves a
+    `backward_ssm_gating` beside the `forward_ssm_gating` of every TTT-MLP layer."""
+    if isinstance(config, TTTMLPConfig):
+        return tuple(f"transformer.layers.{i}.seq_modeling_block.backward_ssm_gating." for i in config.layers)
+    return ()
+
+
 def apply_finetune(lm: nn.Module, finetune: FineTune) -> None:
     from safetensors.torch import load_file
 
@@ -131,7 +139,8 @@ def apply_finetune(lm: nn.Module, finetune: FineTune) -> None:
     base_keys = set(lm.state_dict())
     _copy_into(lm, {k: v for k, v in weights.items() if k in base_keys}, path)
     attach_ttt(lm, finetune.ttt)
-    ttt_weights = {k: v for k, v in weights.items() if k not in base_keys}
+    ignored = _ignored_keys(finetune.ttt)
+    ttt_weights = {k: v for k, v in weights.items() if k not in base_keys and not k.startswith(ignored)}
     params = dict(lm.named_parameters())
     unknown = sorted(set(ttt_weights) - set(lm.state_dict()))
     if unknown:

@@ -44,7 +44,7 @@ class StreamingRunner:
         condition_tensors = get_condition_tensors(info.model_type, model.lm, 1, 1.0)
         self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors, **info.lm_gen_config)
         self.controller = model.controller()
-        self.controller.set_frozen(not ttt_enabled)
+        self.ttt_enabled = ttt_enabled
 
     @torch.no_grad()
     def run(self, pcm: np.ndarray, progress: ProgressFn | None = None) -> StreamResult:
@@ -60,6 +60,8 @@ class StreamingRunner:
         # Seed after loading and right before streaming, so a file's output does not depend on
         # anything that ran before it.
         seed_all(self.seed)
+        # Per run, not per runner: several runners may share one loaded model.
+        self.controller.set_frozen(not self.ttt_enabled)
         with mimi.streaming(1), lm_gen.streaming(1):
             for index, frame in enumerate(frames):
                 codes = mimi.encode(frame)
