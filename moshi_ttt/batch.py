@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import time
 import typing as tp
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,14 @@ class BatchEvents(tp.Protocol):
 
 
 class SilentEvents:
+    """Hears nothing; also a context manager, like the front ends' event sinks."""
+
+    def __enter__(self) -> "SilentEvents":
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        pass
+
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
         pass
 
@@ -207,7 +216,10 @@ def stale_partials(folder: Path) -> list[Path]:
     """Temporary outputs left by a killed run (kill -9 skips cleanup); never final outputs."""
     if not folder.is_dir():
         return []
-    return [p for p in folder.rglob(f"*{PARTIAL_SUFFIX}") if p.is_file() and not _pid_alive(p)]
+    # Only names `partial_path` makes (`<name>.<pid>.partial`): a user's own `x.partial` is not ours.
+    ours = re.compile(r".+\.\d+" + re.escape(PARTIAL_SUFFIX))
+    return [p for p in folder.rglob(f"*{PARTIAL_SUFFIX}")
+            if ours.fullmatch(p.name) and p.is_file() and not _pid_alive(p)]
 
 
 def _pid_alive(path: Path) -> bool:

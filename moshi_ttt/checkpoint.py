@@ -32,29 +32,22 @@ NON_LM_KEYS = ("ttt", "ttt_config", "yarn_config")
 WEIGHT_NAMES = ("consolidated.safetensors", "lora.safetensors")
 
 
-def read_json(path: Path) -> dict:
+def read_mapping(path: Path) -> dict:
+    """A JSON (or, for `.yaml`, YAML) config file that must hold a mapping; errors name the file."""
+    is_yaml = path.suffix in (".yaml", ".yml")
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text) if is_yaml else json.loads(text)
     except FileNotFoundError:
         raise CheckpointError("file not found", path) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"cannot read: {exc}", path) from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"malformed JSON ({exc.msg} at line {exc.lineno})", path) from None
-    if not isinstance(data, dict):
-        raise CheckpointError("expected a JSON object", path)
-    return data
-
-
-def read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot read: {exc}", path) from None
     except yaml.YAMLError as exc:
         raise CheckpointError(f"malformed YAML: {str(exc).splitlines()[0]}", path) from None
     if not isinstance(data, dict):
-        raise CheckpointError("expected a YAML mapping", path)
+        raise CheckpointError(f"expected a {'YAML mapping' if is_yaml else 'JSON object'}", path)
     return data
 
 
@@ -104,7 +97,7 @@ def _local_checkpoint_info(folder: Path) -> tp.Any:
     from moshi.models import loaders
 
     config_path = folder / "config.json"
-    config = read_json(config_path)
+    config = read_mapping(config_path)
     paths: dict[str, Path] = {}
     for key, default in MOSHI_FILE_KEYS.items():
         name = config.get(key, default)
@@ -118,7 +111,7 @@ def _local_checkpoint_info(folder: Path) -> tp.Any:
     mimi_config_path = None
     if config.get("mimi_config_name"):
         mimi_config_path = folder / config["mimi_config_name"]
-        read_json(mimi_config_path)  # fail early, naming the file
+        read_mapping(mimi_config_path)  # fail early, naming the file
     lora_weights = None
     if config.get("lora") and config.get("lora_name"):
         lora_weights = folder / config["lora_name"]
@@ -204,13 +197,13 @@ def _config_candidates(folder: Path) -> list[tuple[Path, str, bool]]:
 
 def load_finetune(path: str | Path, num_layers: int) -> FineTune:
     folder = resolve_finetune_folder(path)
-    lm_config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    lm_config = read_mapping(folder / "config.json") if (folder / "config.json").is_file() else None
     ttt: TTTConfig | None = None
     source: Path | None = None
     for file, key, apply_output_proj in _config_candidates(folder):
         if not file.is_file():
             continue
-        data = read_yaml(file) if file.suffix == ".yaml" else read_json(file)
+        data = read_mapping(file)
         if key not in data or data[key] is None:
             continue
         ttt = ttt_config_from_section(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moshi_ttt.errors import MoshiTTTError
 from moshi_ttt.runtime import prepare_environment, resolve_device, resolve_dtype, set_threads
@@ -54,7 +55,7 @@ def user_errors() -> tp.Iterator[None]:
     try:
         yield
     except MoshiTTTError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -87,7 +88,7 @@ def infer(
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
     with user_errors():
         torch_device, torch_dtype, n_threads = _setup(device, dtype, threads)
-        from moshi_ttt.batch import BatchRunner, default_report_path, plan_jobs
+        from moshi_ttt.batch import BatchRunner, default_report_path, plan_jobs, stale_partials
 
         jobs = plan_jobs(source, target, glob, text)
         if not jobs:
@@ -95,14 +96,19 @@ def infer(
         report_path = report if report is not None else default_report_path(source, target)
         runner, settings = _load_runner(base, checkpoint, torch_device, torch_dtype, n_threads, seed,
                                         not no_ttt, quiet)
+    if source.is_dir():  # temporaries of a killed (kill -9) earlier run into this folder
+        for path in stale_partials(target):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
     show_details = (len(jobs) == 1) if details is None else details
-    events = render.make_events(out, quiet=quiet, details=show_details)
+    events = render.make_events(out, err, quiet=quiet, details=show_details)
     batch = BatchRunner(runner, settings, report_path=report_path, overwrite=overwrite, events=events)
     try:
         with events:
             result = batch.run(jobs)
     except KeyboardInterrupt:
-        err.print("interrupted: the current file was discarded; finished files and the report are kept")
+        err.print("interrupted: the current file was discarded; finished files and the report are kept",
+                  soft_wrap=True)
         raise typer.Exit(130) from None
     if not quiet:
         render.summary(out, result, report_path)

@@ -7,11 +7,12 @@ import typing as tp
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from moshi_ttt.batch import FileResult, Job, Report
+from moshi_ttt.batch import FileResult, Job, Report, SilentEvents
 
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
 
@@ -29,11 +30,11 @@ def ttt_table(result: FileResult) -> Table:
 
 
 def _line(result: FileResult) -> str:
-    text = f"[{STATUS_STYLE[result.status]}]{result.status}[/] {result.input}"
+    text = f"[{STATUS_STYLE[result.status]}]{result.status}[/] {escape(result.input)}"
     if result.reason:
-        text += f": {result.reason}"
+        text += f": {escape(result.reason)}"
     elif result.status == "ok":
-        text += f" -> {result.output} ({result.duration_s:.1f} s audio in {result.wall_s:.2f} s)"
+        text += f" -> {escape(str(result.output))} ({result.duration_s:.1f} s audio in {result.wall_s:.2f} s)"
     return text
 
 
@@ -64,7 +65,8 @@ class RichEvents:
         self._audio_file = audio_s
         self.progress.update(self.files_task, total=total, completed=index, description=f"files: {job.input.name}")
         if not self.live:
-            self.console.print(f"[{index + 1}/{total}] {job.input} ({audio_s:.1f} s)", highlight=False)
+            self.console.print(f"[{index + 1}/{total}] {escape(str(job.input))} ({audio_s:.1f} s)", highlight=False,
+                               soft_wrap=True)
 
     def frames_done(self, done: int, total: int) -> None:
         if self.live:
@@ -73,30 +75,25 @@ class RichEvents:
     def file_finished(self, index: int, total: int, result: FileResult) -> None:
         self._audio_base += result.duration_s
         self.progress.update(self.files_task, total=total, completed=index + 1)
-        self.console.print(_line(result), highlight=False)
+        # Without a terminal, one log line per file however long its paths (no wrapping at 80 columns).
+        self.console.print(_line(result), highlight=False, soft_wrap=not self.live)
         if self.details and result.ttt is not None:
             self.console.print(ttt_table(result))
 
 
-class QuietEvents:
-    def __enter__(self) -> "QuietEvents":
-        return self
+class QuietEvents(SilentEvents):
+    """--quiet: no progress or tables, but a failed file still gets its one line on stderr."""
 
-    def __exit__(self, *exc: tp.Any) -> None:
-        pass
-
-    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
-        pass
-
-    def frames_done(self, done: int, total: int) -> None:
-        pass
+    def __init__(self, errors: Console):
+        self.errors = errors
 
     def file_finished(self, index: int, total: int, result: FileResult) -> None:
-        pass
+        if result.status == "failed":
+            self.errors.print(_line(result), highlight=False, soft_wrap=True)
 
 
-def make_events(console: Console, quiet: bool, details: bool) -> tp.Any:
-    return QuietEvents() if quiet else RichEvents(console, details)
+def make_events(console: Console, errors: Console, quiet: bool, details: bool) -> tp.Any:
+    return QuietEvents(errors) if quiet else RichEvents(console, details)
 
 
 def summary(console: Console, report: Report, report_path: Path | None) -> None:

@@ -1,0 +1,518 @@
+"""`moshi-ttt infer` end to end on the tiny In-Place checkpoint: folders of good and bad
+recordings, exit codes, output layout, --text/--quiet/--no-ttt/--glob/--overwrite, the report,
+resuming, and real interruptions (SIGINT and SIGKILL of a running process).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from rich.console import Console
+from typer.testing import CliRunner
+
+from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
+from moshi_ttt.batch import REPORT_NAME, REPORT_SCHEMA, FileResult, Job
+from moshi_ttt.tiny import write_sample_recordings
+from moshi_ttt_cli import render
+from moshi_ttt_cli.app import app
+
+ANSI = re.compile(r"\x1b\[")
+ANSI_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def tone(rate: int, seconds: float, freq: float = 300.0, amp: float = 0.4, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(round(rate * seconds))) / rate
+    noise = np.random.default_rng(seed).normal(0, 0.02, len(t))  # so the model hears more than a pure tone
+    return amp * np.sin(2 * np.pi * freq * t * (1 + 0.3 * t)) + noise
+
+
+def infer(tiny, *args: object, env: dict | None = None):
+    argv = ["infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune), "--device", "cpu"]
+    return CliRunner().invoke(app, argv, env=env)
+
+
+def report_of(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def by_rel(report: dict, root: Path) -> dict[str, dict]:
+    return {Path(f["input"]).relative_to(root).as_posix(): f for f in report["files"]}
+
+
+def partials(folder: Path) -> list[Path]:
+    return sorted(folder.rglob(f"*{PARTIAL_SUFFIX}"))
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def expected_samples(source: Path) -> int:
+    """Moshi answers one 80 ms frame per full input frame (a trailing partial frame is dropped)."""
+    return sf.info(str(source)).frames // FRAME_SIZE * FRAME_SIZE
+
+
+def assert_no_traceback(result) -> None:
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+
+
+# -- a folder mixing good and bad recordings --------------------------------------------------------
+
+GOOD = ["mono.wav", "stereo.wav", "depth/u8.wav", "depth/s16.wav", "depth/s24.wav", "depth/float.wav",
+        "rates/r16k.wav", "rates/deeper/r44k.flac", "speech/sample_00_chirp.wav",
+        "speech/sample_01_vibrato.wav", "speech/sample_02_noise_bursts.wav", "formats/tone.mp3",
+        "formats/tone.ogg"]
+FAILED = {"bad/corrupt.wav": "", "bad/text.mp3": "not a recognised audio format",
+          "bad/deeper/text.wav": "not a recognised audio format", "bad/empty.wav": "empty file",
+          "bad/header_only.wav": "cannot decode audio"}
+SKIPPED = {"bad/short.wav": "shorter than one 80 ms frame"}
+
+
+def output_rel(rel: str) -> str:
+    """tone.mp3 and tone.ogg side by side: the second keeps its full name, neither is lost."""
+    return "formats/tone.ogg.wav" if rel == "formats/tone.ogg" else str(Path(rel).with_suffix(".wav"))
+
+
+def write_mixed(root: Path, recordings: list[Path]) -> Path:
+    src = root / "in"
+    for rel in ("depth", "rates/deeper", "speech", "bad/deeper", "formats"):
+        (src / rel).mkdir(parents=True, exist_ok=True)
+    left, right = tone(SAMPLE_RATE, 1.0, 300, seed=1), tone(SAMPLE_RATE, 1.0, 900, amp=0.2, seed=2)
+    sf.write(src / "mono.wav", left, SAMPLE_RATE, subtype="PCM_16")
+    sf.write(src / "stereo.wav", np.stack([left, right], 1), SAMPLE_RATE, subtype="PCM_16")
+    for name, subtype, seconds in (("u8", "PCM_U8", 0.9), ("s16", "PCM_16", 0.7), ("s24", "PCM_24", 1.1),
+                                   ("float", "FLOAT", 0.5)):
+        ch0 = tone(SAMPLE_RATE, seconds, 440, seed=3)
+        ch1 = tone(SAMPLE_RATE, seconds, 900, 0.2, seed=6)
+        sf.write(src / "depth" / f"{name}.wav", np.stack([ch0, ch1], 1), SAMPLE_RATE, subtype=subtype)
+    sf.write(src / "rates" / "r16k.wav", tone(16_000, 0.8, 250, seed=4), 16_000, subtype="PCM_16")
+    sf.write(src / "rates" / "deeper" / "r44k.flac", np.stack([tone(44_100, 0.6, 500, seed=5)] * 2, 1), 44_100)
+    sf.write(src / "formats" / "tone.mp3", tone(SAMPLE_RATE, 0.6, 350, seed=7), SAMPLE_RATE, format="MP3",
+             subtype="MPEG_LAYER_III")
+    sf.write(src / "formats" / "tone.ogg", tone(SAMPLE_RATE, 0.6, 350, seed=8), SAMPLE_RATE, format="OGG",
+             subtype="VORBIS")
+    for path in recordings:
+        shutil.copy(path, src / "speech" / path.name)
+    good = (src / "mono.wav").read_bytes()
+    rng = np.random.default_rng(0)
+    (src / "bad" / "corrupt.wav").write_bytes(good[:12] + rng.bytes(6000))  # RIFF/WAVE, then garbage chunks
+    (src / "bad" / "text.mp3").write_text("these are words, not audio\n" * 40)
+    (src / "bad" / "deeper" / "text.wav").write_text("these are words, not audio\n" * 40)
+    (src / "bad" / "empty.wav").write_bytes(b"")
+    (src / "bad" / "header_only.wav").write_bytes(good[:30])
+    sf.write(src / "bad" / "short.wav", tone(SAMPLE_RATE, 0.05), SAMPLE_RATE, subtype="PCM_16")
+    (src / "notes.txt").write_text("not an input")
+    (src / "speech" / f"sample_00_chirp.wav.999999{PARTIAL_SUFFIX}").write_bytes(good[:100])  # never an input
+    return src
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_inplace, recordings, tmp_path_factory):
+    """One `--text` run over the mixed folder; the model loader is counted."""
+    from moshi_ttt import model as model_module
+
+    root = tmp_path_factory.mktemp("mixed")
+    src = write_mixed(root, recordings)
+    out = root / "out"
+    loads = []
+    real = model_module.load_model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_module, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+        result = infer(tiny_inplace, src, out, "--text", env={"COLUMNS": "80"})
+    # Parsed now: later tests rerun into the same folder and replace the report.
+    return src, out, result, loads, report_of(out / REPORT_NAME)
+
+
+def test_mixed_folder_processes_good_files_and_isolates_bad_ones(mixed) -> None:
+    src, out, result, loads, report = mixed
+    assert_no_traceback(result)
+    assert result.exit_code == 1, result.output  # some files failed
+    assert len(loads) == 1  # one model load for the whole folder
+
+    files = by_rel(report, src)
+    assert sorted(files) == sorted([*GOOD, *FAILED, *SKIPPED])  # notes.txt and .partial are not inputs
+    for rel in GOOD:
+        assert files[rel]["status"] == "ok", (rel, files[rel]["reason"])
+    for rel, reason in FAILED.items():
+        assert files[rel]["status"] == "failed", rel
+        assert reason in files[rel]["reason"] and files[rel]["reason"].strip(), (rel, files[rel]["reason"])
+        assert "\n" not in files[rel]["reason"] and files[rel]["output"] is None
+    for rel, reason in SKIPPED.items():
+        assert files[rel]["status"] == "skipped" and reason in files[rel]["reason"]
+    totals = report["totals"]
+    assert (totals["files"], totals["ok"], totals["failed"], totals["skipped"]) == (
+        len(GOOD) + len(FAILED) + len(SKIPPED), len(GOOD), len(FAILED), len(SKIPPED))
+
+    # Outputs mirror the input tree: a WAV and a transcript per good file, nothing for the others.
+    expected = {REPORT_NAME}
+    for rel in GOOD:
+        expected |= {output_rel(rel), str(Path(output_rel(rel)).with_suffix(".txt"))}
+    assert set(files_under(out)) == expected
+    assert partials(out) == []
+    for rel in GOOD:
+        source, wav = src / rel, out / output_rel(rel)
+        info = sf.info(str(wav))
+        assert (info.samplerate, info.channels) == (SAMPLE_RATE, 1), rel
+        assert info.frames == files[rel]["frames"] * FRAME_SIZE, rel
+        assert files[rel]["output"] == str(wav)
+        assert wav.with_suffix(".txt").read_text().endswith("\n")
+        if source.suffix == ".wav" and sf.info(str(source)).samplerate == SAMPLE_RATE:
+            assert info.frames == expected_samples(source), rel
+
+    # Channel 0 of the stereo file is exactly the mono file.
+    assert (out / "stereo.wav").read_bytes() == (out / "mono.wav").read_bytes()
+    assert (out / "stereo.txt").read_text() == (out / "mono.txt").read_text()
+    assert (out / "mono.wav").read_bytes() != (out / "depth" / "s16.wav").read_bytes()
+
+
+def test_mixed_folder_ttt_numbers_and_settings(mixed, tiny_inplace) -> None:
+    src, out, result, _, report = mixed
+    assert report["schema"] == REPORT_SCHEMA
+    settings = report["settings"]
+    assert settings["base"] == str(tiny_inplace.base) and settings["checkpoint"] == str(tiny_inplace.finetune)
+    assert (settings["device"], settings["dtype"], settings["seed"]) == ("cpu", "float32", 4242)
+    assert settings["ttt"]["variant"] == "inplace" and settings["ttt"]["enabled"] is True
+    chunk = settings["ttt"]["chunk_size"]
+    for rel, f in by_rel(report, src).items():
+        if f["status"] != "ok":
+            assert f["ttt"] is None
+            continue
+        assert f["ttt"]["chunk_size"] == chunk and f["ttt"]["variant"] == "inplace"
+        assert [layer["layer"] for layer in f["ttt"]["layers"]] == settings["ttt"]["layers"]
+        for layer in f["ttt"]["layers"]:
+            assert layer["tokens"] == f["steps"]
+            assert layer["updates"] == math.ceil(f["steps"] / chunk), rel
+            assert layer["pending_tokens"] == 0
+            assert layer["drift"] > 0
+
+
+def test_progress_is_plain_log_lines_when_not_a_terminal(mixed) -> None:
+    src, out, result, _, report = mixed
+    assert not ANSI.search(result.output)
+    lines = result.stdout.splitlines()
+    total = len(report["files"])
+    for i, f in enumerate(report["files"]):
+        # One whole line per event, even for paths longer than the 80-column console.
+        if f["status"] == "ok":
+            assert any(line.startswith(f"[{i + 1}/{total}] {f['input']} (") for line in lines), f["input"]
+            assert any(line.startswith(f"ok {f['input']} -> {f['output']} (") for line in lines), f["input"]
+        else:
+            assert f"{f['status']} {f['input']}: {f['reason']}" in lines, f["input"]
+    assert any(line.startswith(f"{total} files: ") for line in lines)
+    assert f"report: {out / REPORT_NAME}" in lines
+
+
+def test_terminal_gets_progress_bars_instead_of_log_lines(tmp_path: Path) -> None:
+    for terminal in (True, False):
+        buffer = io.StringIO()
+        console = Console(file=buffer, force_terminal=terminal, width=200)
+        events = render.make_events(console, Console(file=io.StringIO()), quiet=False, details=False)
+        job = Job(tmp_path / "a.wav", tmp_path / "out.wav")
+        with events:
+            events.file_started(0, 1, job, 2.0)
+            events.frames_done(12, 25)
+            events.file_finished(0, 1, FileResult(str(job.input), str(job.output), "ok", duration_s=2.0, wall_s=0.5))
+        text = ANSI_SEQUENCE.sub("", buffer.getvalue())
+        assert events.live is terminal
+        assert (f"[1/1] {job.input}" in text) is not terminal  # plain log line only without a terminal
+        assert f"ok {job.input} -> {job.output}" in text
+    quiet, errors = io.StringIO(), io.StringIO()
+    events = render.make_events(Console(file=quiet), Console(file=errors, width=200), quiet=True, details=True)
+    with events:
+        events.file_started(0, 1, job, 2.0)
+        events.file_finished(0, 1, FileResult(str(job.input), str(job.output), "ok", duration_s=2.0))
+        events.file_finished(0, 1, FileResult(str(job.input), None, "failed", "empty file"))
+    assert quiet.getvalue() == ""
+    # --quiet silences progress, not failures: each failed file is one line on stderr.
+    assert ANSI_SEQUENCE.sub("", errors.getvalue()).splitlines() == [f"failed {job.input}: empty file"]
+
+
+def test_rerun_skips_finished_files_and_quiet_prints_nothing(mixed, tiny_inplace) -> None:
+    src, out, _, _, _ = mixed
+    before = {rel: (out / rel).read_bytes() for rel in files_under(out) if not rel.endswith(".json")}
+    result = infer(tiny_inplace, src, out, "--text", "--quiet")
+    assert_no_traceback(result)
+    assert result.exit_code == 1  # the bad files still fail
+    assert result.stdout == ""
+    files = by_rel(report_of(out / REPORT_NAME), src)
+    for rel in GOOD:
+        assert (files[rel]["status"], files[rel]["reason"]) == ("skipped", "exists"), rel
+    assert all(files[rel]["status"] == "failed" for rel in FAILED)
+    assert {rel: (out / rel).read_bytes() for rel in before} == before
+
+    # --glob narrows; --overwrite redoes, with the same bytes (same seed, fresh state per file).
+    result = infer(tiny_inplace, src, out, "--glob", "*.flac", "--overwrite", "--quiet")
+    assert result.exit_code == 0 and result.stdout == ""
+    report = report_of(out / REPORT_NAME)
+    assert [(f["input"], f["status"]) for f in report["files"]] == [(str(src / "rates/deeper/r44k.flac"), "ok")]
+    assert set(files_under(out)) == set(before) | {REPORT_NAME}
+    assert (out / "rates/deeper/r44k.wav").read_bytes() == before["rates/deeper/r44k.wav"]
+
+
+def test_single_file_alone_matches_it_after_other_files(mixed, tiny_inplace, tmp_path: Path) -> None:
+    src, out, _, _, folder_report = mixed
+    rel = "speech/sample_02_noise_bursts.wav"  # processed after most other recordings in the folder run
+    target = tmp_path / "alone.wav"
+    result = infer(tiny_inplace, src / rel, target, "--text", "--report", tmp_path / "r.json")
+    assert_no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes() == (out / Path(rel).with_suffix(".wav")).read_bytes()
+    assert target.with_suffix(".txt").read_text() == (out / Path(rel).with_suffix(".txt")).read_text()
+    assert "TTT layers" in result.stdout  # per-layer table by default for a single file
+    single = report_of(tmp_path / "r.json")
+    assert [f["status"] for f in single["files"]] == ["ok"]
+    assert single["totals"]["files"] == 1
+    in_folder = by_rel(folder_report, src)[rel]
+    assert single["files"][0]["ttt"] == in_folder["ttt"]  # same TTT numbers, to the last digit
+    assert (single["files"][0]["frames"], single["files"][0]["steps"]) == (in_folder["frames"], in_folder["steps"])
+
+    # Into an existing folder, no report unless asked; another seed gives another answer.
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    result = infer(tiny_inplace, src / rel, folder, "--seed", "7", "--quiet")
+    assert result.exit_code == 0 and result.stdout == ""
+    assert files_under(folder) == ["sample_02_noise_bursts.wav"]
+    assert (folder / "sample_02_noise_bursts.wav").read_bytes() != target.read_bytes()
+
+
+def test_no_ttt_is_an_ablation_with_zero_updates(mixed, tiny_inplace, tmp_path: Path) -> None:
+    src, out, _, _, _ = mixed
+    result = infer(tiny_inplace, src / "mono.wav", tmp_path / "frozen.wav", "--no-ttt", "--quiet",
+                   "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    report = report_of(tmp_path / "r.json")
+    assert report["settings"]["ttt"]["enabled"] is False
+    f = report["files"][0]
+    assert f["status"] == "ok"
+    for layer in f["ttt"]["layers"]:
+        assert layer["tokens"] == f["steps"] and layer["pending_tokens"] == 0
+        assert layer["updates"] == 0 and layer["drift"] == 0 and layer["relative_drift"] == 0
+        assert layer["norm_final"] == layer["norm_initial"]
+    assert (tmp_path / "frozen.wav").read_bytes() != (out / "mono.wav").read_bytes()
+
+
+def test_single_bad_file_fails_with_exit_1_and_short_file_is_skipped(mixed, tiny_inplace, tmp_path: Path) -> None:
+    src, _, _, _, _ = mixed
+    result = infer(tiny_inplace, src / "bad/empty.wav", tmp_path / "x.wav")
+    assert_no_traceback(result)
+    assert result.exit_code == 1
+    assert f"failed {src / 'bad/empty.wav'}: empty file" in result.stdout.splitlines()
+    assert not (tmp_path / "x.wav").exists()
+
+    folder = tmp_path / "short_only"
+    folder.mkdir()
+    shutil.copy(src / "bad/short.wav", folder / "short.wav")
+    shutil.copy(src / "depth/float.wav", folder / "float.wav")
+    result = infer(tiny_inplace, folder, tmp_path / "o", "--quiet")
+    assert result.exit_code == 0  # skipped is not failed
+    statuses = {Path(f["input"]).name: f["status"] for f in report_of(tmp_path / "o" / REPORT_NAME)["files"]}
+    assert statuses == {"short.wav": "skipped", "float.wav": "ok"}
+
+
+# -- usage, checkpoint and config errors: exit 2, one line, nothing written --------------------------
+
+def _broken_checkpoint(tiny, root: Path, how: str) -> Path:
+    target = root / f"ckpt_{how}"
+    shutil.copytree(tiny.finetune, target)
+    config = next(target.rglob("config.json"))
+    if how == "json":
+        config.write_text("{not json")
+    else:
+        weights = next(target.rglob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+    return target
+
+
+@pytest.mark.parametrize("case", ["missing_input", "no_audio", "glob_matches_nothing", "folder_to_file",
+                                  "missing_checkpoint", "malformed_config", "truncated_weights",
+                                  "missing_base", "zero_threads"])
+def test_errors_before_any_file_exit_2_with_one_line(case, tiny_inplace, recordings, tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(recordings[0], src / "a.wav")
+    out = tmp_path / "out"
+    base, checkpoint, extra = str(tiny_inplace.base), str(tiny_inplace.finetune), []
+    if case == "missing_input":
+        src = tmp_path / "nowhere"
+    elif case == "no_audio":
+        (src / "a.wav").unlink()
+        (src / "notes.txt").write_text("x")
+    elif case == "glob_matches_nothing":
+        extra = ["--glob", "*.flac"]
+    elif case == "folder_to_file":
+        out = tmp_path / "file.wav"
+        out.write_bytes(b"keep")
+    elif case == "missing_checkpoint":
+        checkpoint = str(tmp_path / "no_checkpoint")
+    elif case in ("malformed_config", "truncated_weights"):
+        how = "json" if case == "malformed_config" else "weights"
+        checkpoint = str(_broken_checkpoint(tiny_inplace, tmp_path, how))
+    elif case == "missing_base":
+        base = str(tmp_path / "no_base")
+    elif case == "zero_threads":
+        extra = ["--threads", "0"]
+    result = CliRunner().invoke(app, ["infer", str(src), str(out), "--base", base, "--checkpoint", checkpoint,
+                                      "--device", "cpu", *extra])
+    assert_no_traceback(result)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    if case == "folder_to_file":
+        assert out.read_bytes() == b"keep"
+    else:
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["infer"], ["infer", "a.wav"], ["infer", "a", "b", "--dtype", "int8"],
+                                  ["infer", "a", "b", "--no-such-option"]])
+def test_usage_errors_exit_2_without_traceback(argv) -> None:
+    result = CliRunner().invoke(app, argv)
+    assert_no_traceback(result)
+    assert result.exit_code == 2
+
+
+# -- stale temporaries ---------------------------------------------------------------------------
+
+def test_stale_partials_are_never_inputs_and_are_cleaned_up(tiny_inplace, recordings, tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "in" / "out"  # outputs inside the input folder
+    src.mkdir()
+    shutil.copy(recordings[0], src / "a.wav")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [src / f"a.wav.{dead.pid}{PARTIAL_SUFFIX}", out / f"b.wav.{dead.pid}{PARTIAL_SUFFIX}",
+                 out / "sub" / f"{REPORT_NAME}.{dead.pid}{PARTIAL_SUFFIX}"]
+        kept = [out / f"c.wav.{alive.pid}{PARTIAL_SUFFIX}", out / f"notes{PARTIAL_SUFFIX}"]
+        for path in stale + kept:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"RIFF half a file")
+        for _ in range(2):  # the second run must not take the first run's outputs as inputs
+            result = infer(tiny_inplace, src, out, "--quiet")
+            assert result.exit_code == 0, result.output
+            assert [f["input"] for f in report_of(out / REPORT_NAME)["files"]] == [str(src / "a.wav")]
+        assert src / f"a.wav.{dead.pid}{PARTIAL_SUFFIX}" in partials(src)  # the input folder is not touched
+        assert partials(out) == sorted(kept)  # a dead run's temporaries are gone
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+# -- real interruptions of a running process ----------------------------------------------------------
+
+N_LONG = 6
+
+
+@pytest.fixture(scope="module")
+def long_recordings(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("long")
+    write_sample_recordings(folder / "nested", seed=3, durations=[4.0] * (N_LONG // 2))
+    write_sample_recordings(folder, seed=4, durations=[4.0] * (N_LONG - N_LONG // 2))
+    assert len(list(folder.rglob("*.wav"))) == N_LONG
+    return folder
+
+
+def _cli_command(tiny, *args: object) -> list[str]:
+    script = Path(sys.executable).with_name("moshi-ttt")
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "moshi_ttt_cli.app"]
+    return [*head, "infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune),
+            "--device", "cpu"]
+
+
+def _start_and_wait_for_finished_files(tiny, src: Path, out: Path, log: Path) -> tuple[subprocess.Popen, dict]:
+    """Start `moshi-ttt infer` and return once its report lists a finished file (bounded wait).
+
+    Every read of the report must parse: it is only ever replaced whole."""
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(_cli_command(tiny, src, out), stdout=sink, stderr=subprocess.STDOUT)
+    report = out / REPORT_NAME
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc={proc.returncode}) before it could be interrupted:\n{log.read_text()}")
+        if report.exists():
+            data = json.loads(report.read_text())
+            if any(f["status"] == "ok" for f in data["files"]):
+                return proc, data
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no file finished in time:\n{log.read_text()}")
+
+
+def _check_outputs_complete(src: Path, out: Path) -> list[str]:
+    wavs = files_under(out)
+    for rel in wavs:
+        if rel.endswith(".wav"):
+            assert sf.info(str(out / rel)).frames == expected_samples(src / rel), rel
+    return [rel for rel in wavs if rel.endswith(".wav")]
+
+
+def test_sigint_stops_cleans_up_and_writes_the_report(tiny_inplace, long_recordings, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc, _ = _start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
+    try:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    log = (tmp_path / "log").read_text()
+    assert rc == 130, log
+    assert "Traceback" not in log
+    assert any(line.startswith("interrupted: ") and line.endswith("are kept") for line in log.splitlines()), log
+    report = report_of(out / REPORT_NAME)
+    assert report["interrupted"] is True
+    ok = [f for f in report["files"] if f["status"] == "ok"]
+    assert 1 <= len(ok) < N_LONG  # it stopped
+    assert partials(out) == []  # the current file's temporary was removed
+    on_disk = _check_outputs_complete(long_recordings, out)
+    assert {str(out / rel) for rel in on_disk} >= {f["output"] for f in ok}
+    assert len(on_disk) < N_LONG
+
+
+def test_kill_9_loses_nothing_finished_and_a_rerun_completes(tiny_inplace, long_recordings, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc, _ = _start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    report = report_of(out / REPORT_NAME)  # parses: replaced atomically, never half-written
+    assert "interrupted" not in report  # nobody got to say so
+    finished = {f["input"]: f for f in report["files"] if f["status"] == "ok"}
+    assert 1 <= len(finished) < N_LONG
+    on_disk = _check_outputs_complete(long_recordings, out)  # every final .wav is whole
+    assert {str(out / rel) for rel in on_disk} >= {f["output"] for f in finished.values()}
+    assert len(on_disk) < N_LONG
+
+    result = infer(tiny_inplace, long_recordings, out, "--quiet")
+    assert result.exit_code == 0, result.output
+    rerun = report_of(out / REPORT_NAME)
+    assert "interrupted" not in rerun and len(rerun["files"]) == N_LONG
+    for f in rerun["files"]:
+        if f["input"] in finished:
+            assert (f["status"], f["reason"]) == ("skipped", "exists")
+        else:
+            assert f["status"] in ("ok", "skipped"), f
+    assert sum(f["status"] == "ok" for f in rerun["files"]) >= N_LONG - len(on_disk)
+    assert len(_check_outputs_complete(long_recordings, out)) == N_LONG
+    assert partials(out) == []
+
+    # What the killed process finished is what an uninterrupted run writes.
+    first = next(iter(finished.values()))
+    result = infer(tiny_inplace, first["input"], tmp_path / "ref.wav", "--quiet")
+    assert result.exit_code == 0
+    assert (tmp_path / "ref.wav").read_bytes() == Path(first["output"]).read_bytes()
