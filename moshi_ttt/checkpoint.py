@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from .config import TTTConfig, ttt_config_from_section
+from .config import RESEARCH_DELTA_CLIP, TTTConfig, ttt_config_from_section
 from .errors import CheckpointError
 
 DEFAULT_BASE = "kyutai/moshiko-pytorch-bf16"
@@ -206,9 +206,11 @@ def load_finetune(path: str | Path, num_layers: int) -> FineTune:
         data = read_mapping(file)
         if key not in data or data[key] is None:
             continue
+        research_inplace = key == "ttt_config"  # moshi_in_place's layout
         ttt = ttt_config_from_section(
-            data[key], num_layers, file, default_variant="inplace" if key == "ttt_config" else "ttt-mlp",
-            apply_output_proj_default=apply_output_proj)
+            data[key], num_layers, file, default_variant="inplace" if research_inplace else "ttt-mlp",
+            apply_output_proj_default=apply_output_proj,
+            delta_clip_default=RESEARCH_DELTA_CLIP if research_inplace else None)
         source = file
         break
     if source is None:

@@ -9,10 +9,12 @@ Sections we read (first found wins, see `finetune.find_ttt_section`):
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import typing as tp
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MoshiTTTError
 from .ttt.inplace import InPlaceTTTConfig
 from .ttt.mlp import TTTMLPConfig
 
@@ -83,9 +85,28 @@ def _infer_variant(section: dict, default: str, source: Path) -> str:
     return variant
 
 
+# The research In-Place module (moshi_in_place `TTTGating`) clipped every chunk's delta to this
+# Frobenius norm when its config had no `delta_clip_fro_norm`, in training and inference alike.
+RESEARCH_DELTA_CLIP = 1e-5
+
+
+def _delta_clip(section: dict, source: Path, default: float | None) -> tuple[float | None, str]:
+    """tau from `delta_clip_fro_norm` (research key) or `delta_clip` (alias); null or <= 0 is off."""
+    keys = [key for key in ("delta_clip_fro_norm", "delta_clip") if key in section]
+    if not keys:
+        return default, "config" if default is None else "research default (no delta_clip_fro_norm in config)"
+    value = _number(section, keys[0], source, float, None)
+    return (value if value is not None and value > 0 else None), "config"
+
+
 def ttt_config_from_section(section: tp.Any, num_layers: int, source: Path, *,
-                            default_variant: str, apply_output_proj_default: bool) -> TTTConfig | None:
-    """Parse one TTT section; None when it says TTT is disabled or names no layer."""
+                            default_variant: str, apply_output_proj_default: bool,
+                            delta_clip_default: float | None = None) -> TTTConfig | None:
+    """Parse one TTT section; None when it says TTT is disabled or names no layer.
+
+    `delta_clip_default` is the In-Place clip a layout implies when its section has no clip key
+    (`RESEARCH_DELTA_CLIP` for moshi_in_place's `ttt_config`).
+    """
     if not isinstance(section, dict):
         raise CheckpointError(f"TTT config must be a mapping, got {type(section).__name__}", source)
     if not section.get("enabled", section.get("enable", True)):
@@ -97,12 +118,15 @@ def ttt_config_from_section(section: tp.Any, num_layers: int, source: Path, *,
     if not layers:
         return None
     if variant == "inplace":
+        delta_clip, delta_clip_origin = _delta_clip(section, source, delta_clip_default)
         config: TTTConfig = InPlaceTTTConfig(
             layers=layers,
             chunk_size=_number(section, "chunk_size", source, int),
             learning_rate=_number(section, "learning_rate", source),
             conv_kernel_size=_number(section, "conv_kernel_size", source, int, 2),
-            delta_clip=_number(section, "delta_clip", source, float, None),
+            delta_clip=delta_clip,
+            delta_clip_epsilon=_number(section, "delta_clip_epsilon", source, float, 1e-12),
+            delta_clip_origin=delta_clip_origin,
         )
         if config.conv_kernel_size < 1:
             raise CheckpointError(f"conv_kernel_size must be >= 1, got {config.conv_kernel_size}", source)
@@ -138,3 +162,32 @@ def variant_of(config: TTTConfig) -> str:
 
 def chunk_size_of(config: TTTConfig) -> int:
     return config.chunk_size if isinstance(config, InPlaceTTTConfig) else config.mini_batch_size
+
+
+def parse_delta_clip(text: str) -> float | None:
+    """A user's `--delta-clip`: a positive Frobenius-norm bound, or `none` (also 0) for no clip."""
+    if text.strip().lower() in ("none", "off", "null"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise MoshiTTTError(f"--delta-clip must be a number or 'none', got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise MoshiTTTError(f"--delta-clip must be a finite number >= 0 or 'none', got {text!r}")
+    return value if value > 0 else None
+
+
+def override_ttt_config(config: TTTConfig | None, overrides: tp.Mapping[str, tp.Any]) -> TTTConfig | None:
+    """The checkpoint's TTT config with settings given at run time (e.g. `--delta-clip`) replaced.
+
+    A setting the checkpoint's family does not have is an error, not silently ignored.
+    """
+    if not overrides:
+        return config
+    if config is None:
+        raise MoshiTTTError(f"{', '.join(sorted(overrides))} given, but the run has no TTT layers")
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise MoshiTTTError(f"{', '.join(unknown)} does not apply to {config.variant} checkpoints")
+    return dataclasses.replace(config, **overrides)

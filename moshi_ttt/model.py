@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import FineTune, base_checkpoint_info, check_compatible, check_safetensors, load_finetune
-from .config import TTTConfig, chunk_size_of, variant_of
+from .config import TTTConfig, chunk_size_of, override_ttt_config, variant_of
 from .errors import CheckpointError
 from .ttt.base import FastWeightModule, TTTController
 from .ttt.inplace import InPlaceTTTConfig, InPlaceTTTGating, TokenEmbeddingTap
@@ -48,7 +48,10 @@ class LoadedModel:
 
 
 def load_model(base: str, checkpoint: str | None = None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: torch.dtype = torch.float32,
+               ttt_overrides: tp.Mapping[str, tp.Any] | None = None) -> LoadedModel:
+    """Base + fine-tune. `ttt_overrides` replace fields of the checkpoint's TTT config (e.g.
+    `{"delta_clip": None}`); they are checked before any weights load."""
     device = torch.device(device)
     info = base_checkpoint_info(base)
     finetune = None
@@ -56,6 +59,9 @@ def load_model(base: str, checkpoint: str | None = None, device: torch.device | 
         num_layers = (info.lm_config or {}).get("num_layers", 32)
         finetune = load_finetune(checkpoint, num_layers)
         check_compatible(finetune, info.lm_config)
+        finetune.ttt = override_ttt_config(finetune.ttt, ttt_overrides or {})
+    elif ttt_overrides:
+        override_ttt_config(None, ttt_overrides)  # raises: nothing to override
     mimi = _load(info.get_mimi, info.mimi_weights, device=device)
     lm = _load(info.get_moshi, info.moshi_weights, device=device, dtype=dtype, fuse_lora=True)
     text_tokenizer = _load(info.get_text_tokenizer, info.tokenizer)
@@ -115,10 +121,11 @@ def _unused_keys(config: TTTConfig) -> tuple[str, ...]:
 
 def _ignored_keys(config: TTTConfig) -> tuple[str, ...]:
     """Tensors real checkpoints carry that inference never uses: moshi-finetune saves a
-    `backward_ssm_gating` beside the `forward_ssm_gating` of every TTT-MLP layer."""
+    `backward_ssm_gating` beside the `forward_ssm_gating` of every TTT-MLP layer; the research
+    In-Place module saves `w_down_pretrained`, a copy of `w_down` it resets to on request."""
     if isinstance(config, TTTMLPConfig):
         return tuple(f"transformer.layers.{i}.seq_modeling_block.backward_ssm_gating." for i in config.layers)
-    return ()
+    return tuple(f"transformer.layers.{i}.gating.w_down_pretrained" for i in config.layers)
 
 
 def apply_finetune(lm: nn.Module, finetune: FineTune) -> None:

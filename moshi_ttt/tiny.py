@@ -306,8 +306,42 @@ def _randomise_codebooks(mimi: tp.Any, calibration: torch.Tensor, gen: torch.Gen
             residual = residual - layer.decode(layer.encode(residual))
 
 
+# Peak of the decoded calibration audio after `_make_decoder_code_sensitive` (16-bit headroom).
+_DECODED_PEAK = 0.5
+
+
+@torch.no_grad()
+def _make_decoder_code_sensitive(mimi: tp.Any, calibration: torch.Tensor) -> None:
+    """Make different codes decode to clearly different audio (hundreds of 16-bit LSB apart).
+
+    Left random, the decoder maps every code stream to almost the same waveform: the centroids
+    share a large common component (the random encoder's outputs are clustered), and the
+    decoder's biases add a code-independent signal, so two random code streams ended up <= 2 LSB
+    apart and no audio comparison could tell which tokens the LM chose. Three decode-side-only
+    changes (the encoder and the codebooks are untouched, so encoding is unchanged):
+    1. each rvq's `output_proj` (used only when decoding) projects out the direction of its
+       mean centroid sum, so the decoder sees what differs between codes;
+    2. the SEANet decoder's biases are zeroed (no constant waveform);
+    3. the last decoder conv is scaled so decoded calibration audio peaks at `_DECODED_PEAK`.
+    """
+    quantizer = mimi.quantizer
+    for rvq in (quantizer.rvq_first, quantizer.rvq_rest):
+        mean = sum(layer.project_out(layer._codebook.embedding.mean(0, keepdim=True))
+                   for layer in rvq.vq.layers)[0]
+        direction = mean / mean.norm().clamp_min(1e-12)
+        projector = torch.eye(direction.numel()) - torch.outer(direction, direction)
+        weight = rvq.output_proj.weight  # [out, in, 1] 1x1 conv
+        weight.copy_((weight[..., 0] @ projector)[..., None])
+    for name, param in mimi.decoder.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+    last_conv = mimi.decoder.model[-1].conv.conv
+    peak = mimi.decode(mimi.encode(calibration)).abs().max()
+    last_conv.weight.mul_(_DECODED_PEAK / peak.clamp_min(1e-12))
+
+
 def build_tiny_mimi(seed: int = 0) -> tuple[tp.Any, dict[str, tp.Any]]:
-    """Random tiny MimiModel (codebooks randomised, eval mode) and its config."""
+    """Random tiny MimiModel (codebooks randomised, decoder code-sensitive, eval mode) and its config."""
     from moshi.models import loaders
 
     config = tiny_mimi_config()
@@ -316,7 +350,9 @@ def build_tiny_mimi(seed: int = 0) -> tuple[tp.Any, dict[str, tp.Any]]:
         torch.manual_seed(seed)
         mimi = loaders.get_mimi(None, config, device="cpu", num_codebooks=config["quantizer"]["n_q"])
     gen = torch.Generator().manual_seed(seed)
-    _randomise_codebooks(mimi, _calibration_audio(seed), gen)
+    calibration = _calibration_audio(seed)
+    _randomise_codebooks(mimi, calibration, gen)
+    _make_decoder_code_sensitive(mimi, calibration)
     return mimi, config
 
 
@@ -454,10 +490,13 @@ def write_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
 
 FINETUNE_STEP_DIR = Path("checkpoints") / "checkpoint_000100" / "consolidated"
 
-# On the tiny 4-layer model: layers 1 and 3, chunks of 8 tokens.
+# On the tiny 4-layer model: layers 1 and 3, chunks of 8 tokens. The clip is written explicitly
+# (without it the layout implies the research default 1e-5, which clips every update); at 400
+# it fires on some chunks of the sample recordings and not on others (their deltas' norms are
+# ~270-480), so clipped and unclipped updates both get exercised.
 TINY_INPLACE_TTT_CONFIG: dict[str, tp.Any] = {
     "enabled": True, "start_layer": 1, "layer_frequency": 2, "chunk_size": 8,
-    "learning_rate": 0.002, "conv_kernel_size": 2,
+    "learning_rate": 0.002, "conv_kernel_size": 2, "delta_clip_fro_norm": 400.0,
 }
 # "middle" on 4 layers is layers 1 and 2.
 TINY_TTT_MLP_CONFIG: dict[str, tp.Any] = {

@@ -73,6 +73,10 @@ def infer(
     base: str = typer.Option(DEFAULT_BASE, help="Base Moshi: Hugging Face repo id or local folder."),
     checkpoint: tp.Optional[str] = typer.Option(None, help="TTT fine-tune folder (consolidated/, checkpoint or run folder)."),
     no_ttt: bool = typer.Option(False, "--no-ttt", help="Keep fast weights frozen (ablation)."),
+    delta_clip: tp.Optional[str] = typer.Option(
+        None, "--delta-clip", metavar="TAU|none",
+        help="In-Place TTT: bound on each chunk's delta norm (before the learning rate), overriding "
+             "the checkpoint; 'none' turns clipping off."),
     device: Device = typer.Option(Device.auto),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on GPU, float32 on CPU."),
     seed: int = typer.Option(4242, help="RNG seed, reapplied at the start of every file."),
@@ -89,13 +93,17 @@ def infer(
     with user_errors():
         torch_device, torch_dtype, n_threads = _setup(device, dtype, threads)
         from moshi_ttt.batch import BatchRunner, default_report_path, plan_jobs, stale_partials
+        from moshi_ttt.config import parse_delta_clip
+
+        overrides = {} if delta_clip is None else {"delta_clip": parse_delta_clip(delta_clip),
+                                                   "delta_clip_origin": "--delta-clip"}
 
         jobs = plan_jobs(source, target, glob, text)
         if not jobs:
             raise MoshiTTTError("no audio files found" + (f" matching {glob!r}" if glob else ""), source)
         report_path = report if report is not None else default_report_path(source, target)
         runner, settings = _load_runner(base, checkpoint, torch_device, torch_dtype, n_threads, seed,
-                                        not no_ttt, quiet)
+                                        not no_ttt, quiet, overrides)
     if source.is_dir():  # temporaries of a killed (kill -9) earlier run into this folder
         for path in stale_partials(target):
             with contextlib.suppress(FileNotFoundError):
@@ -116,14 +124,14 @@ def infer(
 
 
 def _load_runner(base: str, checkpoint: str | None, device: tp.Any, dtype: tp.Any, threads: int, seed: int,
-                 ttt_enabled: bool, quiet: bool) -> tuple[tp.Any, dict]:
+                 ttt_enabled: bool, quiet: bool, ttt_overrides: dict) -> tuple[tp.Any, dict]:
     """Load the model once for the whole run; return the runner and the settings to report."""
     from moshi_ttt.model import load_model
     from moshi_ttt.runner import StreamingRunner
 
     status = contextlib.nullcontext() if quiet else err.status(f"loading {base}" + (f" + {checkpoint}" if checkpoint else ""))
     with status:
-        model = load_model(base, checkpoint, device=device, dtype=dtype)
+        model = load_model(base, checkpoint, device=device, dtype=dtype, ttt_overrides=ttt_overrides)
     runner = StreamingRunner(model, seed=seed, ttt_enabled=ttt_enabled)
     ttt = model.describe_ttt()
     settings = {"base": base, "checkpoint": checkpoint, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
@@ -184,7 +192,7 @@ def demo(
         recordings = root / "recordings"
         tiny.write_sample_recordings(recordings, seed=seed)
     infer(source=recordings, target=root / "outputs", base=str(paths.base), checkpoint=str(paths.finetune),
-          no_ttt=False, device=Device.cpu, dtype=DType.float32, seed=4242, threads=threads, glob=None,
+          no_ttt=False, delta_clip=None, device=Device.cpu, dtype=DType.float32, seed=4242, threads=threads, glob=None,
           text=True, overwrite=True, report=None, details=True, quiet=False)
 
 

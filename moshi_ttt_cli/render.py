@@ -19,14 +19,23 @@ STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
 
 def ttt_table(result: FileResult) -> Table:
     table = Table(title=f"TTT layers: {Path(result.input).name}", title_justify="left")
-    for column in ("layer", "tokens", "updates", "pending", "||W0||", "||W_final||", "drift", "rel. drift"):
+    for column in ("layer", "tokens", "updates", "clipped", "pending", "||W0||", "||W_final||", "drift",
+                   "rel. drift"):
         table.add_column(column, justify="right")
     assert result.ttt is not None
     for layer in result.ttt["layers"]:
         table.add_row(str(layer["layer"]), str(layer["tokens"]), str(layer["updates"]),
+                      _clipped(layer["clipped_updates"], layer["updates"]),
                       str(layer["pending_tokens"]), f"{layer['norm_initial']:.4g}", f"{layer['norm_final']:.4g}",
                       f"{layer['drift']:.4g}", f"{layer['relative_drift']:.3%}")
     return table
+
+
+def _clipped(clipped: int, updates: int) -> str:
+    """Clip events, highlighted when clipping decides most updates (then tau, not the data, sets
+    how far the weights move)."""
+    text = str(clipped)
+    return f"[bold yellow]{text}[/]" if updates and clipped * 2 > updates else text
 
 
 def _line(result: FileResult) -> str:
@@ -99,14 +108,16 @@ def make_events(console: Console, errors: Console, quiet: bool, details: bool) -
 def summary(console: Console, report: Report, report_path: Path | None) -> None:
     table = Table(title="moshi-ttt run", title_justify="left")
     for column, justify in (("file", "left"), ("status", "left"), ("audio s", "right"), ("updates", "right"),
-                            ("max rel. drift", "right"), ("note", "left")):
+                            ("clipped", "right"), ("max rel. drift", "right"), ("note", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for result in report.files:
         layers = (result.ttt or {}).get("layers", [])
-        updates = str(sum(layer["updates"] for layer in layers)) if layers else "-"
+        n_updates = sum(layer["updates"] for layer in layers)
+        updates = str(n_updates) if layers else "-"
+        clipped = _clipped(sum(layer["clipped_updates"] for layer in layers), n_updates) if layers else "-"
         drift = f"{max(layer['relative_drift'] for layer in layers):.3%}" if layers else "-"
         table.add_row(Path(result.input).name, f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
-                      f"{result.duration_s:.1f}", updates, drift, result.reason or "")
+                      f"{result.duration_s:.1f}", updates, clipped, drift, result.reason or "")
     console.print(table)
     t = report.totals()
     console.print(f"{t['files']} files: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "

@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moshi_ttt.audio import read_audio
-from moshi_ttt.errors import CheckpointError
+from moshi_ttt.errors import CheckpointError, MoshiTTTError
 from moshi_ttt.model import load_model
 from moshi_ttt.runner import StreamingRunner
-from moshi_ttt.tiny import FINETUNE_STEP_DIR, TinyPaths
+from moshi_ttt.tiny import FINETUNE_STEP_DIR, TINY_INPLACE_TTT_CONFIG, TinyPaths
 from moshi_ttt.ttt.base import TTTController
 from moshi_ttt.ttt.inplace import InPlaceTTTGating
 from moshi_ttt.ttt.mlp import TTTMLP
@@ -330,7 +330,7 @@ def test_full_consolidated_safetensors(variant: str, tiny_inplace: TinyPaths, ti
     layer = model.lm.transformer.layers[1]
     assert torch.equal(layer.gating.linear_out.weight.detach(), expected)
     if variant == "inplace":
-        assert torch.equal(layer.gating.fast_weight_init, expected)
+        assert torch.equal(layer.gating.w_down, expected)
     else:
         assert torch.equal(layer.seq_modeling_block.ttt.W1.detach(), tensors[MLP_W1].float())
 
@@ -389,7 +389,8 @@ def test_inplace_ttt_config_section(inplace_default) -> None:
     assert model.finetune.config_source.name == "config.json"
     assert model.ttt.layers == [1, 3]
     assert (model.ttt.chunk_size, model.ttt.learning_rate, model.ttt.conv_kernel_size) == (8, 0.002, 2)
-    assert model.ttt.delta_clip is None
+    assert model.ttt.delta_clip == TINY_INPLACE_TTT_CONFIG["delta_clip_fro_norm"]
+    assert model.ttt.delta_clip_origin == "config"
     gatings = [type(layer.gating).__name__ for layer in model.lm.transformer.layers]
     assert gatings == ["ActivationGating", "InPlaceTTTGating", "ActivationGating", "InPlaceTTTGating"]
     check_counts(result, [1, 3])
@@ -414,10 +415,93 @@ def test_inplace_ttt_section_with_layer_list_and_delta_clip(tiny_inplace: TinyPa
     result = run_stream(model, short_recording)
     check_counts(result, [1, 3])
     _, unclipped = inplace_default
+    lr = model.ttt.learning_rate
     for report, free in zip(result.ttt_layers, unclipped.ttt_layers):
-        # Each committed chunk moves W by at most `clip` (Frobenius), so the drift is bounded.
-        assert report.drift <= report.updates * clip * (1 + 1e-4)
-        assert free.drift > report.updates * clip  # without the clip it would have moved further
+        # The clip bounds each chunk's delta before the learning rate: W moves by at most lr * clip.
+        assert report.drift <= report.updates * lr * clip * (1 + 1e-4)
+        assert report.drift >= report.updates * lr * clip * 0.5  # every update clipped, none vanishing
+        assert report.clipped_updates == report.updates
+        assert free.drift > report.updates * lr * clip  # with the fixture's looser clip it moved further
+
+
+def _copy_with_clip(tiny_inplace: TinyPaths, root: Path, clip: tp.Callable[[dict], None]) -> Path:
+    run = copy_tree(tiny_inplace.finetune, root / "run")
+    edit_json(_consolidated(run) / "config.json", lambda d: clip(d["ttt_config"]))
+    return run
+
+
+@pytest.mark.parametrize("edit, expected, origin", [
+    # moshi_in_place without the key: the research module's default applied in training and inference.
+    (lambda s: s.pop("delta_clip_fro_norm"), 1e-5, "research default"),
+    (lambda s: s.update(delta_clip_fro_norm=None), None, "config"),
+    (lambda s: s.update(delta_clip_fro_norm=0), None, "config"),
+    (lambda s: s.update(delta_clip_fro_norm=-1.0), None, "config"),
+    (lambda s: s.update(delta_clip=3e-4) or s.pop("delta_clip_fro_norm"), 3e-4, "config"),  # the alias
+    (lambda s: s.update(delta_clip_fro_norm=2.5, delta_clip_epsilon=0.5), 2.5, "config"),
+])
+def test_inplace_delta_clip_keys(tiny_inplace: TinyPaths, tmp_path: Path, edit, expected, origin: str) -> None:
+    from moshi_ttt.checkpoint import load_finetune
+
+    ttt = load_finetune(_copy_with_clip(tiny_inplace, tmp_path, edit), 4).ttt
+    assert ttt.delta_clip == expected
+    assert ttt.delta_clip_origin.startswith(origin)
+    assert ttt.delta_clip_epsilon == (0.5 if expected == 2.5 else 1e-12)
+
+
+def test_research_default_clip_fires_on_every_update(tiny_inplace: TinyPaths, tmp_path: Path,
+                                                     short_recording: Path, inplace_default) -> None:
+    run = _copy_with_clip(tiny_inplace, tmp_path, lambda s: s.pop("delta_clip_fro_norm"))
+    result = run_stream(load_model(str(tiny_inplace.base), str(run)), short_recording)
+    _, fixture = inplace_default
+    for report, loose in zip(result.ttt_layers, fixture.ttt_layers):
+        assert report.clipped_updates == report.updates > 0
+        assert report.drift <= report.updates * 0.002 * 1e-5 * (1 + 1e-4)  # lr * tau per update
+        assert loose.clipped_updates < loose.updates  # the fixture's tau=400 lets some through
+
+
+def test_override_delta_clip_at_load(tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths, short_recording: Path,
+                                     inplace_default) -> None:
+    model = load_model(str(tiny_inplace.base), str(tiny_inplace.finetune),
+                       ttt_overrides={"delta_clip": None, "delta_clip_origin": "--delta-clip"})
+    assert model.ttt.delta_clip is None and model.describe_ttt()["delta_clip_origin"] == "--delta-clip"
+    free = run_stream(model, short_recording)
+    _, clipped = inplace_default
+    assert all(r.clipped_updates == 0 for r in free.ttt_layers)
+    assert any(r.clipped_updates for r in clipped.ttt_layers)
+    assert free.pcm.tobytes() != clipped.pcm.tobytes()
+    with pytest.raises(MoshiTTTError, match="delta_clip does not apply to ttt-mlp"):
+        load_model(str(tiny_ttt_mlp.base), str(tiny_ttt_mlp.finetune), ttt_overrides={"delta_clip": 1.0})
+    with pytest.raises(MoshiTTTError, match="no TTT layers"):
+        load_model(str(tiny_inplace.base), ttt_overrides={"delta_clip": 1.0})
+
+
+def test_research_w_down_tensor_is_the_initial_fast_weight(tiny_inplace: TinyPaths, tmp_path: Path,
+                                                           short_recording: Path, inplace_default) -> None:
+    """moshi_in_place saves the fast weight as `gating.w_down` (float32), plus a reset copy
+    `w_down_pretrained`; W^(0) must come from `w_down`, not the base down projection."""
+    run = copy_tree(tiny_inplace.finetune, tmp_path / "run")
+    base_state = load_file(str(tiny_inplace.base / "model.safetensors"))
+    gen = torch.Generator().manual_seed(5)
+    trained = {}
+
+    def add_w_down(tensors: dict) -> None:
+        for layer in (1, 3):
+            base_w = base_state[f"transformer.layers.{layer}.gating.linear_out.weight"]
+            trained[layer] = (base_w + 0.05 * torch.randn(base_w.shape, generator=gen)).float()
+            tensors[f"transformer.layers.{layer}.gating.w_down"] = trained[layer]
+            tensors[f"transformer.layers.{layer}.gating.w_down_pretrained"] = torch.zeros_like(base_w)
+
+    edit_weights(_consolidated(run) / "lora.safetensors", add_w_down)
+    model = load_model(str(tiny_inplace.base), str(run))
+    for layer in (1, 3):
+        gating = model.lm.transformer.layers[layer].gating
+        assert torch.equal(gating.w_down, trained[layer])
+        assert not torch.equal(gating.linear_out.weight.float(), trained[layer])  # the slow weight is kept
+    result = run_stream(model, short_recording)
+    _, from_base = inplace_default
+    assert [r.norm_initial for r in result.ttt_layers] == pytest.approx(
+        [float(trained[layer].norm()) for layer in (1, 3)], rel=1e-6)
+    assert result.pcm.tobytes() != from_base.pcm.tobytes()
 
 
 @pytest.mark.parametrize("where", ["consolidated", "run"])
@@ -427,7 +511,7 @@ def test_inplace_args_yaml_section(tiny_inplace: TinyPaths, tmp_path: Path, shor
     it): the same settings as the fixture's ttt_config give exactly the same stream."""
     run, folder = _inplace_copy(tiny_inplace, tmp_path)
     section = {"enable": True, "start_layer": 1, "layer_frequency": 2, "chunk_size": 8, "learning_rate": 0.002,
-               "conv_kernel_size": 2}
+               "conv_kernel_size": 2, "delta_clip_fro_norm": TINY_INPLACE_TTT_CONFIG["delta_clip_fro_norm"]}
     args_yaml = (folder if where == "consolidated" else run) / "args.yaml"
     args_yaml.write_text(yaml.safe_dump({"run_dir": str(run), "seed": 0, "ttt": section}))
     model = load_model(str(tiny_inplace.base), str(run))

@@ -516,3 +516,32 @@ def test_kill_9_loses_nothing_finished_and_a_rerun_completes(tiny_inplace, long_
     result = infer(tiny_inplace, first["input"], tmp_path / "ref.wav", "--quiet")
     assert result.exit_code == 0
     assert (tmp_path / "ref.wav").read_bytes() == Path(first["output"]).read_bytes()
+
+
+def test_delta_clip_option_overrides_the_checkpoint(mixed, tiny_inplace, tmp_path: Path) -> None:
+    src, _, _, _, _ = mixed
+    runs = {}
+    for name, clip_args in (("tight", ["--delta-clip", "1e-5"]), ("off", ["--delta-clip", "none"]),
+                            ("checkpoint", [])):
+        result = infer(tiny_inplace, src / "speech/sample_01_vibrato.wav", tmp_path / f"{name}.wav",
+                       *clip_args, "--report", tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.output
+        runs[name] = report_of(tmp_path / f"{name}.json")
+        # The per-file table and the summary both show the clip events.
+        assert re.search(r"\bclipped\b", result.stdout), result.stdout
+    tight, off = runs["tight"], runs["off"]
+    assert tight["settings"]["ttt"]["delta_clip"] == 1e-5 and off["settings"]["ttt"]["delta_clip"] is None
+    assert tight["settings"]["ttt"]["delta_clip_origin"] == "--delta-clip"
+    for layer in tight["files"][0]["ttt"]["layers"]:
+        assert layer["clipped_updates"] == layer["updates"] > 0
+    for layer in off["files"][0]["ttt"]["layers"]:
+        assert layer["clipped_updates"] == 0 and layer["updates"] > 0
+    # The checkpoint's own tau (400) clips some updates only.
+    assert runs["checkpoint"]["settings"]["ttt"]["delta_clip_origin"] == "config"
+    assert any(0 < layer["clipped_updates"] < layer["updates"] for layer in runs["checkpoint"]["files"][0]["ttt"]["layers"])
+    assert (tmp_path / "tight.wav").read_bytes() != (tmp_path / "off.wav").read_bytes()
+
+    bad = infer(tiny_inplace, src / "mono.wav", tmp_path / "x.wav", "--delta-clip", "lots")
+    assert_no_traceback(bad)
+    assert bad.exit_code == 2 and "--delta-clip must be a number or 'none'" in bad.output
+    assert not (tmp_path / "x.wav").exists()

@@ -52,12 +52,19 @@ def stream(module: InPlaceTTTGating, transformer: Identity, x: torch.Tensor, x0:
 
 
 def naive_reference(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor, module: InPlaceTTTGating,
-                    chunk_size: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1 literally: per chunk, apply with the old weights, then update from that chunk."""
+                    chunk_size: int, lr: float, clip: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Algorithm 1 literally: per chunk, apply with the old weights, then update from that chunk.
+
+    With `clip` (the research `delta_clip_fro_norm`), each chunk's delta D = V^T Z is scaled by
+    min(1, clip / (||D||_F + 1e-12)) *before* the learning rate. Also returns every chunk's
+    unclipped ||D||_F.
+    """
     conv = module.target_generator.conv1d.conv.weight  # [D, D, K]
     w_target = module.target_generator.W_target.weight
     w = w0.clone()
     outs = []
+    norms = []
     for start in range(0, z.shape[1], chunk_size):
         zc, xc = z[0, start:start + chunk_size], x0[0, start:start + chunk_size]
         outs.append(zc @ w.T)
@@ -66,8 +73,12 @@ def naive_reference(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor, module:
             for k in range(conv.shape[2]):
                 if t + k < len(xc):  # zero padding at the chunk's end: never the next chunk
                     v[t] += conv[:, :, k] @ xc[t + k]
-        w = w + lr * (v @ w_target.T).T @ zc
-    return torch.cat(outs)[None], w
+        delta = (v @ w_target.T).T @ zc
+        norms.append(float(torch.linalg.norm(delta.detach())))
+        if clip is not None:
+            delta = delta * min(1.0, clip / (norms[-1] + 1e-12))
+        w = w + lr * delta
+    return torch.cat(outs)[None], w, norms
 
 
 @pytest.mark.parametrize("length", [5, 11, 16, 19])
@@ -87,8 +98,8 @@ def test_module_streaming_equals_parallel(length: int, clip: float | None) -> No
     assert report.pending_tokens == 0
     assert report.drift > 0
     if clip is not None:
-        # Each chunk's delta is clipped, so the total drift is bounded by updates * clip.
-        assert report.drift <= report.updates * clip * (1 + 1e-5)
+        # Each chunk's delta is clipped before the learning rate: drift <= updates * lr * clip.
+        assert report.drift <= report.updates * 0.5 * clip * (1 + 1e-5)
 
 
 @pytest.mark.parametrize("kernel", [1, 2, 3])
@@ -97,10 +108,37 @@ def test_parallel_matches_algorithm_1(kernel: int) -> None:
     x, x0 = torch.randn(1, 13, DIM), torch.randn(1, 13, DIM)
     with torch.no_grad():
         z = module._gate(x)
-        out, w_final = inplace_ttt_parallel(z, x0, module.fast_weight_init, module.target_generator, 4, 0.3)
-        ref_out, ref_w = naive_reference(z, x0, module.fast_weight_init, module, 4, 0.3)
+        out, w_final = inplace_ttt_parallel(z, x0, module.w_down, module.target_generator, 4, 0.3)
+        ref_out, ref_w, _ = naive_reference(z, x0, module.w_down, module, 4, 0.3)
     assert (out - ref_out).abs().max() <= 1e-5
     assert (w_final[0] - ref_w).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("length", [13, 16])
+def test_clip_matches_the_research_rule(length: int) -> None:
+    """tau between the smallest and largest chunk delta: some chunks clip, others do not, and
+    both paths follow the research rule (clip D, then multiply by lr), counting the clips."""
+    lr = 0.3
+    module, transformer = make_module(chunk_size=4, lr=lr, seed=3)
+    x, x0 = torch.randn(1, length, DIM), torch.randn(1, length, DIM)
+    with torch.no_grad():
+        z = module._gate(x)
+        _, _, norms = naive_reference(z, x0, module.w_down, module, 4, lr)
+        ranked = sorted(norms)
+        tau = (ranked[1] + ranked[2]) / 2  # clips the two larger chunks only, far from ties
+        module.config.delta_clip = tau
+        ref_out, ref_w, _ = naive_reference(z, x0, module.w_down, module, 4, lr, clip=tau)
+        transformer(x0)
+        parallel = module(x)
+        streamed, w_streamed, report = stream(module, transformer, x, x0)
+    assert report.clipped_updates == sum(n > tau for n in norms) == 2
+    for out in (parallel, streamed):
+        assert (out - ref_out).abs().max() <= 1e-5
+    for w in (module.last_parallel_state["W"][0], w_streamed):
+        assert (w - ref_w).abs().max() <= 1e-5
+    # Clipping lr * D instead (the old rule) would give other weights: the test can tell.
+    _, w_old_rule, _ = naive_reference(z, x0, module.w_down, module, 4, lr, clip=tau / lr)
+    assert (w_old_rule - ref_w).abs().max() > 1e-4
 
 
 def test_last_chunk_target_does_not_see_past_the_stream() -> None:
@@ -139,7 +177,7 @@ def test_streaming_batch_above_one_is_refused() -> None:
 def test_fast_weight_stays_float32_in_a_bf16_model() -> None:
     module, transformer = make_module()
     module.to(torch.bfloat16)
-    module.fast_weight_init.data = module.linear_out.weight.float()
+    module.w_down.data = module.linear_out.weight.float()
     with torch.no_grad(), module.streaming(1):
         transformer(torch.randn(1, 1, DIM, dtype=torch.bfloat16))
         out = module(torch.randn(1, 1, DIM, dtype=torch.bfloat16))
@@ -192,7 +230,7 @@ def test_whole_model_streaming_equals_parallel(ttt_model, length: int) -> None:
     assert (streamed - parallel).abs().max() <= 1e-5
     for w_stream, w_par, layer in zip(streamed_weights, parallel_weights, layers):
         assert (w_stream - w_par).abs().max() <= 1e-5
-        assert (w_stream - layer.fast_weight_init).abs().max() > 1e-4  # it did adapt
+        assert (w_stream - layer.w_down).abs().max() > 1e-4  # it did adapt
 
 
 def test_zero_learning_rate_is_plain_moshi(tiny_inplace, plain_model, recordings) -> None:
@@ -242,7 +280,7 @@ def test_every_file_starts_from_the_checkpoint_weights(tiny_inplace, ttt_model, 
     base_weights = load_file(str(tiny_inplace.base / "model.safetensors"))
     for layer in TTTController(ttt_model.lm).layers:
         expected = base_weights[f"transformer.layers.{layer.layer_index}.gating.linear_out.weight"].float()
-        assert torch.equal(layer.fast_weight_init, expected)  # W^(0) is the base down projection
+        assert torch.equal(layer.w_down, expected)  # W^(0) is the base down projection
     runner = StreamingRunner(ttt_model)
     first = runner.run(read_audio(recordings[0]))
     runner.run(read_audio(recordings[2]))

@@ -178,6 +178,27 @@ def test_mimi_codes_differ_between_recordings(base: Path, recordings: list[Path]
 
 
 @torch.no_grad()
+def test_mimi_decoder_tells_codes_apart(base: Path, recordings: list[Path], monkeypatch) -> None:
+    """Outputs are compared as audio, so which codes the LM chose must show in the waveform: any
+    one codebook changed must move the decoded audio by hundreds of 16-bit LSB, while the
+    decoded recordings stay within 16-bit range."""
+    _, mimi, _, _ = _load(base, monkeypatch)
+    codes = [mimi.encode(_read(path)) for path in recordings]
+    frames = min(c.shape[-1] for c in codes)
+    a, b = codes[0][..., :frames], codes[1][..., :frames]
+    reference = mimi.decode(a)
+    assert reference.abs().max() < 0.9
+    lsb = 1 / 32768
+    for k in range(a.shape[1]):
+        one_changed = a.clone()
+        one_changed[:, k] = b[:, k]
+        moved = (mimi.decode(one_changed) - reference).abs()
+        assert moved.mean() > 100 * lsb, (k, float(moved.mean() / lsb))
+    random_codes = torch.randint(0, mimi.cardinality, a.shape, generator=torch.Generator().manual_seed(0))
+    assert (mimi.decode(random_codes) - reference).abs().mean() > 300 * lsb
+
+
+@torch.no_grad()
 def test_inference_state_streams_tiny_checkpoint(base: Path, recordings: list[Path], monkeypatch) -> None:
     info, mimi, lm, tok = _load(base, monkeypatch)
     pcm = _read(recordings[-1])  # 3.0 s

@@ -23,6 +23,7 @@ from moshi_ttt.ttt.mlp import (
     gelu_tanh,
     gelu_tanh_grad,
     ln_l2_backward,
+    reconstruction_target,
 )
 
 torch.set_num_threads(1)
@@ -70,7 +71,19 @@ def stream(module: TTTMLP, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tor
 # -- naive reference: autograd per token, explicit corrected weights -----------------------------
 
 def _ln(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(z, (z.shape[-1],), gamma, beta, eps=1e-6)
+    """The training ops' `ln_fwd`: biased variance, eps 1e-8 inside the square root."""
+    mu = z.mean(-1, keepdim=True)
+    var = (z - mu).square().mean(-1, keepdim=True)
+    return gamma * (z - mu) / torch.sqrt(var + 1e-8) + beta
+
+
+def _target(v: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The training code's `ln_reconstruction_target` followed by its ops' `XV - XK`."""
+    d = v - k
+    n = d.shape[-1]
+    mu = d.mean(-1, keepdim=True)
+    std = torch.sqrt((d - mu).square().sum(-1, keepdim=True) / (n - 1))  # unbiased
+    return (gamma * (d - mu) / (std + 1e-5) + beta + k) - k
 
 
 def _f(w: dict[str, torch.Tensor], h: int, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +112,8 @@ def reference(module: TTTMLP, x: torch.Tensor, frozen: bool = False
                     logit = p["learnable_ttt_lr_weight"][h, 0] @ xb[t] + p["learnable_ttt_lr_bias"][h, 0]
                     eta = BASE_LR * torch.sigmoid(logit) / (HD * C)
                     start_w = {n: w[n].clone().requires_grad_(True) for n in NAMES}
-                    loss = 0.5 * (_ln(_f(start_w, h, k[t, h]), gamma, beta) - (v[t, h] - k[t, h])).square().sum()
+                    target = _target(v[t, h], k[t, h], gamma, beta)
+                    loss = 0.5 * (_ln(_f(start_w, h, k[t, h]), gamma, beta) - target).square().sum()
                     grads = torch.autograd.grad(loss, [start_w[n] for n in NAMES])
                     for n, g in zip(NAMES, grads):
                         grads_so_far[n] += eta * g[h]
@@ -134,7 +148,7 @@ def test_ln_l2_backward_matches_autograd() -> None:
     target = torch.randn(3, H, 5, HD, dtype=torch.float64)
     gamma = torch.rand(H, HD, dtype=torch.float64) + 0.5
     beta = torch.randn(H, HD, dtype=torch.float64)
-    y = F.layer_norm(z, (HD,), eps=1e-6) * gamma[:, None] + beta[:, None]
+    y = F.layer_norm(z, (HD,), eps=1e-8) * gamma[:, None] + beta[:, None]  # the training ops' eps
     (grad,) = torch.autograd.grad(0.5 * (y - target).square().sum(), z)
     torch.testing.assert_close(ln_l2_backward(z.detach(), target, gamma, beta), grad,
                                rtol=1e-9, atol=1e-10)
@@ -343,3 +357,136 @@ def test_streaming_batch_size_two_raises() -> None:
     with pytest.raises(StreamingError):
         with module.streaming(2):
             pass
+
+
+# -- 9. fidelity to the moshi-finetune training code ----------------------------------------------
+
+def training_forward(module: TTTMLP, x: torch.Tensor, alpha: torch.Tensor
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The TTT-MLP block as moshi-finetune trains it, written out independently in float64.
+
+    `TTTWrapper.forward` -> `process_input` (L2-normalised Q/K, `ln_reconstruction_target`, eta
+    = base_lr * sigmoid / HD, then / C) -> `ttt_mlp` (a scan over mini-batches of
+    `compute_mini_batch`: gradients at the mini-batch's start weights, every row of the
+    mini-batch reading *all* its tokens, LayerNorm eps 1e-8) -> no post_norm / wo -> gated
+    residual `x + tanh(clamp(alpha, -3, 3)) * out`. Gradients come from autograd here, not from
+    the closed forms the module uses. T must be a multiple of C (training pads otherwise).
+    """
+    p = {n: t.detach().double() for n, t in module.named_parameters()}
+    x = x.double()
+    b_size, t_len, _ = x.shape
+    c = module.chunk_size
+    assert t_len % c == 0
+
+    def heads(name: str) -> torch.Tensor:  # [B, H, T, HD]
+        y = F.linear(x, p[f"{name}.weight"], p[f"{name}.bias"])
+        return y.view(b_size, t_len, H, HD).transpose(1, 2)
+
+    gamma, beta = p["ttt_norm_weight"][:, None], p["ttt_norm_bias"][:, None]  # [H, 1, HD]
+    xq, xk = F.normalize(heads("wq"), dim=-1), F.normalize(heads("wk"), dim=-1)
+    target_all = _target(heads("wv"), xk, gamma, beta)
+    logits = torch.einsum("btd,hd->bht", x, p["learnable_ttt_lr_weight"][:, 0]) + p["learnable_ttt_lr_bias"]
+    eta_tokens = BASE_LR * torch.sigmoid(logits) / HD / c  # [B, H, T]
+    w = {n: p[n].expand(b_size, *p[n].shape).clone() for n in NAMES}
+    outs = []
+    for start in range(0, t_len, c):
+        sl = slice(start, start + c)
+        q, k, target = xq[:, :, sl], xk[:, :, sl], target_all[:, :, sl]
+        eta = eta_tokens[:, :, None, sl].expand(-1, -1, c, -1)  # eta[i, j] = eta_j: not causal
+        z1 = (k @ w["W1"] + w["b1"]).requires_grad_(True)
+        x2 = gelu_tanh(z1)
+        z2 = x2 @ w["W2"] + w["b2"]
+        loss = 0.5 * (_ln(z2, gamma, beta) - target).square().sum()
+        g1, g2 = torch.autograd.grad(loss, [z1, z2])
+        x2 = x2.detach()
+        z1_bar = q @ w["W1"] - (eta * (q @ k.transpose(-1, -2))) @ g1 + w["b1"] - eta @ g1
+        x2_bar = gelu_tanh(z1_bar)
+        z2_bar = x2_bar @ w["W2"] - (eta * (x2_bar @ x2.transpose(-1, -2))) @ g2 + w["b2"] - eta @ g2
+        outs.append(q + _ln(z2_bar, gamma, beta))
+        last = eta[:, :, -1, :, None]
+        w = {"W1": w["W1"] - (last * k).transpose(-1, -2) @ g1,
+             "b1": w["b1"] - (last * g1).sum(-2, keepdim=True),
+             "W2": w["W2"] - (last * x2).transpose(-1, -2) @ g2,
+             "b2": w["b2"] - (last * g2).sum(-2, keepdim=True)}
+    out = torch.cat(outs, dim=2).transpose(1, 2).reshape(b_size, t_len, D)
+    gate = torch.tanh(alpha.double().clamp(-3.0, 3.0))
+    return x + gate * out, w
+
+
+def make_block(chunk: int, alpha: torch.Tensor, seed: int) -> TTTMLPBlock:
+    config = TTTMLPConfig(layers=[0], mini_batch_size=chunk, base_lr=BASE_LR, apply_output_proj=False)
+    block = TTTMLPBlock(D, H, 0, config)
+    source = make_module(seed=seed, apply_output_proj=False)
+    block.ttt.load_state_dict(source.state_dict())
+    block.ttt.chunk_size = chunk
+    with torch.no_grad():
+        block.forward_ssm_gating.gating_alpha.copy_(alpha)
+    return block
+
+
+def stream_block(block: TTTMLPBlock, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    outs = []
+    with torch.no_grad(), block.ttt.streaming(1):
+        for t in range(x.shape[1]):
+            outs.append(block(x[:, t:t + 1]))
+            block.ttt.after_token()
+        block.ttt.flush()
+        fast = {k: v.clone() for k, v in block.ttt._streaming_state.fast.items()}
+    return torch.cat(outs, dim=1), fast
+
+
+# Gates inside and well outside [-3, 3]: tanh(5) and tanh(3) differ by 5e-3, far above tolerance.
+ALPHAS = torch.tensor([-5.0, -3.5, -1.0, 0.2, 2.9, 3.2, 6.0, 40.0] * (D // 8))
+
+
+def test_streaming_equals_training_code_at_minibatch_one() -> None:
+    """With C = 1 training's non-causal mini-batch is causal: every output must agree."""
+    block = make_block(chunk=1, alpha=ALPHAS, seed=21)
+    x = torch.randn(1, 9, D)
+    streamed, fast = stream_block(block, x)
+    expected, w = training_forward(block.ttt, x, ALPHAS)
+    torch.testing.assert_close(streamed.double(), expected, rtol=0, atol=2e-5)
+    for n in NAMES:
+        torch.testing.assert_close(fast[n].double(), w[n][0], rtol=0, atol=2e-5)
+    assert (fast["W1"] - block.ttt.W1).abs().max() > 1e-3  # the inner model did learn
+
+
+def test_streaming_matches_training_code_at_minibatch_boundaries() -> None:
+    """C = 4: after every mini-batch the weights equal training's, and so does the output of each
+    mini-batch's last token (the only row where causal and non-causal see the same tokens)."""
+    c, t_len = 4, 12
+    block = make_block(chunk=c, alpha=ALPHAS, seed=22)
+    x = torch.randn(1, t_len, D)
+    streamed, fast = stream_block(block, x)
+    expected, w = training_forward(block.ttt, x, ALPHAS)
+    for n in NAMES:
+        torch.testing.assert_close(fast[n].double(), w[n][0], rtol=0, atol=2e-5)
+    last_rows = list(range(c - 1, t_len, c))
+    torch.testing.assert_close(streamed[:, last_rows].double(), expected[:, last_rows], rtol=0, atol=2e-5)
+    # Earlier rows are causal in streaming and see the future in training: they must differ, or
+    # this test could not tell the two forms apart.
+    assert (streamed[:, :c - 1].double() - expected[:, :c - 1]).abs().max() > 1e-4
+
+
+def test_gate_is_clamped_before_tanh() -> None:
+    block = make_block(chunk=2, alpha=ALPHAS, seed=23)
+    x = torch.randn(1, 4, D)
+    with torch.no_grad():
+        branch = block.ttt_layer(x)
+        out = block(x)
+    expected = x + torch.tanh(ALPHAS.clamp(-3, 3)) * branch
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert (out - (x + torch.tanh(ALPHAS) * branch)).abs().max() > 1e-4
+
+
+def test_reconstruction_target_is_standardised_residual() -> None:
+    """Per head: D_hat / gamma has zero mean and unit *unbiased* std (up to the 1e-5 eps)."""
+    torch.manual_seed(24)
+    v, k = torch.randn(2, H, 5, HD, dtype=torch.float64) * 3, torch.randn(2, H, 5, HD, dtype=torch.float64)
+    gamma = torch.rand(H, HD, dtype=torch.float64) + 0.5
+    beta = torch.randn(H, HD, dtype=torch.float64)
+    target = reconstruction_target(v, k, gamma, beta)
+    torch.testing.assert_close(target, _target(v, k, gamma[:, None], beta[:, None]), rtol=0, atol=1e-12)
+    unit = (target - beta[:, None]) / gamma[:, None]
+    torch.testing.assert_close(unit.mean(-1), torch.zeros(2, H, 5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(unit.std(-1), torch.ones(2, H, 5, dtype=torch.float64), rtol=0, atol=1e-4)

@@ -34,6 +34,8 @@ class LayerReport:
     norm_final: float
     drift: float
     relative_drift: float
+    # Updates whose delta was scaled down by a norm clip (In-Place `delta_clip`; 0 otherwise).
+    clipped_updates: int = 0
 
 
 @dataclass
@@ -43,13 +45,16 @@ class FastWeightState(State):
     `fast` are the adapting weights (float32), `initial` the checkpoint's values they reset to,
     `scratch` chunk buffers and running sums that must start from zero. `write_pos` is the
     device-side index of the next token in the chunk buffer (graph-safe); `tokens`, `pending`
-    and `updates` are host-side counters kept by the controller.
+    and `updates` are host-side counters kept by the controller. `clipped_updates` and
+    `first_nonfinite` are device-side (read once per file, so commits never wait on the device).
     """
 
     fast: dict[str, torch.Tensor] = field(default_factory=dict)
     initial: dict[str, torch.Tensor] = field(default_factory=dict)
     scratch: dict[str, torch.Tensor] = field(default_factory=dict)
     write_pos: torch.Tensor | None = None
+    clipped_updates: torch.Tensor | None = None
+    first_nonfinite: torch.Tensor | None = None  # update index, -1 while all weights are finite
     tokens: int = 0
     pending: int = 0
     updates: int = 0
@@ -65,8 +70,11 @@ class FastWeightState(State):
             value.copy_(self.initial[name])
         for value in self.scratch.values():
             value.zero_()
-        if self.write_pos is not None:
-            self.write_pos.zero_()
+        for counter in (self.write_pos, self.clipped_updates):
+            if counter is not None:
+                counter.zero_()
+        if self.first_nonfinite is not None:
+            self.first_nonfinite.fill_(-1)
         self.tokens = self.pending = self.updates = self.unacked = 0
 
 
@@ -97,8 +105,12 @@ class FastWeightModule(StreamingModule[FastWeightState]):
         """Fresh zeroed chunk buffers / running sums for one stream."""
 
     @abc.abstractmethod
-    def _apply_chunk(self, state: FastWeightState, n: int) -> None:
-        """Update `state.fast` in place from the first `n` tokens buffered in this chunk."""
+    def _apply_chunk(self, state: FastWeightState, n: int) -> torch.Tensor | None:
+        """Update `state.fast` in place from the first `n` tokens buffered in this chunk.
+
+        Returns a device-side bool telling whether the update was clipped, or None if this
+        family never clips.
+        """
 
     # -- streaming state --------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> FastWeightState:
@@ -116,6 +128,8 @@ class FastWeightModule(StreamingModule[FastWeightState]):
             initial=initial,
             scratch=self._make_scratch(),
             write_pos=torch.zeros(1, dtype=torch.long, device=device),
+            clipped_updates=torch.zeros((), dtype=torch.long, device=device),
+            first_nonfinite=torch.full((), -1, dtype=torch.long, device=device),
         )
 
     def _streaming_state_or_raise(self) -> FastWeightState:
@@ -155,8 +169,16 @@ class FastWeightModule(StreamingModule[FastWeightState]):
 
     def _commit(self, state: FastWeightState) -> None:
         if not self.frozen:
-            self._apply_chunk(state, state.pending)
+            clipped = self._apply_chunk(state, state.pending)
             state.updates += 1
+            assert state.clipped_updates is not None and state.first_nonfinite is not None
+            if clipped is not None:
+                state.clipped_updates.add_(clipped.to(torch.long))
+            # Remember the first update that broke the weights, without a host sync: the file
+            # must fail naming it, and later updates only spread the NaNs.
+            finite = torch.stack([torch.isfinite(v).all() for v in state.fast.values()]).all()
+            first_bad = (state.first_nonfinite < 0) & ~finite
+            state.first_nonfinite.copy_(torch.where(first_bad, state.updates, state.first_nonfinite))
         state.pending = 0
         for value in state.scratch.values():
             value.zero_()
@@ -166,13 +188,20 @@ class FastWeightModule(StreamingModule[FastWeightState]):
     # -- diagnostics ----------------------------------------------------------------------------
     def report(self) -> LayerReport:
         state = self._streaming_state_or_raise()
+        """This stream's numbers; raises if an update left a fast weight NaN/Inf (the outputs
+        after it are garbage, so the file must fail, naming where it broke)."""
+        assert state.clipped_updates is not None and state.first_nonfinite is not None
+        broken_at = int(state.first_nonfinite)
+        if broken_at >= 0:
+            raise StreamingError(f"TTT layer {self.layer_index}: fast weights became NaN/Inf at update "
+                                 f"{broken_at} of {state.updates}")
         return fast_weight_report(self.layer_index, state.initial, state.fast, state.tokens,
-                                  state.updates, state.pending)
+                                  state.updates, state.pending, clipped_updates=int(state.clipped_updates))
 
 
 def fast_weight_report(layer: int, initial: tp.Mapping[str, torch.Tensor],
                        final: tp.Mapping[str, torch.Tensor], tokens: int, updates: int,
-                       pending: int) -> LayerReport:
+                       pending: int, clipped_updates: int = 0) -> LayerReport:
     """Norms over all fast weights of a layer taken together (concatenated)."""
     norm_initial = math.sqrt(sum(float(v.detach().double().square().sum()) for v in initial.values()))
     norm_final = math.sqrt(sum(float(v.detach().double().square().sum()) for v in final.values()))
@@ -182,6 +211,7 @@ def fast_weight_report(layer: int, initial: tp.Mapping[str, torch.Tensor],
         layer=layer, tokens=tokens, updates=updates, pending_tokens=pending,
         norm_initial=norm_initial, norm_final=norm_final, drift=drift,
         relative_drift=drift / norm_initial if norm_initial > 0 else 0.0,
+        clipped_updates=clipped_updates,
     )
 
 

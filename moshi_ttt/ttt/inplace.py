@@ -6,7 +6,12 @@ The gated MLP computes `Z = act(X W_gate^T) * (X W_up^T)` and `O = Z W_down^T`. 
     O_i     = Z_i W^(i)T                      (weights from *before* the chunk)
     V_i     = Conv1D_K(X0_i) W_target^T       (X0: the transformer's input embeddings; the conv
                                                looks ahead, zero-padded at the chunk's end)
-    W^(i+1) = W^(i) + lr * clip(V_i^T Z_i)
+    D_i     = V_i^T Z_i
+    W^(i+1) = W^(i) + lr * D_i * min(1, tau / (||D_i||_F + eps))
+
+The clip bounds the delta *before* the learning rate, as Algorithm 1 and the research
+`TTTGating` (moshi_in_place, `delta_clip_fro_norm`, `delta_clip_epsilon`) do; tau = None is
+no clipping.
 
 Streaming (one token per `LMGen.step`) buffers each token's Z and X0 and applies the update when
 the controller commits a full chunk (only then is the look-ahead available) or flushes a partial
@@ -33,8 +38,12 @@ class InPlaceTTTConfig:
     chunk_size: int
     learning_rate: float
     conv_kernel_size: int = 2
-    # Frobenius-norm bound on each chunk's delta; None = no clipping (only when the config asks).
+    # Frobenius-norm bound tau on each chunk's delta V^T Z (before the learning rate); None = off.
     delta_clip: float | None = None
+    delta_clip_epsilon: float = 1e-12
+    # Where delta_clip came from ("config", "research default", "--delta-clip"): shown by
+    # `inspect` and recorded in reports, since a silent 1e-5 default changes outputs a lot.
+    delta_clip_origin: str = "config"
 
     variant: tp.ClassVar[str] = "inplace"
 
@@ -89,29 +98,34 @@ class TargetGenerator(nn.Module):
         return F.linear(conv.transpose(1, 2), self.W_target.weight.float())
 
 
+def clip_scale(norm: torch.Tensor, delta_clip: float | None, eps: float) -> torch.Tensor:
+    """The factor a chunk's delta is multiplied by: `min(1, tau / (||D||_F + eps))`."""
+    if delta_clip is None:
+        return torch.ones_like(norm)
+    return (delta_clip / (norm + eps)).clamp(max=1.0)
+
+
 def chunk_scales(v: torch.Tensor, z: torch.Tensor, chunk_ids: torch.Tensor, n_chunks: int,
-                 lr: float, delta_clip: float | None) -> torch.Tensor:
+                 delta_clip: float | None, eps: float) -> torch.Tensor:
     """Per-token factor that applies each chunk's delta clipping, [B, T].
 
     ||V_c^T Z_c||_F^2 = sum_{t,u in c} (v_t . v_u)(z_t . z_u), so the norms come from Gram
     matrices without materialising one [D, H] delta per chunk.
     """
-    ones = torch.ones(v.shape[:2], dtype=v.dtype, device=v.device)
     if delta_clip is None:
-        return ones
+        return torch.ones(v.shape[:2], dtype=v.dtype, device=v.device)
     same_chunk = chunk_ids[:, None] == chunk_ids[None, :]
     gram = (v @ v.transpose(1, 2)) * (z @ z.transpose(1, 2)) * same_chunk
     per_token = gram.sum(dim=2)  # sum over u in t's chunk
     sq = torch.zeros(v.shape[0], n_chunks, dtype=v.dtype, device=v.device)
     sq.index_add_(1, chunk_ids, per_token)
-    norms = lr * sq.clamp_min(0).sqrt()
-    scale = torch.where(norms > delta_clip, delta_clip / norms.clamp_min(1e-30), torch.ones_like(norms))
-    return scale[:, chunk_ids]
+    return clip_scale(sq.clamp_min(0).sqrt(), delta_clip, eps)[:, chunk_ids]
 
 
 def inplace_ttt_parallel(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor,
                          target: TargetGenerator, chunk_size: int, lr: float,
-                         delta_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         delta_clip: float | None = None, delta_clip_epsilon: float = 1e-12
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-parallel In-Place TTT over whole sequences (as in training).
 
     z [B, T, H], x0 [B, T, D], w0 [D, H] -> outputs [B, T, D] and final fast weights [B, D, H],
@@ -127,7 +141,7 @@ def inplace_ttt_parallel(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor,
     v = target(x0_chunks).view(B, n_chunks * chunk_size, -1)[:, :T]
 
     chunk_ids = torch.arange(T, device=z.device) // chunk_size
-    v = v * chunk_scales(v, z, chunk_ids, n_chunks, lr, delta_clip)[..., None]
+    v = v * chunk_scales(v, z, chunk_ids, n_chunks, delta_clip, delta_clip_epsilon)[..., None]
     out = F.linear(z, w0.float())
     w_final = w0.float().expand(B, -1, -1)
     if lr != 0.0:
@@ -142,8 +156,9 @@ class InPlaceTTTGating(FastWeightModule):
     """Drop-in replacement for a layer's `ActivationGating` whose down projection adapts.
 
     Keeps the original `linear_in` / `linear_out` (same state-dict keys as the base model) and adds
-    `target_generator.{conv1d.conv,W_target}` (the fine-tune's keys). `fast_weight_init` is W^(0)
-    in float32: the base `linear_out.weight`, or a trained init if the checkpoint carries one.
+    `target_generator.{conv1d.conv,W_target}` (the fine-tune's keys). `w_down` is W^(0) in
+    float32: the base `linear_out.weight`, unless the checkpoint carries its own `gating.w_down`
+    (the research module's name for the fast weight), which then loads over it.
     """
 
     def __init__(self, gating: nn.Module, layer_index: int, config: InPlaceTTTConfig,
@@ -157,15 +172,15 @@ class InPlaceTTTGating(FastWeightModule):
         dim, hidden = self.linear_out.weight.shape
         device = self.linear_out.weight.device
         self.target_generator = TargetGenerator(dim, config.conv_kernel_size).to(device)
-        self.register_buffer("fast_weight_init", self.linear_out.weight.detach().float().clone())
+        self.register_buffer("w_down", self.linear_out.weight.detach().float().clone())
         self.last_parallel_state: dict[str, torch.Tensor] = {}
 
     def initial_fast_weights(self) -> dict[str, torch.Tensor]:
-        return {"W": self.fast_weight_init}
+        return {"W": self.w_down}
 
     def _make_scratch(self) -> dict[str, torch.Tensor]:
-        dim, hidden = self.fast_weight_init.shape
-        device = self.fast_weight_init.device
+        dim, hidden = self.w_down.shape
+        device = self.w_down.device
         return {
             "z": torch.zeros(self.chunk_size, hidden, device=device),
             "x0": torch.zeros(self.chunk_size, dim, device=device),
@@ -188,8 +203,8 @@ class InPlaceTTTGating(FastWeightModule):
         state = self._streaming_state
         if state is None:
             out, w_final = inplace_ttt_parallel(
-                z, x0, self.fast_weight_init, self.target_generator, self.chunk_size,
-                self.learning_rate, self.config.delta_clip)
+                z, x0, self.w_down, self.target_generator, self.chunk_size,
+                self.learning_rate, self.config.delta_clip, self.config.delta_clip_epsilon)
             self.last_parallel_state = {"W": w_final}
             return out.to(x.dtype)
         self._begin_step(state, x.shape[1])
@@ -200,13 +215,12 @@ class InPlaceTTTGating(FastWeightModule):
         state.write_pos.add_(1)
         return out.to(x.dtype)
 
-    def _apply_chunk(self, state: FastWeightState, n: int) -> None:
+    def _apply_chunk(self, state: FastWeightState, n: int) -> torch.Tensor:
         z = state.scratch["z"][:n]
         v = self.target_generator(state.scratch["x0"][None, :n])[0]
-        delta = self.config.learning_rate * (v.T @ z)
-        clip = self.config.delta_clip
-        if clip is not None:
-            # torch ops only (no .item()): commits run outside the graph but need not sync.
-            norm = torch.linalg.matrix_norm(delta)
-            delta = delta * torch.clamp(clip / norm.clamp_min(1e-30), max=1.0)
-        state.fast["W"].add_(delta)
+        delta = v.T @ z
+        # torch ops only (no .item()): commits run outside the graph but need not sync.
+        scale = clip_scale(torch.linalg.matrix_norm(delta), self.config.delta_clip,
+                           self.config.delta_clip_epsilon)
+        state.fast["W"].add_(self.config.learning_rate * (delta * scale))
+        return scale < 1.0

@@ -1,11 +1,19 @@
 """TTT-MLP layer (ttt-lm / Video-DiT style) and its attachment to a moshi transformer layer.
 
-The inner model of each head is a two-layer MLP `f(x) = gelu_tanh(x W1 + b1) W2 + b2` trained
-online on the self-supervised loss `0.5 * ||LN(f(K)) - (V - K)||^2`, one gradient step per
-mini-batch of `C` tokens. Inside a mini-batch every gradient is taken at the mini-batch's start
-weights, and token `t` reads the weights corrected by the eta-weighted gradients of tokens
-`j <= t` (the causal "dual form"). A final partial mini-batch is simply shorter: no padding token
-ever contributes to an update.
+The math is the moshi-finetune training code's (`moshi_ttt/models/ssm/ttt_layer.py`,
+`ops/ttt_mlp.py`, `ops/utils.py`, `ssm_gating.py`), which is what the checkpoints were trained
+with. The inner model of each head is a two-layer MLP `f(x) = gelu_tanh(x W1 + b1) W2 + b2`,
+trained online on the self-supervised loss `0.5 * ||LN(f(K)) - D_hat||^2`, where `D_hat` is the
+standardised residual `V - K` (see `reconstruction_target`) and LN is the per-head LayerNorm with
+epsilon 1e-8. One gradient step per mini-batch of `C` tokens, with per-token learning rates
+`eta_t = base_lr * sigmoid(theta . x_t + b) / (HD * C)`. Inside a mini-batch every gradient is
+taken at the mini-batch's start weights, and token `t` reads the weights corrected by the
+eta-weighted gradients of tokens `j <= t` (the causal "dual form"). Training uses all `C` tokens
+of the mini-batch for every row (it sees the whole sequence); streaming cannot see the future, so
+rows are causal. The two agree for the last token of every mini-batch, on the weights after
+every mini-batch, and everywhere when `C = 1`. A final partial mini-batch is simply shorter: no
+padding token ever contributes to an update (training padded with zeros; streaming has none).
+The TTT branch joins the residual stream through `tanh(clamp(alpha, -3, 3))`.
 
 Two paths give the same result:
 - parallel (not streaming): scan over mini-batches, dual form with lower-triangular masks;
@@ -27,7 +35,14 @@ from torch import nn
 from ..errors import StreamingError
 from .base import FastWeightModule, FastWeightState
 
-LN_EPS = 1e-6
+# The training ops' LayerNorm (`ln_fwd`, `ln_fused_l2_bwd`) uses 1e-8, not torch's 1e-5 / 1e-6.
+INNER_LN_EPS = 1e-8
+# `ln_reconstruction_target` divides by (unbiased std + 1e-5).
+TARGET_STD_EPS = 1e-5
+# `post_norm` is an nn.LayerNorm(eps=1e-6) in the training code.
+POST_NORM_EPS = 1e-6
+# `SSMGating` clamps alpha to [-3, 3] before the tanh (a stabilisation in the training code).
+GATE_ALPHA_BOUND = 3.0
 FAST_WEIGHT_NAMES = ("W1", "b1", "W2", "b2")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
@@ -69,8 +84,24 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u.square()) * du_dx
 
 
+def reconstruction_target(v: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                          eps: float = TARGET_STD_EPS) -> torch.Tensor:
+    """What the inner model regresses onto: the residual `D = V - K`, standardised per head.
+
+    `D_hat = gamma * (D - mean(D)) / (std(D) + eps) + beta` over the head dim, with the
+    *unbiased* standard deviation and the eps added to the std (not the variance). Training
+    (`ln_reconstruction_target`) stores `D_hat + K` in place of V and its ops then subtract K
+    again, so the loss target is `D_hat`; it shares `gamma, beta` (`ttt_norm_weight/bias`) with
+    the inner LayerNorm. v, k [..., H, n, HD]; gamma, beta [H, HD].
+    """
+    d = v - k
+    mu = d.mean(-1, keepdim=True)
+    std = d.std(-1, keepdim=True)  # unbiased (Bessel), as torch.Tensor.std defaults to
+    return gamma.unsqueeze(-2) * (d - mu) / (std + eps) + beta.unsqueeze(-2)
+
+
 def head_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                    eps: float = LN_EPS) -> torch.Tensor:
+                    eps: float = INNER_LN_EPS) -> torch.Tensor:
     """LayerNorm over the last dim with per-head affine; gamma/beta are [H, HD], x is [..., H, n, HD]."""
     mu = x.mean(-1, keepdim=True)
     var = (x - mu).square().mean(-1, keepdim=True)
@@ -78,7 +109,7 @@ def head_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
 
 
 def ln_l2_backward(z: torch.Tensor, target: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                   eps: float = LN_EPS) -> torch.Tensor:
+                   eps: float = INNER_LN_EPS) -> torch.Tensor:
     """Gradient wrt `z` of `0.5 * ||head_layer_norm(z) - target||^2`, per row.
 
     Derivation: with xhat = (z - mu) / std and g = dl/dxhat = (gamma xhat + beta - target) gamma,
@@ -95,15 +126,18 @@ def ln_l2_backward(z: torch.Tensor, target: torch.Tensor, gamma: torch.Tensor, b
     return (d * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True)) * (inv_std / d)
 
 
-def inner_gradients(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+def inner_gradients(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, target: torch.Tensor,
                     gamma: torch.Tensor, beta: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (G1 = dl/dZ1, G2 = dl/dZ2, X2) of the inner loss at `weights`, all [B, H, n, *]."""
+    """Per-token (G1 = dl/dZ1, G2 = dl/dZ2, X2) of the inner loss at `weights`, all [B, H, n, *].
+
+    `target` is `reconstruction_target(V, K, ...)`: the inner model maps K to the standardised
+    residual.
+    """
     z1 = k @ weights["W1"] + weights["b1"]
     x2 = gelu_tanh(z1)
     z2 = x2 @ weights["W2"] + weights["b2"]
-    # The inner model learns the residual: it maps K to V - K.
-    g2 = ln_l2_backward(z2, v - k, gamma, beta)
+    g2 = ln_l2_backward(z2, target, gamma, beta)
     g1 = (g2 @ weights["W2"].transpose(-1, -2)) * gelu_tanh_grad(z1)
     return g1, g2, x2
 
@@ -116,17 +150,17 @@ def mlp_output(weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor, gamma: t
 
 
 def dual_form_minibatch(weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                        v: torch.Tensor, eta: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+                        target: torch.Tensor, eta: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One mini-batch of n tokens in the causal dual form.
 
-    weights: W1 [B,H,HD,F], b1 [B,H,1,F], W2 [B,H,F,HD], b2 [B,H,1,HD]; q/k/v [B,H,n,HD];
+    weights: W1 [B,H,HD,F], b1 [B,H,1,F], W2 [B,H,F,HD], b2 [B,H,1,HD]; q/k/target [B,H,n,HD];
     eta [B,H,n]. Returns the outputs [B,H,n,HD] and the weights after the mini-batch's step.
     Token t's corrected weights are never materialised: q_t W1_t = q_t W1 - sum_{j<=t} eta_j
     (q_t . k_j) G1_j, so a masked [n, n] matrix stands in for n weight copies.
     """
     n = q.shape[-2]
-    g1, g2, x2 = inner_gradients(weights, k, v, gamma, beta)
+    g1, g2, x2 = inner_gradients(weights, k, target, gamma, beta)
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     eta_j = eta.unsqueeze(-2)  # scales column j
 
@@ -182,7 +216,7 @@ class TTTMLP(FastWeightModule):
         self.wk = nn.Linear(d_model, d_model, bias=True, **factory)
         self.wv = nn.Linear(d_model, d_model, bias=True, **factory)
         self.wo = nn.Linear(d_model, d_model, bias=True, **factory)
-        self.post_norm = nn.LayerNorm(d_model, eps=LN_EPS, **factory)
+        self.post_norm = nn.LayerNorm(d_model, eps=POST_NORM_EPS, **factory)
         self.ttt_norm_weight = nn.Parameter(torch.ones(h, hd, **factory))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(h, hd, **factory))
         self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(h, 1, d_model, **factory).normal_(0, 0.02))
@@ -208,13 +242,14 @@ class TTTMLP(FastWeightModule):
 
     def _apply_chunk(self, state: FastWeightState, n: int) -> None:
         # The sums hold exactly the tokens fed since the last commit (`n` of them), so they are
-        # the whole mini-batch's step.
+        # the whole mini-batch's step. TTT-MLP never clips.
         for name in FAST_WEIGHT_NAMES:
             state.fast[name].sub_(state.scratch[name])
+        return None
 
     # -- forward --------------------------------------------------------------------------------
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q, K, V as [B, H, T, HD] float32 (Q, K L2-normalised) and eta [B, H, T]."""
+        """Q, K (L2-normalised), the inner target, all [B, H, T, HD] float32, and eta [B, H, T]."""
         b, t, _ = x.shape
 
         def heads(y: torch.Tensor) -> torch.Tensor:
@@ -224,11 +259,12 @@ class TTTMLP(FastWeightModule):
         # cost more than the whole TTT update.
         q = F.normalize(heads(self.wq(x)), dim=-1)
         k = F.normalize(heads(self.wk(x)), dim=-1)
-        v = heads(self.wv(x))
+        gamma, beta = self._norm_params()
+        target = reconstruction_target(heads(self.wv(x)), k, gamma, beta)
         lr_logits = torch.einsum("btd,hd->bht", x.float(), self.learnable_ttt_lr_weight.float().squeeze(1))
         lr_logits = lr_logits + self.learnable_ttt_lr_bias.float()
         eta = self.base_lr * torch.sigmoid(lr_logits) / (self.head_dim * self.chunk_size)
-        return q, k, v, eta
+        return q, k, target, eta
 
     def _merge(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         b, _, t, _ = out.shape
@@ -236,7 +272,7 @@ class TTTMLP(FastWeightModule):
         # Some fine-tuning code saved post_norm/wo without applying them; the config decides.
         if self.apply_output_proj:
             out = F.layer_norm(out, (self.d_model,), self.post_norm.weight.float(),
-                               self.post_norm.bias.float(), LN_EPS)
+                               self.post_norm.bias.float(), POST_NORM_EPS)
             out = self.wo(out.to(self.wo.weight.dtype))
         return out.to(dtype)
 
@@ -251,7 +287,7 @@ class TTTMLP(FastWeightModule):
 
     def _forward_parallel(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v, eta = self._project(x)
+        q, k, target, eta = self._project(x)
         gamma, beta = self._norm_params()
         weights = {name: w.unsqueeze(0).expand(b, *w.shape)
                    for name, w in self.initial_fast_weights().items()}
@@ -262,7 +298,7 @@ class TTTMLP(FastWeightModule):
             for start in range(0, t, self.chunk_size):
                 stop = min(start + self.chunk_size, t)  # the last mini-batch may be shorter
                 part, weights = dual_form_minibatch(
-                    weights, q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
+                    weights, q[:, :, start:stop], k[:, :, start:stop], target[:, :, start:stop],
                     eta[:, :, start:stop], gamma, beta)
                 outs.append(part)
             out = torch.cat(outs, dim=2) if outs else q
@@ -272,7 +308,7 @@ class TTTMLP(FastWeightModule):
     def _forward_step(self, x: torch.Tensor, state: FastWeightState) -> torch.Tensor:
         """One token: fixed-shape, in-place tensor work only (graph-capturable)."""
         self._begin_step(state, x.shape[1])
-        q, k, v, eta = self._project(x)
+        q, k, target, eta = self._project(x)
         gamma, beta = self._norm_params()
         fast = {name: w.unsqueeze(0) for name, w in state.fast.items()}
         if self.frozen:
@@ -280,7 +316,7 @@ class TTTMLP(FastWeightModule):
 
         # A step the stream masks out (moshi's exec_mask) must leave the fast weights untouched.
         eta = eta * state.exec_mask.to(eta.dtype).view(-1, 1, 1)
-        g1, g2, x2 = inner_gradients(fast, k, v, gamma, beta)
+        g1, g2, x2 = inner_gradients(fast, k, target, gamma, beta)
         eg1 = (eta.unsqueeze(-1) * g1)[0]  # [H, 1, F]
         eg2 = (eta.unsqueeze(-1) * g2)[0]  # [H, 1, HD]
         sums = state.scratch
@@ -309,6 +345,11 @@ class TTTLayer(nn.Module):
         return self.ttt(x)
 
 
+def gate_scale(alpha: torch.Tensor) -> torch.Tensor:
+    """`tanh(clamp(alpha, -3, 3))`: the per-channel weight of the TTT branch (training's SSMGating)."""
+    return torch.tanh(alpha.float().clamp(-GATE_ALPHA_BOUND, GATE_ALPHA_BOUND))
+
+
 class SSMGating(nn.Module):
     """Per-channel tanh gate on the TTT branch; alpha = 0 makes the branch vanish exactly."""
 
@@ -318,11 +359,11 @@ class SSMGating(nn.Module):
         self.gating_alpha = nn.Parameter(torch.full((d_model,), float(initial_alpha), device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.gating_alpha.float()) * x.float()
+        return gate_scale(self.gating_alpha) * x.float()
 
 
 class TTTMLPBlock(nn.Module):
-    """`seq_modeling_block` of a TTT layer: x2 = x1 + tanh(alpha) * TTT(x1)."""
+    """`seq_modeling_block` of a TTT layer: x2 = x1 + tanh(clamp(alpha, -3, 3)) * TTT(x1)."""
 
     def __init__(self, d_model: int, num_heads: int, layer_index: int, config: TTTMLPConfig, *,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
