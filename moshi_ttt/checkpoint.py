@@ -18,15 +18,20 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from .config import RESEARCH_DELTA_CLIP, TTTConfig, ttt_config_from_section
+from .config import TTTConfig, ttt_config_from_section
+from .families import SectionLayout
 from .errors import CheckpointError
 
 DEFAULT_BASE = "kyutai/moshiko-pytorch-bf16"
 
-# Keys of a config.json that moshi's loader pops itself (file names and generation settings).
+# File names in a config.json that moshi's loader resolves, with its defaults.
 MOSHI_FILE_KEYS = {"moshi_name": "model.safetensors",
                    "mimi_name": "tokenizer-e351c8d8-checkpoint125.safetensors",
                    "tokenizer_name": "tokenizer_spm_32k_3.model"}
+# Every key moshi's loader (`CheckpointInfo.from_hf_repo`) pops from a config.json before the
+# rest becomes `LMModel(...)` kwargs: file names and generation settings.
+LOADER_KEYS = (*MOSHI_FILE_KEYS, "mimi_config_name", "lora_name", "model_type", "lm_gen_config",
+               "tts_config", "stt_config", "model_id")
 # Keys fine-tunes add to an LM config that `LMModel(...)` would reject.
 NON_LM_KEYS = ("ttt", "ttt_config", "yarn_config")
 WEIGHT_NAMES = ("consolidated.safetensors", "lora.safetensors")
@@ -184,38 +189,48 @@ def resolve_finetune_folder(path: str | Path) -> Path:
                           "or consolidated/ or checkpoints/ folder inside", path)
 
 
-def _config_candidates(folder: Path) -> list[tuple[Path, str, bool]]:
-    """(file, key, apply_output_proj default) in the order we look. Run-level files of
-    moshi-finetune (training_config.json / args.yaml) may also sit above `checkpoints/`."""
+# The research In-Place module (moshi_in_place `TTTGating`) clipped every chunk's delta to this
+# Frobenius norm when its config had no `delta_clip_fro_norm`, in training and inference alike.
+RESEARCH_DELTA_CLIP = 1e-5
+
+
+def _section_layouts(folder: Path) -> list[SectionLayout]:
+    """Where TTT sections may be, in the order we look, with the defaults each layout implies.
+
+    - `config.json` -> `ttt`: our own layout; `variant` names the family.
+    - `config.json` -> `ttt_config`: moshi_in_place (In-Place TTT; clip 1e-5 unless it says).
+    - `training_config.json` / `args.yaml` -> `ttt`: moshi-finetune (TTT-MLP, or In-Place if it
+      carries `chunk_size`), which never applied `post_norm`/`wo`. Run-level copies may also sit
+      above `checkpoints/`.
+    """
     above = [folder.parent, folder.parent.parent.parent] if folder.name == "consolidated" else []
-    out: list[tuple[Path, str, bool]] = [(folder / "config.json", "ttt", True),
-                                          (folder / "config.json", "ttt_config", True)]
+    config_json = folder / "config.json"
+    out = [SectionLayout(config_json, "ttt", "ttt-mlp", {"apply_output_proj": True}),
+           SectionLayout(config_json, "ttt_config", "inplace",
+                         {"apply_output_proj": True, "delta_clip": RESEARCH_DELTA_CLIP})]
     for where in [folder, *above]:
-        out += [(where / "training_config.json", "ttt", False), (where / "args.yaml", "ttt", False)]
+        out += [SectionLayout(where / name, "ttt", "ttt-mlp", {"apply_output_proj": False})
+                for name in ("training_config.json", "args.yaml")]
     return out
+
+
+def find_ttt_config(folder: Path, num_layers: int) -> tuple[TTTConfig | None, Path]:
+    """The first TTT section found in a fine-tune folder (see `_section_layouts`), parsed, and
+    the file it came from; the config is None when the section disables TTT."""
+    for layout in _section_layouts(folder):
+        if not layout.file.is_file():
+            continue
+        data = read_mapping(layout.file)
+        if data.get(layout.key) is not None:
+            return ttt_config_from_section(data[layout.key], num_layers, layout), layout.file
+    raise CheckpointError("found no TTT config (a 'ttt' or 'ttt_config' section in config.json, or "
+                          "'ttt' in training_config.json / args.yaml)", folder)
 
 
 def load_finetune(path: str | Path, num_layers: int) -> FineTune:
     folder = resolve_finetune_folder(path)
     lm_config = read_mapping(folder / "config.json") if (folder / "config.json").is_file() else None
-    ttt: TTTConfig | None = None
-    source: Path | None = None
-    for file, key, apply_output_proj in _config_candidates(folder):
-        if not file.is_file():
-            continue
-        data = read_mapping(file)
-        if key not in data or data[key] is None:
-            continue
-        research_inplace = key == "ttt_config"  # moshi_in_place's layout
-        ttt = ttt_config_from_section(
-            data[key], num_layers, file, default_variant="inplace" if research_inplace else "ttt-mlp",
-            apply_output_proj_default=apply_output_proj,
-            delta_clip_default=RESEARCH_DELTA_CLIP if research_inplace else None)
-        source = file
-        break
-    if source is None:
-        raise CheckpointError("found no TTT config (a 'ttt' or 'ttt_config' section in config.json, or "
-                              "'ttt' in training_config.json / args.yaml)", folder)
+    ttt, source = find_ttt_config(folder, num_layers)
     weights = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
     if ttt is not None and weights is None:
         raise CheckpointError(f"no TTT weights: expected one of {', '.join(WEIGHT_NAMES)}", folder)

@@ -1,10 +1,9 @@
-"""TTT configs as fine-tune checkpoints write them, parsed into our dataclasses.
+"""TTT config sections as fine-tune checkpoints write them: what every family shares.
 
-Sections we read (first found wins, see `finetune.find_ttt_section`):
-- `config.json` -> `ttt`: our own layout; `variant` says which family (else inferred from keys).
-- `config.json` -> `ttt_config`: the moshi_in_place research layout (In-Place TTT).
-- `training_config.json` / `args.yaml` -> `ttt`: the moshi-finetune TTT-MLP layout (or In-Place
-  if it carries `chunk_size`).
+The sections we read, and the defaults each layout implies, are listed in
+`checkpoint._section_layouts`. Here: recognising which family a section belongs to, the layer
+selection and number parsing every family uses, and run-time overrides. Each family parses its
+own settings (`families.TTTFamily.parse`, in the family's module).
 """
 
 from __future__ import annotations
@@ -15,12 +14,14 @@ import typing as tp
 from pathlib import Path
 
 from .errors import CheckpointError, MoshiTTTError
-from .ttt.inplace import InPlaceTTTConfig
-from .ttt.mlp import TTTMLPConfig
+from .families import FAMILY_NAMES, SectionLayout, family, family_of
 
-TTTConfig = tp.Union[InPlaceTTTConfig, TTTMLPConfig]
 
-VARIANTS = ("inplace", "ttt-mlp")
+class TTTConfig(tp.Protocol):
+    """What every family's config dataclass has."""
+
+    layers: list[int]
+    variant: tp.ClassVar[str]  # the family's name
 
 
 def parse_layers(spec: tp.Any, num_layers: int, source: Path,
@@ -57,7 +58,8 @@ def parse_layers(spec: tp.Any, num_layers: int, source: Path,
     return sorted(set(layers))
 
 
-def _number(section: dict, key: str, source: Path, kind: type = float, default: tp.Any = ...) -> tp.Any:
+def number(section: dict, key: str, source: Path, kind: type = float, default: tp.Any = ...) -> tp.Any:
+    """`section[key]` as `kind` (default if absent, `...` = required); errors name the file."""
     value = section.get(key, default)
     if value is ...:
         raise CheckpointError(f"TTT config has no {key!r}", source)
@@ -71,97 +73,45 @@ def _number(section: dict, key: str, source: Path, kind: type = float, default: 
         raise CheckpointError(f"TTT config {key!r} must be a {kind.__name__}, got {value!r}", source) from None
 
 
-def _infer_variant(section: dict, default: str, source: Path) -> str:
-    variant = section.get("variant")
-    if variant is None:
-        if "chunk_size" in section or "learning_rate" in section:
-            variant = "inplace"
-        elif "mini_batch_size" in section or "base_lr" in section:
-            variant = "ttt-mlp"
-        else:
-            variant = default
-    if variant not in VARIANTS:
-        raise CheckpointError(f"unknown TTT variant {variant!r}; expected one of {', '.join(VARIANTS)}", source)
-    return variant
+def family_name_of_section(section: dict, layout: SectionLayout) -> str:
+    """`variant` if the section names its family, else the family whose marker keys it carries,
+    else the layout's default."""
+    name = section.get("variant")
+    if name is None:
+        marked = [n for n in FAMILY_NAMES if any(key in section for key in family(n).marker_keys)]
+        name = marked[0] if marked else layout.default_family
+    if name not in FAMILY_NAMES:
+        raise CheckpointError(f"unknown TTT variant {name!r}; expected one of {', '.join(FAMILY_NAMES)}",
+                              layout.file)
+    return name
 
 
-# The research In-Place module (moshi_in_place `TTTGating`) clipped every chunk's delta to this
-# Frobenius norm when its config had no `delta_clip_fro_norm`, in training and inference alike.
-RESEARCH_DELTA_CLIP = 1e-5
-
-
-def _delta_clip(section: dict, source: Path, default: float | None) -> tuple[float | None, str]:
-    """tau from `delta_clip_fro_norm` (research key) or `delta_clip` (alias); null or <= 0 is off."""
-    keys = [key for key in ("delta_clip_fro_norm", "delta_clip") if key in section]
-    if not keys:
-        return default, "config" if default is None else "research default (no delta_clip_fro_norm in config)"
-    value = _number(section, keys[0], source, float, None)
-    return (value if value is not None and value > 0 else None), "config"
-
-
-def ttt_config_from_section(section: tp.Any, num_layers: int, source: Path, *,
-                            default_variant: str, apply_output_proj_default: bool,
-                            delta_clip_default: float | None = None) -> TTTConfig | None:
-    """Parse one TTT section; None when it says TTT is disabled or names no layer.
-
-    `delta_clip_default` is the In-Place clip a layout implies when its section has no clip key
-    (`RESEARCH_DELTA_CLIP` for moshi_in_place's `ttt_config`).
-    """
+def ttt_config_from_section(section: tp.Any, num_layers: int, layout: SectionLayout) -> TTTConfig | None:
+    """Parse one TTT section; None when it says TTT is disabled or names no layer."""
+    source = layout.file
     if not isinstance(section, dict):
         raise CheckpointError(f"TTT config must be a mapping, got {type(section).__name__}", source)
     if not section.get("enabled", section.get("enable", True)):
         return None
-    variant = _infer_variant(section, default_variant, source)
+    ttt_family = family(family_name_of_section(section, layout))
     layers = parse_layers(section.get("layers"), num_layers, source,
-                          start_layer=_number(section, "start_layer", source, int, None),
-                          layer_frequency=_number(section, "layer_frequency", source, int, None))
+                          start_layer=number(section, "start_layer", source, int, None),
+                          layer_frequency=number(section, "layer_frequency", source, int, None))
     if not layers:
         return None
-    if variant == "inplace":
-        delta_clip, delta_clip_origin = _delta_clip(section, source, delta_clip_default)
-        config: TTTConfig = InPlaceTTTConfig(
-            layers=layers,
-            chunk_size=_number(section, "chunk_size", source, int),
-            learning_rate=_number(section, "learning_rate", source),
-            conv_kernel_size=_number(section, "conv_kernel_size", source, int, 2),
-            delta_clip=delta_clip,
-            delta_clip_epsilon=_number(section, "delta_clip_epsilon", source, float, 1e-12),
-            delta_clip_origin=delta_clip_origin,
-        )
-        if config.conv_kernel_size < 1:
-            raise CheckpointError(f"conv_kernel_size must be >= 1, got {config.conv_kernel_size}", source)
-        size = config.chunk_size
-    else:
-        inner_layers = section.get("ttt_mlp_layers")
-        if inner_layers not in (None, 2):
-            raise CheckpointError(f"only 2-layer TTT-MLP inner models are supported, got ttt_mlp_layers="
-                                  f"{inner_layers}", source)
-        config = TTTMLPConfig(
-            layers=layers,
-            mini_batch_size=_number(section, "mini_batch_size", source, int),
-            base_lr=_number(section, "base_lr", source),
-            initial_gating_alpha=_number(section, "initial_gating_alpha", source, float, 0.1),
-            apply_output_proj=bool(section.get("apply_output_proj", apply_output_proj_default)),
-            ttt_layer_context=_number(section, "ttt_layer_context", source, int, None),
-            non_ttt_layer_context=_number(section, "non_ttt_layer_context", source, int, None),
-            persistent_states=bool(section.get("persistent_states") or False),
-            use_rope=bool(section.get("use_rope") or False),
-            mlp_expansion=_number(section, "ttt_mlp_expansion_factor", source, int, None) or 4,
-        )
-        if config.use_rope:
-            raise CheckpointError("TTT-MLP with use_rope is not supported", source)
-        size = config.mini_batch_size
+    config = ttt_family.parse(section, layers, source, layout)
+    size = ttt_family.chunk_size(config)
     if size < 1:
         raise CheckpointError(f"TTT chunk size must be >= 1, got {size}", source)
     return config
 
 
 def variant_of(config: TTTConfig) -> str:
-    return "inplace" if isinstance(config, InPlaceTTTConfig) else "ttt-mlp"
+    return config.variant
 
 
 def chunk_size_of(config: TTTConfig) -> int:
-    return config.chunk_size if isinstance(config, InPlaceTTTConfig) else config.mini_batch_size
+    return family_of(config).chunk_size(config)
 
 
 def parse_delta_clip(text: str) -> float | None:

@@ -6,7 +6,7 @@ import typing as tp
 from dataclasses import dataclass, field
 
 from .checkpoint import FineTune, base_checkpoint_info, check_compatible, check_safetensors, load_finetune
-from .config import variant_of
+from .families import FAMILY_NAMES, family
 
 
 @dataclass
@@ -40,7 +40,7 @@ def inspect_finetune(checkpoint: str, base: str | None = None) -> Inspection:
     ttt = finetune.ttt
     settings: dict[str, tp.Any] = {"config file": str(finetune.config_source)}
     if ttt is not None:
-        settings = {"variant": variant_of(ttt), **vars(ttt), **settings}
+        settings = {"variant": ttt.variant, **vars(ttt), **settings}
     result = Inspection(finetune=finetune, num_layers=num_layers, settings=settings)
     if finetune.weights is not None:
         check_safetensors(finetune.weights)
@@ -49,8 +49,8 @@ def inspect_finetune(checkpoint: str, base: str | None = None) -> Inspection:
                 count = 1
                 for dim in handle.get_slice(key).get_shape():
                     count *= dim
-                match = re.match(r"transformer\.layers\.(\d+)\.", key)
-                if match and ("seq_modeling_block" in key or "target_generator" in key or "fast_weight" in key):
+                match = re.match(r"transformer\.layers\.(\d+)\.(.*)", key)
+                if match and any(family(name).owns_key(match.group(2)) for name in FAMILY_NAMES):
                     layer = int(match.group(1))
                     result.tensors_per_layer[layer] = result.tensors_per_layer.get(layer, 0) + count
                 else:

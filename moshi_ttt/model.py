@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from .checkpoint import FineTune, base_checkpoint_info, check_compatible, check_safetensors, load_finetune
-from .config import TTTConfig, chunk_size_of, override_ttt_config, variant_of
+from .config import TTTConfig, chunk_size_of, override_ttt_config
 from .errors import CheckpointError
+from .families import family_of
 from .ttt.base import FastWeightModule, TTTController
-from .ttt.inplace import InPlaceTTTConfig, InPlaceTTTGating, TokenEmbeddingTap
-from .ttt.mlp import TTTMLPConfig, attach_ttt_mlp
 
 
 @dataclass
@@ -43,7 +42,7 @@ class LoadedModel:
         """The TTT settings as a report records them."""
         if self.ttt is None:
             return None
-        return {"variant": variant_of(self.ttt), "chunk_size": chunk_size_of(self.ttt),
+        return {"variant": self.ttt.variant, "chunk_size": chunk_size_of(self.ttt),
                 **{k: v for k, v in vars(self.ttt).items()}}
 
 
@@ -90,42 +89,7 @@ def _check_tokenizer(tokenizer: tp.Any, lm: tp.Any, path: tp.Any) -> None:
 
 def attach_ttt(lm: nn.Module, config: TTTConfig) -> list[FastWeightModule]:
     """Turn the configured temporal-transformer layers into TTT layers (weights still to load)."""
-    layers = lm.transformer.layers
-    modules: list[FastWeightModule] = []
-    if isinstance(config, InPlaceTTTConfig):
-        tap = TokenEmbeddingTap(lm.transformer)
-        for index in config.layers:
-            layer = layers[index]
-            if not isinstance(layer.gating, nn.Module) or not hasattr(layer.gating, "linear_out") \
-                    or isinstance(layer.gating, nn.ModuleList):
-                raise CheckpointError(f"layer {index} has no gated MLP to adapt (In-Place TTT needs one)")
-            layer.gating = InPlaceTTTGating(layer.gating, index, config, tap)
-            modules.append(layer.gating)
-    else:
-        for index in config.layers:
-            block = attach_ttt_mlp(layers[index], index, config)
-            modules.extend(m for m in block.modules() if isinstance(m, FastWeightModule))
-        if config.non_ttt_layer_context is not None:
-            for index, layer in enumerate(layers):
-                if index not in config.layers:
-                    layer.self_attn.context = config.non_ttt_layer_context
-    return modules
-
-
-def _unused_keys(config: TTTConfig) -> tuple[str, ...]:
-    """Parameters a checkpoint may lack because the config never uses them."""
-    if isinstance(config, TTTMLPConfig) and not config.apply_output_proj:
-        return (".ttt.wo.", ".ttt.post_norm.")
-    return ()
-
-
-def _ignored_keys(config: TTTConfig) -> tuple[str, ...]:
-    """Tensors real checkpoints carry that inference never uses: moshi-finetune saves a
-    `backward_ssm_gating` beside the `forward_ssm_gating` of every TTT-MLP layer; the research
-    In-Place module saves `w_down_pretrained`, a copy of `w_down` it resets to on request."""
-    if isinstance(config, TTTMLPConfig):
-        return tuple(f"transformer.layers.{i}.seq_modeling_block.backward_ssm_gating." for i in config.layers)
-    return tuple(f"transformer.layers.{i}.gating.w_down_pretrained" for i in config.layers)
+    return family_of(config).attach(lm, config)
 
 
 def apply_finetune(lm: nn.Module, finetune: FineTune) -> None:
@@ -145,15 +109,17 @@ def apply_finetune(lm: nn.Module, finetune: FineTune) -> None:
 
     base_keys = set(lm.state_dict())
     _copy_into(lm, {k: v for k, v in weights.items() if k in base_keys}, path)
-    attach_ttt(lm, finetune.ttt)
-    ignored = _ignored_keys(finetune.ttt)
+    ttt_family = family_of(finetune.ttt)
+    ttt_family.attach(lm, finetune.ttt)
+    ignored = ttt_family.ignored_keys(finetune.ttt)
     ttt_weights = {k: v for k, v in weights.items() if k not in base_keys and not k.startswith(ignored)}
     params = dict(lm.named_parameters())
     unknown = sorted(set(ttt_weights) - set(lm.state_dict()))
     if unknown:
         raise CheckpointError(f"{len(unknown)} tensors match no parameter of this TTT config "
                               f"(e.g. {unknown[0]}); check the TTT layers and variant", path)
-    required = [k for k in params if k not in base_keys and not any(u in k for u in _unused_keys(finetune.ttt))]
+    optional = ttt_family.optional_keys(finetune.ttt)
+    required = [k for k in params if k not in base_keys and not any(u in k for u in optional)]
     missing = [k for k in required if k not in ttt_weights]
     if missing:
         raise CheckpointError(f"missing {len(missing)} TTT tensors for the configured layers "

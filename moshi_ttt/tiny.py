@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .families import family, family_of
+
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
 
@@ -490,24 +492,6 @@ def write_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
 
 FINETUNE_STEP_DIR = Path("checkpoints") / "checkpoint_000100" / "consolidated"
 
-# On the tiny 4-layer model: layers 1 and 3, chunks of 8 tokens. The clip is written explicitly
-# (without it the layout implies the research default 1e-5, which clips every update); at 400
-# it fires on some chunks of the sample recordings and not on others (their deltas' norms are
-# ~270-480), so clipped and unclipped updates both get exercised.
-TINY_INPLACE_TTT_CONFIG: dict[str, tp.Any] = {
-    "enabled": True, "start_layer": 1, "layer_frequency": 2, "chunk_size": 8,
-    "learning_rate": 0.002, "conv_kernel_size": 2, "delta_clip_fro_norm": 400.0,
-}
-# "middle" on 4 layers is layers 1 and 2.
-TINY_TTT_MLP_CONFIG: dict[str, tp.Any] = {
-    "enable": True, "layers": "middle", "base_lr": 0.3, "mini_batch_size": 8, "persistent_states": True,
-    "initial_gating_alpha": 0.1, "ttt_layer_context": None, "non_ttt_layer_context": None,
-    "ttt_mlp_layers": 2, "ttt_mlp_expansion_factor": 4, "use_rope": False,
-}
-# Random-init scale of the fine-tune tensors: large enough that fast weights visibly drift.
-_FINETUNE_STD = {"inplace": 0.3, "ttt-mlp": 0.05}
-
-
 @dataclass
 class TinyPaths:
     base: Path
@@ -515,53 +499,36 @@ class TinyPaths:
 
 
 def write_tiny_variant(root: str | Path, variant: str, seed: int = 0) -> TinyPaths:
-    """Write `root/base` and `root/<variant>` (a TTT fine-tune of it); see the layout above."""
-    if variant not in _FINETUNE_STD:
-        raise ValueError(f"unknown TTT variant {variant!r}")
+    """Write `root/base` and `root/<variant>` (a fine-tune of it in its family's research layout)."""
+    from .checkpoint import LOADER_KEYS
+
+    ttt_family = family(variant)
     root = Path(root)
     base = write_tiny_base(root / "base", seed=seed)
     folder = root / variant / FINETUNE_STEP_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    lm_config = {k: v for k, v in json.loads((base / CONFIG_NAME).read_text()).items()
-                 if k not in ("moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "lm_gen_config")}
-    if variant == "inplace":
-        section = dict(TINY_INPLACE_TTT_CONFIG)
-        config = {**lm_config, "ttt_config": section, "yarn_config": {"enabled": False},
-                  "lora": True, "lora_rank": 16, "lora_scaling": 2.0}
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    else:
-        section = dict(TINY_TTT_MLP_CONFIG)
-        (folder / CONFIG_NAME).write_text(json.dumps(lm_config, indent=2) + "\n")
-        training = {"run_dir": str(root / variant), "seed": seed, "max_steps": 100, "batch_size": 1,
-                    "lora": {"enable": False}, "ttt": section}
-        (folder / "training_config.json").write_text(json.dumps(training, indent=2) + "\n")
-    _save_finetune_weights(base, folder / "lora.safetensors", variant, section, seed)
+    lm_config = {k: v for k, v in json.loads((base / CONFIG_NAME).read_text()).items() if k not in LOADER_KEYS}
+    section = dict(ttt_family.tiny_section)
+    ttt_family.write_tiny_config(folder, lm_config, section, root / variant, seed)
+    _save_finetune_weights(base, folder, section, seed)
     return TinyPaths(base=base, finetune=root / variant)
 
 
-def _save_finetune_weights(base: Path, path: Path, variant: str, section: dict, seed: int) -> None:
-    """Random TTT tensors with exactly the names and shapes our loader expects for `section`."""
+def _save_finetune_weights(base: Path, folder: Path, section: dict, seed: int) -> None:
+    """Random TTT tensors with exactly the names and shapes our loader expects for the config
+    just written to `folder`, saved as its `lora.safetensors` (bf16, as the training code saves)."""
     from safetensors.torch import save_file
 
-    from .config import ttt_config_from_section
-    from .model import attach_ttt, load_model
+    from .checkpoint import find_ttt_config
+    from .model import load_model
 
     lm = load_model(str(base)).lm
-    num_layers = len(lm.transformer.layers)
-    config = ttt_config_from_section(section, num_layers, path, default_variant=variant,
-                                     apply_output_proj_default=variant == "inplace")
+    config, _ = find_ttt_config(folder, len(lm.transformer.layers))
     assert config is not None
+    ttt_family = family_of(config)
     base_keys = set(lm.state_dict())
-    attach_ttt(lm, config)
+    ttt_family.attach(lm, config)
     gen = torch.Generator().manual_seed(seed + 1)
-    tensors = {}
-    for name, param in lm.named_parameters():
-        if name in base_keys:
-            continue
-        value = torch.randn(param.shape, generator=gen) * _FINETUNE_STD[variant]
-        if name.endswith(("ttt_norm_weight", "post_norm.weight")):
-            value = 1.0 + value  # norm gains around one, as trained ones are
-        elif name.endswith("gating_alpha"):
-            value = torch.full(param.shape, float(section["initial_gating_alpha"]))
-        tensors[name] = value.to(torch.bfloat16).contiguous()
-    save_file(tensors, str(path))
+    tensors = {name: ttt_family.tiny_tensor(name, tuple(param.shape), section, gen).to(torch.bfloat16).contiguous()
+               for name, param in lm.named_parameters() if name not in base_keys}
+    save_file(tensors, str(folder / "lora.safetensors"))

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moshi_ttt.errors import MoshiTTTError
+from moshi_ttt.families import FAMILY_NAMES
 from moshi_ttt.runtime import prepare_environment, resolve_device, resolve_dtype, set_threads
 
 from . import render
@@ -43,10 +44,8 @@ class DType(str, Enum):
     float32 = "float32"
 
 
-class Variant(str, Enum):
-    base = "base"
-    inplace = "inplace"
-    ttt_mlp = "ttt-mlp"
+# make-tiny's --variant: a base checkpoint alone, or one fine-tune per registered TTT family.
+Variant = Enum("Variant", {name: name for name in ("base", *FAMILY_NAMES)}, type=str)
 
 
 @contextlib.contextmanager
@@ -152,7 +151,7 @@ def make_tiny(
         prepare_environment("cpu")
         from moshi_ttt import tiny
 
-        if variant is Variant.base:
+        if variant.value == "base":
             written = tiny.write_tiny_base(folder, seed=seed)
             out.print(f"wrote base checkpoint [bold]{written}[/]")
         else:

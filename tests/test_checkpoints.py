@@ -24,7 +24,8 @@ from moshi_ttt.audio import read_audio
 from moshi_ttt.errors import CheckpointError, MoshiTTTError
 from moshi_ttt.model import load_model
 from moshi_ttt.runner import StreamingRunner
-from moshi_ttt.tiny import FINETUNE_STEP_DIR, TINY_INPLACE_TTT_CONFIG, TinyPaths
+from moshi_ttt.families import family
+from moshi_ttt.tiny import FINETUNE_STEP_DIR, TinyPaths
 from moshi_ttt.ttt.base import TTTController
 from moshi_ttt.ttt.inplace import InPlaceTTTGating
 from moshi_ttt.ttt.mlp import TTTMLP
@@ -389,7 +390,7 @@ def test_inplace_ttt_config_section(inplace_default) -> None:
     assert model.finetune.config_source.name == "config.json"
     assert model.ttt.layers == [1, 3]
     assert (model.ttt.chunk_size, model.ttt.learning_rate, model.ttt.conv_kernel_size) == (8, 0.002, 2)
-    assert model.ttt.delta_clip == TINY_INPLACE_TTT_CONFIG["delta_clip_fro_norm"]
+    assert model.ttt.delta_clip == family("inplace").tiny_section["delta_clip_fro_norm"]
     assert model.ttt.delta_clip_origin == "config"
     gatings = [type(layer.gating).__name__ for layer in model.lm.transformer.layers]
     assert gatings == ["ActivationGating", "InPlaceTTTGating", "ActivationGating", "InPlaceTTTGating"]
@@ -511,7 +512,7 @@ def test_inplace_args_yaml_section(tiny_inplace: TinyPaths, tmp_path: Path, shor
     it): the same settings as the fixture's ttt_config give exactly the same stream."""
     run, folder = _inplace_copy(tiny_inplace, tmp_path)
     section = {"enable": True, "start_layer": 1, "layer_frequency": 2, "chunk_size": 8, "learning_rate": 0.002,
-               "conv_kernel_size": 2, "delta_clip_fro_norm": TINY_INPLACE_TTT_CONFIG["delta_clip_fro_norm"]}
+               "conv_kernel_size": 2, "delta_clip_fro_norm": family("inplace").tiny_section["delta_clip_fro_norm"]}
     args_yaml = (folder if where == "consolidated" else run) / "args.yaml"
     args_yaml.write_text(yaml.safe_dump({"run_dir": str(run), "seed": 0, "ttt": section}))
     model = load_model(str(tiny_inplace.base), str(run))

@@ -20,13 +20,18 @@ one. The parallel path computes the same thing over a whole sequence at once.
 
 from __future__ import annotations
 
+import json
 import typing as tp
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config import number
+from ..errors import CheckpointError
+from ..families import SectionLayout, TTTFamily
 from .base import FastWeightModule, FastWeightState
 
 
@@ -224,3 +229,75 @@ class InPlaceTTTGating(FastWeightModule):
                            self.config.delta_clip_epsilon)
         state.fast["W"].add_(self.config.learning_rate * (delta * scale))
         return scale < 1.0
+
+
+# -- the family: config, attachment, checkpoint keys, tiny checkpoints ----------------------------
+
+def _delta_clip(section: dict, source: Path, default: float | None) -> tuple[float | None, str]:
+    """tau from `delta_clip_fro_norm` (research key) or `delta_clip` (alias); null or <= 0 is off."""
+    keys = [key for key in ("delta_clip_fro_norm", "delta_clip") if key in section]
+    if not keys:
+        return default, "config" if default is None else "research default (no delta_clip_fro_norm in config)"
+    value = number(section, keys[0], source, float, None)
+    return (value if value is not None and value > 0 else None), "config"
+
+
+class InPlaceFamily(TTTFamily):
+    """moshi_in_place fine-tunes: `ttt_config` in config.json, target generators in lora.safetensors."""
+
+    name = "inplace"
+    marker_keys = ("chunk_size", "learning_rate")
+    # On the tiny 4-layer model: layers 1 and 3, chunks of 8 tokens. The clip is written
+    # explicitly (without it the layout implies the research default 1e-5, which clips every
+    # update); at 400 it fires on some chunks of the sample recordings and not on others (their
+    # deltas' norms are ~270-480), so clipped and unclipped updates both get exercised.
+    tiny_section = {
+        "enabled": True, "start_layer": 1, "layer_frequency": 2, "chunk_size": 8,
+        "learning_rate": 0.002, "conv_kernel_size": 2, "delta_clip_fro_norm": 400.0,
+    }
+    tiny_std = 0.3
+
+    def parse(self, section: dict, layers: list[int], source: Path, layout: SectionLayout) -> InPlaceTTTConfig:
+        delta_clip, delta_clip_origin = _delta_clip(section, source, layout.defaults.get("delta_clip"))
+        config = InPlaceTTTConfig(
+            layers=layers,
+            chunk_size=number(section, "chunk_size", source, int),
+            learning_rate=number(section, "learning_rate", source),
+            conv_kernel_size=number(section, "conv_kernel_size", source, int, 2),
+            delta_clip=delta_clip,
+            delta_clip_epsilon=number(section, "delta_clip_epsilon", source, float, 1e-12),
+            delta_clip_origin=delta_clip_origin,
+        )
+        if config.conv_kernel_size < 1:
+            raise CheckpointError(f"conv_kernel_size must be >= 1, got {config.conv_kernel_size}", source)
+        return config
+
+    def chunk_size(self, config: InPlaceTTTConfig) -> int:
+        return config.chunk_size
+
+    def attach(self, lm: nn.Module, config: InPlaceTTTConfig) -> list[FastWeightModule]:
+        tap = TokenEmbeddingTap(lm.transformer)
+        modules: list[FastWeightModule] = []
+        for index in config.layers:
+            layer = lm.transformer.layers[index]
+            if not isinstance(layer.gating, nn.Module) or not hasattr(layer.gating, "linear_out") \
+                    or isinstance(layer.gating, nn.ModuleList):
+                raise CheckpointError(f"layer {index} has no gated MLP to adapt (In-Place TTT needs one)")
+            layer.gating = InPlaceTTTGating(layer.gating, index, config, tap)
+            modules.append(layer.gating)
+        return modules
+
+    def ignored_keys(self, config: InPlaceTTTConfig) -> tuple[str, ...]:
+        # The research module saves `w_down_pretrained`, a copy of `w_down` it resets to on request.
+        return tuple(f"transformer.layers.{i}.gating.w_down_pretrained" for i in config.layers)
+
+    def owns_key(self, key_in_layer: str) -> bool:
+        return key_in_layer.startswith(("gating.target_generator.", "gating.w_down"))
+
+    def write_tiny_config(self, folder: Path, lm_config: dict, section: dict, run_dir: Path, seed: int) -> None:
+        config = {**lm_config, "ttt_config": section, "yarn_config": {"enabled": False},
+                  "lora": True, "lora_rank": 16, "lora_scaling": 2.0}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+FAMILY = InPlaceFamily()

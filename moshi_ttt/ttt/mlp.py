@@ -23,16 +23,20 @@ Two paths give the same result:
 
 from __future__ import annotations
 
+import json
 import math
 import typing as tp
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
-from ..errors import StreamingError
+from ..config import number
+from ..errors import CheckpointError, StreamingError
+from ..families import SectionLayout, TTTFamily
 from .base import FastWeightModule, FastWeightState
 
 # The training ops' LayerNorm (`ln_fwd`, `ln_fused_l2_bwd`) uses 1e-8, not torch's 1e-5 / 1e-6.
@@ -398,6 +402,17 @@ class TTTMLPTransformerLayer(StreamingTransformerLayer):
         return self.seq_modeling_block(super()._sa_block(x))
 
 
+# -- adapter: the only places that reach into moshi internals --------------------------------------
+# Checked against moshi 0.2.13: `StreamingTransformerLayer.forward` calls `self._sa_block(x)`, and
+# `StreamingModule` caches its streaming children in `_cached_children` on first use.
+
+def _become_ttt_layer(layer: StreamingTransformerLayer, block: TTTMLPBlock) -> None:
+    """Give a built moshi layer the TTT block, in place (see `TTTMLPTransformerLayer`)."""
+    layer.seq_modeling_block = block
+    layer.__class__ = TTTMLPTransformerLayer
+    layer._cached_children = None  # the new streaming child must be found when streaming starts
+
+
 def attach_ttt_mlp(layer: StreamingTransformerLayer, layer_index: int, config: TTTMLPConfig, *,
                    num_heads: int | None = None) -> TTTMLPBlock:
     """Add a TTT-MLP block to `layer` in place and return it.
@@ -416,9 +431,89 @@ def attach_ttt_mlp(layer: StreamingTransformerLayer, layer_index: int, config: T
     ref = attn.in_projs[0].weight
     block = TTTMLPBlock(attn.embed_dim, num_heads or attn.num_heads, layer_index, config,
                         device=ref.device, dtype=ref.dtype)
-    layer.seq_modeling_block = block
-    layer.__class__ = TTTMLPTransformerLayer
-    layer._cached_children = None  # the new streaming child must be found when streaming starts
+    _become_ttt_layer(layer, block)
     if config.ttt_layer_context is not None:
         attn.context = config.ttt_layer_context
     return block
+
+
+# -- the family: config, attachment, checkpoint keys, tiny checkpoints ----------------------------
+
+class TTTMLPFamily(TTTFamily):
+    """moshi-finetune TTT fine-tunes: `ttt` in training_config.json (or args.yaml), bf16 tensors
+    under `seq_modeling_block` in lora.safetensors / consolidated.safetensors."""
+
+    name = "ttt-mlp"
+    marker_keys = ("mini_batch_size", "base_lr")
+    # "middle" on 4 layers is layers 1 and 2.
+    tiny_section = {
+        "enable": True, "layers": "middle", "base_lr": 0.3, "mini_batch_size": 8, "persistent_states": True,
+        "initial_gating_alpha": 0.1, "ttt_layer_context": None, "non_ttt_layer_context": None,
+        "ttt_mlp_layers": 2, "ttt_mlp_expansion_factor": 4, "use_rope": False,
+    }
+    tiny_std = 0.05
+
+    def parse(self, section: dict, layers: list[int], source: Path, layout: SectionLayout) -> TTTMLPConfig:
+        inner_layers = section.get("ttt_mlp_layers")
+        if inner_layers not in (None, 2):
+            raise CheckpointError(f"only 2-layer TTT-MLP inner models are supported, got ttt_mlp_layers="
+                                  f"{inner_layers}", source)
+        config = TTTMLPConfig(
+            layers=layers,
+            mini_batch_size=number(section, "mini_batch_size", source, int),
+            base_lr=number(section, "base_lr", source),
+            initial_gating_alpha=number(section, "initial_gating_alpha", source, float, 0.1),
+            apply_output_proj=bool(section.get("apply_output_proj", layout.defaults.get("apply_output_proj", True))),
+            ttt_layer_context=number(section, "ttt_layer_context", source, int, None),
+            non_ttt_layer_context=number(section, "non_ttt_layer_context", source, int, None),
+            persistent_states=bool(section.get("persistent_states") or False),
+            use_rope=bool(section.get("use_rope") or False),
+            mlp_expansion=number(section, "ttt_mlp_expansion_factor", source, int, None) or 4,
+        )
+        if config.use_rope:
+            raise CheckpointError("TTT-MLP with use_rope is not supported", source)
+        return config
+
+    def chunk_size(self, config: TTTMLPConfig) -> int:
+        return config.mini_batch_size
+
+    def attach(self, lm: nn.Module, config: TTTMLPConfig) -> list[FastWeightModule]:
+        layers = lm.transformer.layers
+        modules: list[FastWeightModule] = []
+        for index in config.layers:
+            block = attach_ttt_mlp(layers[index], index, config)
+            modules.extend(m for m in block.modules() if isinstance(m, FastWeightModule))
+        if config.non_ttt_layer_context is not None:
+            for index, layer in enumerate(layers):
+                if index not in config.layers:
+                    layer.self_attn.context = config.non_ttt_layer_context
+        return modules
+
+    def optional_keys(self, config: TTTMLPConfig) -> tuple[str, ...]:
+        return () if config.apply_output_proj else (".ttt.wo.", ".ttt.post_norm.")
+
+    def ignored_keys(self, config: TTTMLPConfig) -> tuple[str, ...]:
+        # moshi-finetune saves a `backward_ssm_gating` beside every `forward_ssm_gating`; only the
+        # forward one is used.
+        return tuple(f"transformer.layers.{i}.seq_modeling_block.backward_ssm_gating." for i in config.layers)
+
+    def owns_key(self, key_in_layer: str) -> bool:
+        return key_in_layer.startswith("seq_modeling_block.")
+
+    def write_tiny_config(self, folder: Path, lm_config: dict, section: dict, run_dir: Path, seed: int) -> None:
+        (folder / "config.json").write_text(json.dumps(lm_config, indent=2) + "\n")
+        training = {"run_dir": str(run_dir), "seed": seed, "max_steps": 100, "batch_size": 1,
+                    "lora": {"enable": False}, "ttt": section}
+        (folder / "training_config.json").write_text(json.dumps(training, indent=2) + "\n")
+
+    def tiny_tensor(self, name: str, shape: tuple[int, ...], section: dict,
+                    generator: torch.Generator) -> torch.Tensor:
+        value = super().tiny_tensor(name, shape, section, generator)
+        if name.endswith(("ttt_norm_weight", "post_norm.weight")):
+            value = 1.0 + value  # norm gains around one, as trained ones are
+        elif name.endswith("gating_alpha"):
+            value = torch.full(shape, float(section["initial_gating_alpha"]))
+        return value
+
+
+FAMILY = TTTMLPFamily()
