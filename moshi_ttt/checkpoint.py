@@ -129,17 +129,19 @@ def _local_checkpoint_info(folder: Path) -> tp.Any:
     return info
 
 
-def _yarn_enabled(yarn: tp.Any) -> bool:
-    """A yarn_config section without `enabled` is taken as on: refusing beats silently wrong RoPE."""
-    return isinstance(yarn, dict) and bool(yarn.get("enabled", True))
+def _refuse_yarn(lm_config: dict, source: Path) -> None:
+    """RoPE scaling is not implemented: refuse a config that enables it. A yarn_config section
+    without `enabled` is taken as on: refusing beats silently wrong RoPE."""
+    yarn = lm_config.get("yarn_config")
+    if isinstance(yarn, dict) and bool(yarn.get("enabled", True)):
+        raise CheckpointError("RoPE scaling (yarn_config) is not supported", source)
 
 
 def _sanitize_lm_config(info: tp.Any, source: Path) -> None:
     """Make the LM kwargs safe for `LMModel(...)` (moshi passes every unknown key through)."""
     if info.lm_config is None:
         return
-    if _yarn_enabled(info.lm_config.get("yarn_config")):
-        raise CheckpointError("RoPE scaling (yarn_config) is not supported", source)
+    _refuse_yarn(info.lm_config, source)
     for key in NON_LM_KEYS:
         info.lm_config.pop(key, None)
     # `lora: true` without an adapter file would silently add random LoRA weights: such a
@@ -238,9 +240,7 @@ def load_finetune(path: str | Path, num_layers: int) -> FineTune:
     if given.is_file() and given.suffix == ".safetensors":
         weights = given  # the user named the file: do not pick another one beside it
     if lm_config is not None:
-        yarn = lm_config.get("yarn_config")
-        if _yarn_enabled(yarn):
-            raise CheckpointError("RoPE scaling (yarn_config) is not supported", folder / "config.json")
+        _refuse_yarn(lm_config, folder / "config.json")
     return FineTune(folder=folder, ttt=ttt, config_source=source, weights=weights, lm_config=lm_config)
 
 

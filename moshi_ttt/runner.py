@@ -1,6 +1,6 @@
 """Moshi's frame-by-frame streaming loop over one recording, with TTT layers driven between steps.
 
-The loop is `moshi/run_inference.py`'s (batch size 1): full 1920-sample frames only (a trailing
+The loop is `moshi/run_inference.py`'s (batch size 1): full Mimi frames only (a trailing
 partial frame is dropped), the first frame stepped twice (at offset 0 LMGen replaces its input by
 the initial tokens), `LMGen.step` returning None for the first `max(delays)` steps. On top of it,
 per file: RNG reseeded, fresh streaming state (new KV caches; TTT fast weights back to the
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .audio import FRAME_SIZE
 from .model import LoadedModel
 from .ttt.base import LayerReport
 
@@ -50,10 +49,11 @@ class StreamingRunner:
     def run(self, pcm: np.ndarray, progress: ProgressFn | None = None) -> StreamResult:
         from moshi.run_inference import seed_all
 
-        mimi, lm_gen, lm = self.model.mimi, self.lm_gen, self.model.lm
+        mimi, lm_gen = self.model.mimi, self.lm_gen
         device = self.model.device
-        frames = [torch.from_numpy(np.ascontiguousarray(pcm[i:i + FRAME_SIZE])).to(device)[None, None]
-                  for i in range(0, len(pcm) - FRAME_SIZE + 1, FRAME_SIZE)]
+        size = mimi.frame_size  # samples per LM step (1920 at 24 kHz / 12.5 Hz)
+        frames = [torch.from_numpy(np.ascontiguousarray(pcm[i:i + size])).to(device)[None, None]
+                  for i in range(0, len(pcm) - size + 1, size)]
         out_pcm: list[np.ndarray] = []
         text_tokens: list[int] = []
         steps = 0

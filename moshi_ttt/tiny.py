@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .audio import SAMPLE_RATE
 from .families import family, family_of
 
-SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
 
 # Vocabulary size of the trained tokenizer; the LM's text_card is set to it.

@@ -560,3 +560,18 @@ def test_inspect_cli(variant: str, with_base: bool, tiny_inplace: TinyPaths, tin
         assert base_line == [f"base LM params {base_params:,}"]
     else:
         assert base_line == []
+
+
+def test_inspect_without_an_lm_config_needs_the_base(tiny_ttt_mlp: TinyPaths, tmp_path: Path) -> None:
+    """`layers: middle` can only be resolved with a layer count: without the fine-tune's
+    config.json, inspect must say to pass --base (not list layers of a 10,000-layer model)."""
+    from moshi_ttt_cli.app import app
+
+    run = copy_tree(tiny_ttt_mlp.finetune, tmp_path / "run")
+    (_consolidated(run) / "config.json").unlink()
+    alone = CliRunner().invoke(app, ["inspect", str(run)])
+    assert alone.exit_code == 2
+    assert "pass --base" in alone.output and "Traceback" not in alone.output
+    with_base = CliRunner().invoke(app, ["inspect", str(run), "--base", str(tiny_ttt_mlp.base)])
+    assert with_base.exit_code == 0, with_base.output
+    assert "layers [1, 2]" in " ".join(with_base.stdout.replace("│", " ").split())

@@ -4,7 +4,6 @@ Moshi, updates are driven by the runner, and every file starts from the checkpoi
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
