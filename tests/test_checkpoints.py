@@ -206,9 +206,9 @@ def make_broken(case: str, root: Path, inplace: TinyPaths, mlp: TinyPaths) -> Br
     if case == "mlp-unknown-variant":
         edit_json(training, _set("variant", "ttt-linear", "ttt"))
         return Broken(b, run, training, "ttt-linear")
-    if case == "mlp-use-rope":
-        edit_json(training, _set("use_rope", True, "ttt"))
-        return Broken(b, run, training, "use_rope")
+    if case == "mlp-deep-inner-model":
+        edit_json(training, _set("ttt_mlp_layers", 3, "ttt"))
+        return Broken(b, run, training, "ttt_mlp_layers")
     if case == "mlp-lora-keys":
         lora_key = "transformer.layers.0.self_attn.in_projs.0.lora_A.weight"
         edit_weights(weights, lambda t: t.__setitem__(lora_key, torch.zeros(4, 64, dtype=torch.bfloat16)))
@@ -229,7 +229,7 @@ BASE_CASES = ["base-missing-config", "base-malformed-config", "base-missing-weig
               "base-corrupt-weights", "base-empty-weights", "base-yarn", "base-weight-shape"]
 FINETUNE_CASES = ["mlp-no-ttt-config", "mlp-missing-layer-weights", "mlp-dropped-layer-weights",
                   "inplace-missing-layer-weights", "mlp-weight-shape", "mlp-other-model-size",
-                  "inplace-other-model-size", "inplace-yarn", "mlp-unknown-variant", "mlp-use-rope",
+                  "inplace-other-model-size", "inplace-yarn", "mlp-unknown-variant", "mlp-deep-inner-model",
                   "mlp-lora-keys", "inplace-truncated-weights", "mlp-malformed-training-config", "mlp-no-weights"]
 CASES = BASE_CASES + FINETUNE_CASES
 
@@ -249,7 +249,7 @@ def test_broken_checkpoint_is_one_line_naming_the_file(case: str, tmp_path: Path
 
 @pytest.mark.parametrize("case", ["base-missing-config", "base-truncated-weights", "base-yarn",
                                   "mlp-no-ttt-config", "mlp-missing-layer-weights", "mlp-weight-shape",
-                                  "mlp-other-model-size", "inplace-yarn", "mlp-unknown-variant", "mlp-use-rope",
+                                  "mlp-other-model-size", "inplace-yarn", "mlp-unknown-variant", "mlp-deep-inner-model",
                                   "mlp-lora-keys", "inplace-truncated-weights"])
 def test_cli_reports_broken_checkpoint_in_one_line(case: str, tmp_path: Path, tiny_inplace: TinyPaths,
                                                    tiny_ttt_mlp: TinyPaths, short_recording: Path,
@@ -575,3 +575,16 @@ def test_inspect_without_an_lm_config_needs_the_base(tiny_ttt_mlp: TinyPaths, tm
     with_base = CliRunner().invoke(app, ["inspect", str(run), "--base", str(tiny_ttt_mlp.base)])
     assert with_base.exit_code == 0, with_base.output
     assert "layers [1, 2]" in " ".join(with_base.stdout.replace("│", " ").split())
+
+
+def test_ttt_mlp_use_rope_checkpoint_streams(tiny_ttt_mlp: TinyPaths, tmp_path: Path, short_recording: Path) -> None:
+    """`use_rope: true` in a moshi-finetune training_config: same tensors, rotated inner Q/K."""
+    run = copy_tree(tiny_ttt_mlp.finetune, tmp_path / "run")
+    edit_json(_consolidated(run) / "training_config.json", _set("use_rope", True, "ttt"))
+    model = load_model(str(tiny_ttt_mlp.base), str(run))
+    assert model.ttt.use_rope and model.ttt.rope_theta == 10000.0
+    roped = run_stream(model, short_recording)
+    check_counts(roped, [1, 2])
+    plain = run_stream(load_model(str(tiny_ttt_mlp.base), str(tiny_ttt_mlp.finetune)), short_recording)
+    assert roped.pcm.tobytes() != plain.pcm.tobytes()
+    assert [r.drift for r in roped.ttt_layers] != [r.drift for r in plain.ttt_layers]

@@ -23,6 +23,7 @@ from moshi_ttt.ttt.mlp import (
     gelu_tanh,
     gelu_tanh_grad,
     ln_l2_backward,
+    audio_rope_frequencies,
     reconstruction_target,
 )
 
@@ -280,9 +281,28 @@ def test_attach_loads_checkpoint_keys_and_sets_context() -> None:
     assert torch.equal(layer.seq_modeling_block.ttt.W1, source.W1)
 
 
-def test_use_rope_is_rejected() -> None:
-    with pytest.raises(ValueError, match="use_rope"):
-        TTTMLP(D, H, 0, C, BASE_LR, use_rope=True)
+def test_audio_rope_frequencies_follow_the_training_formula() -> None:
+    for head_dim, theta in ((8, 10000.0), (64, 10000.0), (16, 500.0)):
+        expected = [(1.0 / theta ** (2 * i / head_dim)) * (0.5 + 1.5 * math.exp(-2 * i / (2 * head_dim)))
+                    for i in range(head_dim // 2)]
+        torch.testing.assert_close(audio_rope_frequencies(head_dim, theta),
+                                   torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
+
+
+def test_rope_streaming_equals_parallel_and_changes_the_output() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 11, D)
+    plain = make_module(seed=7)
+    roped = TTTMLP(D, H, layer_index=3, mini_batch_size=C, base_lr=BASE_LR, use_rope=True)
+    roped.load_state_dict(plain.state_dict())  # RoPE adds no checkpoint tensor
+    with torch.no_grad():
+        parallel = roped(x)
+        with roped.streaming(1):
+            streamed, fast, _, _ = stream(roped, x)
+        assert not torch.allclose(parallel, plain(x), atol=1e-3)
+    torch.testing.assert_close(streamed, parallel, rtol=0, atol=1e-5)
+    for n in NAMES:
+        torch.testing.assert_close(fast[n], roped.last_parallel_state[n][0], rtol=0, atol=1e-5)
 
 
 # -- 6. reset -----------------------------------------------------------------------------------
@@ -361,7 +381,19 @@ def test_streaming_batch_size_two_raises() -> None:
 
 # -- 9. fidelity to the moshi-finetune training code ----------------------------------------------
 
-def training_forward(module: TTTMLP, x: torch.Tensor, alpha: torch.Tensor
+def _rope_training(x: torch.Tensor, c: int) -> torch.Tensor:
+    """`precompute_audio_rope_1d` + `apply_audio_rotary_emb` on [B, H, T, HD], positions t mod C,
+    written with complex numbers as the training code does."""
+    hd = x.shape[-1]
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    freqs = freqs * (0.5 + 1.5 * torch.exp(-torch.arange(0, hd, 2, dtype=torch.float64) / (hd * 2)))
+    positions = torch.arange(x.shape[2], dtype=torch.float64) % c
+    cis = torch.polar(torch.ones(len(positions), hd // 2, dtype=torch.float64), positions[:, None] * freqs)
+    pairs = torch.complex(x[..., 0::2], x[..., 1::2]) * cis
+    return torch.stack([pairs.real, pairs.imag], dim=-1).flatten(-2)
+
+
+def training_forward(module: TTTMLP, x: torch.Tensor, alpha: torch.Tensor, rope: bool = False
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The TTT-MLP block as moshi-finetune trains it, written out independently in float64.
 
@@ -384,6 +416,8 @@ def training_forward(module: TTTMLP, x: torch.Tensor, alpha: torch.Tensor
 
     gamma, beta = p["ttt_norm_weight"][:, None], p["ttt_norm_bias"][:, None]  # [H, 1, HD]
     xq, xk = F.normalize(heads("wq"), dim=-1), F.normalize(heads("wk"), dim=-1)
+    if rope:
+        xq, xk = _rope_training(xq, c), _rope_training(xk, c)
     target_all = _target(heads("wv"), xk, gamma, beta)
     logits = torch.einsum("btd,hd->bht", x, p["learnable_ttt_lr_weight"][:, 0]) + p["learnable_ttt_lr_bias"]
     eta_tokens = BASE_LR * torch.sigmoid(logits) / HD / c  # [B, H, T]
@@ -413,8 +447,9 @@ def training_forward(module: TTTMLP, x: torch.Tensor, alpha: torch.Tensor
     return x + gate * out, w
 
 
-def make_block(chunk: int, alpha: torch.Tensor, seed: int) -> TTTMLPBlock:
-    config = TTTMLPConfig(layers=[0], mini_batch_size=chunk, base_lr=BASE_LR, apply_output_proj=False)
+def make_block(chunk: int, alpha: torch.Tensor, seed: int, rope: bool = False) -> TTTMLPBlock:
+    config = TTTMLPConfig(layers=[0], mini_batch_size=chunk, base_lr=BASE_LR, apply_output_proj=False,
+                          use_rope=rope)
     block = TTTMLPBlock(D, H, 0, config)
     source = make_module(seed=seed, apply_output_proj=False)
     block.ttt.load_state_dict(source.state_dict())
@@ -451,14 +486,18 @@ def test_streaming_equals_training_code_at_minibatch_one() -> None:
     assert (fast["W1"] - block.ttt.W1).abs().max() > 1e-3  # the inner model did learn
 
 
-def test_streaming_matches_training_code_at_minibatch_boundaries() -> None:
+@pytest.mark.parametrize("rope", [False, True])
+def test_streaming_matches_training_code_at_minibatch_boundaries(rope: bool) -> None:
     """C = 4: after every mini-batch the weights equal training's, and so does the output of each
-    mini-batch's last token (the only row where causal and non-causal see the same tokens)."""
+    mini-batch's last token (the only row where causal and non-causal see the same tokens).
+    With use_rope, Q and K are rotated by their position inside the mini-batch."""
     c, t_len = 4, 12
-    block = make_block(chunk=c, alpha=ALPHAS, seed=22)
+    block = make_block(chunk=c, alpha=ALPHAS, seed=22, rope=rope)
     x = torch.randn(1, t_len, D)
     streamed, fast = stream_block(block, x)
-    expected, w = training_forward(block.ttt, x, ALPHAS)
+    expected, w = training_forward(block.ttt, x, ALPHAS, rope=rope)
+    other, _ = training_forward(block.ttt, x, ALPHAS, rope=not rope)
+    assert (other - expected).abs().max() > 1e-3  # RoPE matters here, so this test can see it
     for n in NAMES:
         torch.testing.assert_close(fast[n].double(), w[n][0], rtol=0, atol=2e-5)
     last_rows = list(range(c - 1, t_len, c))

@@ -69,10 +69,35 @@ class TTTMLPConfig:
     ttt_layer_context: int | None = None
     non_ttt_layer_context: int | None = None
     persistent_states: bool = False
+    # Rotary embedding on the inner model's Q and K, positions counted inside each mini-batch.
     use_rope: bool = False
+    rope_theta: float = 10000.0
     mlp_expansion: int = 4
 
     variant: tp.ClassVar[str] = "ttt-mlp"
+
+
+# -- rotary embedding of the inner model's inputs ----------------------------------------------
+
+def audio_rope_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Angular frequency of each (even, odd) channel pair, [HD / 2], float32.
+
+    moshi-finetune's `precompute_audio_rope_1d(audio_scaling=True)`: the usual RoPE frequencies
+    `theta^(-2i / HD)`, each multiplied by `0.5 + 1.5 * exp(-2i / (2 HD))`, which speeds up the
+    fastest pairs (x2 at i = 0) and leaves the slow ones near x0.5-x1.
+    """
+    two_i = torch.arange(0, head_dim, 2, dtype=torch.float32)
+    return theta ** (-two_i / head_dim) * (0.5 + 1.5 * torch.exp(-two_i / (2 * head_dim)))
+
+
+def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x[2i], x[2i+1]) by `angles[..., i]`, i.e. multiply x[2i] + i x[2i+1]
+    by e^{i angle} (the training code's complex-number form). x [..., HD], angles [..., HD/2]."""
+    pairs = x.unflatten(-1, (-1, 2))
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    real = pairs[..., 0] * cos - pairs[..., 1] * sin
+    imag = pairs[..., 0] * sin + pairs[..., 1] * cos
+    return torch.stack([real, imag], dim=-1).flatten(-2)
 
 
 # -- analytic pieces of the inner gradient -------------------------------------------------------
@@ -197,14 +222,9 @@ class TTTMLP(FastWeightModule):
 
     def __init__(self, d_model: int, num_heads: int, layer_index: int, mini_batch_size: int,
                  base_lr: float, *, apply_output_proj: bool = True, mlp_expansion: int = 4,
-                 use_rope: bool = False, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+                 use_rope: bool = False, rope_theta: float = 10000.0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(layer_index, mini_batch_size)
-        if use_rope:
-            raise ValueError(
-                f"TTT layer {layer_index}: use_rope=True is not supported by the TTT-MLP layer "
-                "(the checkpoint was trained with RoPE on Q/K inside TTT, which is not implemented)"
-            )
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"d_model {d_model} is not divisible into {num_heads} TTT heads")
         factory: dict[str, tp.Any] = {"device": device, "dtype": dtype}
@@ -229,6 +249,10 @@ class TTTMLP(FastWeightModule):
         self.b1 = nn.Parameter(torch.zeros(h, 1, hidden, **factory))
         self.W2 = nn.Parameter(torch.empty(h, hidden, hd, **factory).normal_(0, 0.02))
         self.b2 = nn.Parameter(torch.zeros(h, 1, hd, **factory))
+        # A non-persistent buffer: it follows the module's device but is never in a checkpoint.
+        self.register_buffer("rope_frequencies",
+                             audio_rope_frequencies(hd, rope_theta).to(device=device) if use_rope else None,
+                             persistent=False)
         self.last_parallel_state: dict[str, torch.Tensor] | None = None
 
     # -- FastWeightModule contract --------------------------------------------------------------
@@ -252,8 +276,10 @@ class TTTMLP(FastWeightModule):
         return None
 
     # -- forward --------------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Q, K (L2-normalised), the inner target, all [B, H, T, HD] float32, and eta [B, H, T]."""
+    def _project(self, x: torch.Tensor, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K (L2-normalised, then rotated), the inner target, all [B, H, T, HD] float32, and
+        eta [B, H, T]. `positions` [T] are the tokens' indices inside their mini-batch (RoPE)."""
         b, t, _ = x.shape
 
         def heads(y: torch.Tensor) -> torch.Tensor:
@@ -263,6 +289,10 @@ class TTTMLP(FastWeightModule):
         # cost more than the whole TTT update.
         q = F.normalize(heads(self.wq(x)), dim=-1)
         k = F.normalize(heads(self.wk(x)), dim=-1)
+        if self.rope_frequencies is not None:
+            # Training rotates right after the L2 norm, so the target below uses the rotated K.
+            angles = positions.float()[:, None] * self.rope_frequencies
+            q, k = rotate_pairs(q, angles), rotate_pairs(k, angles)
         gamma, beta = self._norm_params()
         target = reconstruction_target(heads(self.wv(x)), k, gamma, beta)
         lr_logits = torch.einsum("btd,hd->bht", x.float(), self.learnable_ttt_lr_weight.float().squeeze(1))
@@ -291,7 +321,7 @@ class TTTMLP(FastWeightModule):
 
     def _forward_parallel(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, target, eta = self._project(x)
+        q, k, target, eta = self._project(x, torch.arange(t, device=x.device) % self.chunk_size)
         gamma, beta = self._norm_params()
         weights = {name: w.unsqueeze(0).expand(b, *w.shape)
                    for name, w in self.initial_fast_weights().items()}
@@ -312,7 +342,9 @@ class TTTMLP(FastWeightModule):
     def _forward_step(self, x: torch.Tensor, state: FastWeightState) -> torch.Tensor:
         """One token: fixed-shape, in-place tensor work only (graph-capturable)."""
         self._begin_step(state, x.shape[1])
-        q, k, target, eta = self._project(x)
+        assert state.write_pos is not None
+        q, k, target, eta = self._project(x, state.write_pos)
+        state.write_pos.add_(1)  # device-side position inside the mini-batch (graph-safe)
         gamma, beta = self._norm_params()
         fast = {name: w.unsqueeze(0) for name, w in state.fast.items()}
         if self.frozen:
@@ -374,7 +406,7 @@ class TTTMLPBlock(nn.Module):
         super().__init__()
         ttt = TTTMLP(d_model, num_heads, layer_index, config.mini_batch_size, config.base_lr,
                      apply_output_proj=config.apply_output_proj, mlp_expansion=config.mlp_expansion,
-                     use_rope=config.use_rope, device=device, dtype=dtype)
+                     use_rope=config.use_rope, rope_theta=config.rope_theta, device=device, dtype=dtype)
         self.ttt_layer = TTTLayer(ttt)
         self.forward_ssm_gating = SSMGating(d_model, config.initial_gating_alpha, device=device, dtype=dtype)
 
@@ -468,10 +500,11 @@ class TTTMLPFamily(TTTFamily):
             non_ttt_layer_context=number(section, "non_ttt_layer_context", source, int, None),
             persistent_states=bool(section.get("persistent_states") or False),
             use_rope=bool(section.get("use_rope") or False),
+            rope_theta=number(section, "rope_theta", source, float, 10000.0),
             mlp_expansion=number(section, "ttt_mlp_expansion_factor", source, int, None) or 4,
         )
-        if config.use_rope:
-            raise CheckpointError("TTT-MLP with use_rope is not supported", source)
+        # `rope_continuous` is not read: the training code counts RoPE positions inside each
+        # mini-batch whatever it says.
         return config
 
     def chunk_size(self, config: TTTMLPConfig) -> int:
