@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from .config import TTTConfig, ttt_config_from_section
+from .config import TTTConfig, check_ttt_config, ttt_config_from_section
 from .errors import CheckpointError
 
 DEFAULT_BASE = "kyutai/moshiko-pytorch-bf16"
@@ -195,7 +195,9 @@ def _config_candidates(folder: Path) -> list[tuple[Path, str, bool]]:
     return out
 
 
-def load_finetune(path: str | Path, num_layers: int) -> FineTune:
+def load_finetune(path: str | Path, num_layers: int, context: int | None = None) -> FineTune:
+    """Find and parse a fine-tune (configs and file names only, no weights); `context` is the base
+    model's, to bound the TTT chunk size."""
     folder = resolve_finetune_folder(path)
     lm_config = read_mapping(folder / "config.json") if (folder / "config.json").is_file() else None
     ttt: TTTConfig | None = None
@@ -209,6 +211,8 @@ def load_finetune(path: str | Path, num_layers: int) -> FineTune:
         ttt = ttt_config_from_section(
             data[key], num_layers, file, default_variant="inplace" if key == "ttt_config" else "ttt-mlp",
             apply_output_proj_default=apply_output_proj)
+        if ttt is not None:
+            check_ttt_config(ttt, context, file)
         source = file
         break
     if source is None:

@@ -9,6 +9,7 @@ Sections we read (first found wins, see `finetune.find_ttt_section`):
 
 from __future__ import annotations
 
+import math
 import typing as tp
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def _number(section: dict, key: str, source: Path, kind: type = float, default: 
         if kind is int and (isinstance(value, bool) or int(value) != float(value)):
             raise ValueError
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise CheckpointError(f"TTT config {key!r} must be a {kind.__name__}, got {value!r}", source) from None
 
 
@@ -94,8 +95,9 @@ def ttt_config_from_section(section: tp.Any, num_layers: int, source: Path, *,
     layers = parse_layers(section.get("layers"), num_layers, source,
                           start_layer=_number(section, "start_layer", source, int, None),
                           layer_frequency=_number(section, "layer_frequency", source, int, None))
-    if not layers:
-        return None
+    if not layers:  # silently running without TTT would ignore the fine-tune's weights
+        raise CheckpointError(f"TTT is enabled but its layer selection picks no layer of this {num_layers}-layer "
+                              "model; fix 'layers' / 'start_layer', or set enabled: false", source)
     if variant == "inplace":
         config: TTTConfig = InPlaceTTTConfig(
             layers=layers,
@@ -138,3 +140,25 @@ def variant_of(config: TTTConfig) -> str:
 
 def chunk_size_of(config: TTTConfig) -> int:
     return config.chunk_size if isinstance(config, InPlaceTTTConfig) else config.mini_batch_size
+
+
+def check_ttt_config(config: TTTConfig, context: int | None, source: Path) -> None:
+    """Refuse settings that would make every file fail, misbehave or blow up memory, before any
+    weights load: non-finite numbers (NaN passed as success before), negative learning rates,
+    and chunks longer than the model's context (their buffers grow with the chunk)."""
+    for name, value in vars(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"TTT config {name!r} must be a finite number, got {value}", source)
+    for name in ("learning_rate", "base_lr"):
+        if getattr(config, name, 0.0) < 0:
+            raise CheckpointError(f"TTT config {name!r} must be >= 0, got {getattr(config, name)}", source)
+    for name, value in vars(config).items():
+        if name.startswith("delta_clip") and value is not None and value <= 0:
+            raise CheckpointError(f"TTT config {name!r} must be > 0, got {value}", source)
+    size = chunk_size_of(config)
+    if context is not None and size > context:
+        raise CheckpointError(f"TTT chunk size {size} is larger than the model's context ({context} tokens)", source)
+    for name in ("ttt_layer_context", "non_ttt_layer_context"):
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            raise CheckpointError(f"TTT config {name!r} must be >= 1, got {value}", source)
