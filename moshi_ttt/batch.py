@@ -59,6 +59,11 @@ def is_junk(rel: Path, include_hidden: bool = False) -> bool:
     return not include_hidden and any(part.startswith(".") for part in rel.parts)
 
 
+def is_inside(path: Path, folder: Path) -> bool:
+    """`path` lies strictly below `folder`, links resolved."""
+    return folder.resolve() in path.resolve().parents
+
+
 def find_inputs(folder: Path, pattern: str | None = None, exclude: Path | None = None,
                 include_hidden: bool = False) -> list[Path]:
     """Audio files below `folder`, sorted; `pattern` (a glob) is matched against the path
@@ -103,7 +108,8 @@ def plan_jobs(source: Path, target: Path | str, pattern: str | None = None, text
                             "choose another output folder", target)
     jobs: list[Job] = []
     taken: set[Path] = set()
-    for path in find_inputs(source, pattern, exclude=target, include_hidden=include_hidden):
+    inside = target if is_inside(target, source) else None  # our outputs in IN are not inputs
+    for path in find_inputs(source, pattern, exclude=inside, include_hidden=include_hidden):
         rel = path.relative_to(source)
         output = target / rel.with_suffix(".wav")
         if output in taken:  # a.wav and a.flac side by side: keep both, name the second by its full name
@@ -185,7 +191,7 @@ class EarlierResults:
         names = {f.name for f in fields(FileResult)}
         self._by_output: dict[str, FileResult] = {}
         for entry in (report or {}).get("files", []):
-            if isinstance(entry, dict) and entry.get("output") and entry.get("output_sha256"):
+            if isinstance(entry, dict) and entry.get("output"):
                 result = FileResult(**{k: v for k, v in entry.items() if k in names})
                 self._by_output[self._key(Path(result.output))] = result
 
@@ -195,17 +201,23 @@ class EarlierResults:
 
     def for_output(self, output: Path) -> FileResult | None:
         earlier = self._by_output.get(self._key(output))
-        if earlier is None or not output.is_file() or sha256_of(output) != earlier.output_sha256:
+        if earlier is None or earlier.output_sha256 is None or not output.is_file() \
+                or sha256_of(output) != earlier.output_sha256:
             return None
         return earlier
 
     def others(self, jobs: list[Job]) -> list[FileResult]:
-        """Earlier results for outputs this run does not plan (e.g. outside its --glob) that still exist."""
+        """Entries for the outputs this run does not plan (e.g. outside its --glob) that still
+        exist: with the earlier numbers where they still describe the file."""
         planned = {self._key(job.output) for job in jobs}
         kept = []
-        for key, earlier in self._by_output.items():
-            if key not in planned and self.for_output(Path(earlier.output)) is not None:
-                kept.append(carried(earlier, "not selected in this run"))
+        for key, entry in self._by_output.items():
+            output = Path(tp.cast(str, entry.output))
+            if key in planned or not output.is_file():
+                continue
+            earlier = self.for_output(output)
+            kept.append(carried(earlier, "not selected in this run") if earlier else
+                        FileResult(entry.input, entry.output, "skipped", "not selected in this run"))
         return kept
 
 
@@ -413,8 +425,8 @@ def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = Non
             raise MoshiTTTError("the report path is also an output of this run", report_path)
     # Every file of IN is a source (not only the selected recordings), except our own outputs
     # when OUT lies inside IN.
-    out_resolved = out_root.resolve()
-    sources = [p for p in source.rglob("*") if p.is_file() and out_resolved not in p.resolve().parents] \
+    outputs_inside = folder_mode and is_inside(out_root, source)
+    sources = [p for p in source.rglob("*") if p.is_file() and not (outputs_inside and is_inside(p, out_root))] \
         if folder_mode else [source]
     check_sources_untouched(sources, [*outputs, *([report_path] if report_path else [])])
     check_writable(out_root, "outputs")

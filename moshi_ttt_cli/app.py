@@ -14,6 +14,23 @@ import typing as tp
 from enum import Enum
 from pathlib import Path
 
+
+def _interrupted_during_start_up() -> tp.NoReturn:
+    sys.stderr.write("interrupted during start-up\n")
+    raise SystemExit(130)
+
+
+# Ctrl-C while torch is imported (seconds) must be one line, not an import traceback. Some
+# import-time code swallows KeyboardInterrupt, so the interrupt is also remembered and acted on
+# once the imports are done.
+_start_up_signals: list[int] = []
+_default_sigint = signal.getsignal(signal.SIGINT)
+if _default_sigint is signal.default_int_handler:
+    def _remember_sigint(signum: int, frame: tp.Any) -> None:
+        _start_up_signals.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, _remember_sigint)
 try:
     import typer
     from rich.console import Console
@@ -23,9 +40,13 @@ try:
     from moshi_ttt.runtime import prepare_environment, resolve_device, resolve_dtype, set_threads
 
     from . import render
-except KeyboardInterrupt:  # Ctrl-C while torch is imported: one line, not its import traceback
-    sys.stderr.write("interrupted during start-up\n")
-    raise SystemExit(130) from None
+except KeyboardInterrupt:
+    _interrupted_during_start_up()
+finally:
+    if _default_sigint is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _default_sigint)
+if _start_up_signals:
+    _interrupted_during_start_up()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline inference for Moshi fine-tuned with Test-Time Training layers.")
@@ -117,10 +138,11 @@ def infer(
 
             # Everything that can be checked without the model is, so bad settings cost a moment.
             check_seed(seed)
-            resolve_checkpoints(base, checkpoint)
             plan = prepare_batch(source, target, pattern=glob, text=text, report=report,
                                  include_hidden=include_hidden)
         try:
+            with user_errors():
+                resolve_checkpoints(base, checkpoint)
             code = _run_plan(plan, base, checkpoint, torch_device, torch_dtype, n_threads, seed, not no_ttt,
                              overwrite, details, quiet)
         finally:
