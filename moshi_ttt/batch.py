@@ -377,7 +377,7 @@ def stale_partials(folder: Path) -> list[Path]:
     (see `audio.is_our_temporary`) whose process is gone; never outputs, never a user's files."""
     if not folder.is_dir():
         return []
-    return [p for p in folder.rglob(f".*") if (pid := is_our_temporary(p)) is not None and not _pid_alive(pid)]
+    return [p for p in folder.rglob(".*") if (pid := is_our_temporary(p)) is not None and not _pid_alive(pid)]
 
 
 def _pid_alive(pid: int) -> bool:

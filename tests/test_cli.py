@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
 from moshi_ttt.batch import REPORT_NAME, REPORT_SCHEMA, FileResult, Job
+from moshi_ttt.guard import LOCK_NAME
 from moshi_ttt.tiny import write_sample_recordings
 from moshi_ttt_cli import render
 from moshi_ttt_cli.app import app
@@ -492,16 +493,17 @@ def _check_outputs_complete(src: Path, out: Path) -> list[str]:
     return [rel for rel in wavs if rel.endswith(".wav")]
 
 
-def test_sigint_stops_cleans_up_and_writes_the_report(tiny_inplace, long_recordings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # issue 10, case 10: alike
+def test_sigint_stops_cleans_up_and_writes_the_report(sig, code, tiny_inplace, long_recordings, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc, _ = _start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
     try:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     finally:
         proc.kill()
     log = (tmp_path / "log").read_text()
-    assert rc == 130, log
+    assert rc == code, log
     assert "Traceback" not in log
     assert any(line.startswith("interrupted: ") and line.endswith("are kept") for line in log.splitlines()), log
     report = report_of(out / REPORT_NAME)
@@ -509,6 +511,7 @@ def test_sigint_stops_cleans_up_and_writes_the_report(tiny_inplace, long_recordi
     ok = [f for f in report["files"] if f["status"] == "ok"]
     assert 1 <= len(ok) < N_LONG  # it stopped
     assert partials(out) == []  # the current file's temporary was removed
+    assert not (out / LOCK_NAME).exists()  # the lock on OUT was released
     on_disk = _check_outputs_complete(long_recordings, out)
     assert {str(out / rel) for rel in on_disk} >= {f["output"] for f in ok}
     assert len(on_disk) < N_LONG

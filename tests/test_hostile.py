@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, atomic_output, read_audio, write_audio
+from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output, read_audio, write_audio
 from moshi_ttt.batch import REPORT_NAME, FileResult, Report
 from moshi_ttt.errors import AudioError
 from moshi_ttt.guard import LOCK_NAME
@@ -316,30 +315,8 @@ def test_9_a_link_planted_at_a_temporary_name_redirects_nothing(tmp_path: Path) 
     assert sorted(p.name for p in target.parent.iterdir() if not p.is_symlink()) == ["x.wav"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
-
-# -- 10. SIGTERM like SIGINT; Ctrl-C at start-up is one line ----------------------------------------
-
-def test_10_sigterm_marks_the_report_interrupted(tiny_inplace, long_recordings, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    proc, _ = _start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
-    try:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=120)
-    finally:
-        proc.kill()
-    log = (tmp_path / "log").read_text()
-    assert rc == 143, log
-    assert "Traceback" not in log and "interrupted: " in log
-    report = report_of(out / REPORT_NAME)
-    assert report["interrupted"] is True
-    assert 1 <= sum(f["status"] == "ok" for f in report["files"]) < 6
-    assert partials(out) == [] and not (out / LOCK_NAME).exists()
-
+# -- 10. SIGTERM like SIGINT (test_cli.test_sigint_stops_...[SIGTERM]); Ctrl-C at start-up is one line --
 
 def test_10_ctrl_c_during_start_up_is_one_line(tiny_inplace, rec, tmp_path: Path) -> None:
     proc = subprocess.Popen(_cli_command(tiny_inplace, rec, tmp_path / "out"), stdout=subprocess.PIPE,
