@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
+import stat
+import tempfile
 import typing as tp
 from pathlib import Path
 
 import numpy as np
 import sphn
 
-from .errors import AudioError, AudioTooShortError
+from .errors import AudioError, AudioTooShortError, MoshiTTTError
 
 SAMPLE_RATE = 24_000
 FRAME_SIZE = 1920  # 80 ms at 24 kHz: one Mimi frame, one LMGen step
 # What the readers (sphn's symphonia, then libsndfile) decode; used to find inputs in folders.
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff",
                     ".aifc", ".caf", ".au", ".w64", ".wv")
+# Below this a file holds no usable speech, and resampling it to 24 kHz only multiplies the work
+# (a 144-byte WAV at 1 Hz would become 17 minutes of audio).
+MIN_SAMPLE_RATE = 4_000
+# What we write, by output extension: (libsndfile format, subtype). 16-bit PCM where the container
+# has a choice, as moshi writes its outputs.
+OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"),
+                  ".oga": ("OGG", "VORBIS"), ".opus": ("OGG", "OPUS"), ".mp3": ("MP3", "MPEG_LAYER_III"),
+                  ".aif": ("AIFF", "PCM_16"), ".aiff": ("AIFF", "PCM_16"), ".aifc": ("AIFF", "PCM_16"),
+                  ".caf": ("CAF", "PCM_16"), ".au": ("AU", "PCM_16"), ".w64": ("W64", "PCM_16")}
 PARTIAL_SUFFIX = ".partial"
+# Temporaries are `.<final name>.moshi-ttt-<pid>-<random>.partial`: hidden, beside the final name,
+# unpredictable, and recognisably ours (see `is_our_temporary`).
+TEMP_MARK = ".moshi-ttt-"
+_TEMP_NAME = re.compile(r"\..+" + re.escape(TEMP_MARK) + r"(\d+)-[a-z0-9_]{8}" + re.escape(PARTIAL_SUFFIX))
 
 
 def _reason(exc: Exception, path: Path) -> str:
@@ -40,36 +57,91 @@ def read_audio(path: str | Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise AudioError("empty file", path)
     try:
-        pcm, _ = sphn.read(str(path), sample_rate=SAMPLE_RATE)
+        # At the file's own rate: the rate is checked before any resampling work is done.
+        pcm, rate = sphn.read(str(path))
     except Exception as first:
-        pcm = _read_with_soundfile(path, first)
+        pcm, rate = _read_with_soundfile(path, first)
     pcm = np.asarray(pcm, dtype=np.float32)
     if pcm.ndim != 2 or pcm.shape[0] == 0:
         raise AudioError("no audio channels", path)
+    if rate < MIN_SAMPLE_RATE:
+        raise AudioError(f"sample rate {rate} Hz is below the {MIN_SAMPLE_RATE} Hz minimum: too low to hold "
+                         "speech, and resampling it to 24 kHz would only multiply the work", path)
     mono = np.ascontiguousarray(pcm[0])
     if not np.isfinite(mono).all():
         raise AudioError("audio holds NaN or infinite samples", path)
+    if rate != SAMPLE_RATE:
+        mono = resample(mono, rate)
     if mono.shape[0] < FRAME_SIZE:
         raise AudioTooShortError(f"shorter than one 80 ms frame ({mono.shape[0]} samples at 24 kHz)", path)
     return mono
 
 
-def _read_with_soundfile(path: Path, first: Exception) -> np.ndarray:
+def _read_with_soundfile(path: Path, first: Exception) -> tuple[np.ndarray, int]:
     import soundfile
 
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception:
         raise AudioError(_reason(first, path), path) from None
-    pcm = np.ascontiguousarray(data.T)
-    if rate != SAMPLE_RATE and pcm.shape[1] > 0:
-        pcm = sphn.resample(pcm, src_sample_rate=rate, dst_sample_rate=SAMPLE_RATE)
-    return pcm
+    return np.ascontiguousarray(data.T), int(rate)
 
 
-def partial_path(path: Path) -> Path:
-    """Temporary name beside the final one: same folder (so the rename is atomic), never an input."""
-    return path.with_name(f"{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+@functools.lru_cache(maxsize=None)
+def _resampler_delay(rate: int) -> int:
+    """Output samples sphn's resampler puts before the signal (16 kHz -> 24 kHz: 768), measured
+    on an impulse so it holds for whatever resampler the installed sphn uses."""
+    impulse = np.zeros((1, rate), dtype=np.float32)
+    impulse[0, 0] = 1.0
+    return int(np.argmax(np.abs(sphn.resample(impulse, src_sample_rate=rate, dst_sample_rate=SAMPLE_RATE)[0])))
+
+
+def resample(pcm: np.ndarray, rate: int) -> np.ndarray:
+    """Mono `pcm` at `rate` to 24 kHz: exactly `round(n * 24000 / rate)` samples, time-aligned.
+
+    sphn's resampler delays the signal and works in blocks (8 kHz, 100 samples: 3072 out instead
+    of 300), so the delay is cut from the front and the input is padded with silence so its
+    tail comes out.
+    """
+    length = round(len(pcm) * SAMPLE_RATE / rate)
+    delay = _resampler_delay(rate)
+    tail = np.zeros(int(np.ceil((delay + 64) * rate / SAMPLE_RATE)) + 64, dtype=np.float32)
+    out = sphn.resample(np.concatenate([pcm, tail])[None], src_sample_rate=rate, dst_sample_rate=SAMPLE_RATE)[0]
+    out = np.asarray(out[delay:delay + length], dtype=np.float32)
+    return np.pad(out, (0, length - len(out))) if len(out) < length else out
+
+
+def output_format(path: Path) -> tuple[str, str]:
+    """The (format, subtype) an output's extension names, or an error saying which ones work."""
+    import soundfile
+
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None or not soundfile.check_format(*fmt):
+        usable = ", ".join(ext for ext, f in OUTPUT_FORMATS.items() if soundfile.check_format(*f))
+        raise MoshiTTTError(f"cannot write {path.suffix or 'a file without an extension'}: the output's "
+                            f"extension names its format; use one of {usable} (or end a folder with /)", path)
+    return fmt
+
+
+def is_our_temporary(path: Path) -> int | None:
+    """The pid that made `path` if it is a temporary of this tool (by name, a regular file, not a
+    link, owned by this user), else None. A user's `x.partial` or `x.123.partial` is never ours."""
+    match = _TEMP_NAME.fullmatch(path.name)
+    if match is None:
+        return None
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        return None
+    return int(match.group(1))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -77,12 +149,18 @@ def atomic_output(path: str | Path) -> tp.Iterator[Path]:
     """Yield a temporary path to write; rename it to `path` only if the block completes.
 
     An interrupted or failed write leaves nothing under the final name, so a rerun can trust
-    that every existing output is complete.
+    that every existing output is complete. The temporary is created exclusively (O_EXCL, never
+    through a link) under an unpredictable name in the same folder, so nobody can plant a link
+    there to redirect the write, and the rename stays atomic.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-",
+                                suffix=PARTIAL_SUFFIX)
+    tmp = Path(name)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
+        os.close(fd)
         yield tmp
         os.replace(tmp, path)
     finally:
@@ -90,10 +168,20 @@ def atomic_output(path: str | Path) -> tp.Iterator[Path]:
             tmp.unlink()
 
 
-def write_wav(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """16-bit PCM WAV, as moshi writes its outputs, atomically."""
+def write_audio(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write in the format `path`'s extension names (see `OUTPUT_FORMATS`), atomically. WAV is
+    16-bit PCM through sphn, as moshi writes its outputs."""
+    path = Path(path)
+    fmt = output_format(path)
+    pcm = np.asarray(pcm, dtype=np.float32)
     with atomic_output(path) as tmp:
-        sphn.write_wav(str(tmp), np.asarray(pcm, dtype=np.float32), sample_rate=sample_rate)
+        if fmt[0] == "WAV":
+            sphn.write_wav(str(tmp), pcm, sample_rate=sample_rate)
+        else:
+            import soundfile
+
+            soundfile.write(str(tmp), pcm, sample_rate, format=fmt[0], subtype=fmt[1])
+
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -7,17 +7,21 @@ stops the others, and the report on disk always holds every file finished so far
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import hashlib
 import json
+import math
 import os
-import re
 import time
 import typing as tp
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .audio import AUDIO_EXTENSIONS, PARTIAL_SUFFIX, SAMPLE_RATE, atomic_output, read_audio, write_text, write_wav
+from .audio import (AUDIO_EXTENSIONS, SAMPLE_RATE, atomic_output, is_our_temporary, output_format, read_audio,
+                    write_audio, write_text)
 from .errors import AudioTooShortError, MoshiTTTError
+from .guard import OutputLock, check_sources_untouched, check_writable
 from .runner import StreamingRunner
 
 REPORT_SCHEMA = "moshi-ttt.report/1"
@@ -42,37 +46,70 @@ class FileResult:
     steps: int = 0
     wall_s: float = 0.0
     ttt: dict | None = None
+    transcript: str | None = None  # kept so a later --text run can write it without recomputing
+    output_sha256: str | None = None  # ties these numbers to the output file they describe
+    from_earlier_run: bool = False  # numbers carried over from the run that wrote the output
 
 
-def find_inputs(folder: Path, pattern: str | None = None, exclude: Path | None = None) -> list[Path]:
+def is_junk(rel: Path, include_hidden: bool = False) -> bool:
+    """macOS AppleDouble files (`._x.wav`) are never recordings; hidden files and folders are
+    skipped unless asked for."""
+    if rel.name.startswith("._"):
+        return True
+    return not include_hidden and any(part.startswith(".") for part in rel.parts)
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """`path` lies strictly below `folder`, links resolved."""
+    return folder.resolve() in path.resolve().parents
+
+
+def find_inputs(folder: Path, pattern: str | None = None, exclude: Path | None = None,
+                include_hidden: bool = False) -> list[Path]:
     """Audio files below `folder`, sorted; `pattern` (a glob) is matched against the path
-    relative to `folder` and against the file name."""
+    relative to `folder` and against the file name. Nothing under `exclude` (compared resolved,
+    so `.` and `out` find the outputs of an earlier run in `./out`)."""
+    exclude = exclude.resolve() if exclude is not None else None
     found = []
     for path in folder.rglob("*"):
         if not path.is_file() or path.suffix.lower() not in AUDIO_EXTENSIONS:
             continue
-        if exclude is not None and exclude in path.parents:
+        rel = path.relative_to(folder)
+        if is_junk(rel, include_hidden):
             continue
-        rel = path.relative_to(folder).as_posix()
-        if pattern and not (fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(path.name, pattern)):
+        if exclude is not None and exclude in path.resolve().parents:
+            continue
+        if pattern and not (fnmatch.fnmatch(rel.as_posix(), pattern) or fnmatch.fnmatch(path.name, pattern)):
             continue
         found.append(path)
     return sorted(found)
 
 
-def plan_jobs(source: Path, target: Path, pattern: str | None = None, text: bool = False) -> list[Job]:
-    """Map inputs to outputs: a file to a file (or into a folder), a folder to a mirrored folder."""
+def plan_jobs(source: Path, target: Path | str, pattern: str | None = None, text: bool = False,
+              include_hidden: bool = False) -> list[Job]:
+    """Map inputs to outputs: a file to a file (or into a folder), a folder to a mirrored folder.
+
+    `target` ending in "/" is a folder even if it does not exist yet. A single output is written
+    in the format its extension names. Paths are made absolute, so reports and resumes do not
+    depend on the working folder.
+    """
+    as_folder = str(target).endswith(("/", os.sep))
+    source, target = Path(source).absolute(), Path(target).absolute()
     if source.is_file():
-        output = target / f"{source.stem}.wav" if target.is_dir() else target
+        output = target / f"{source.stem}.wav" if as_folder or target.is_dir() else target
+        output_format(output)
         return [Job(source, output, output.with_suffix(".txt") if text else None)]
     if not source.is_dir():
         raise MoshiTTTError("no such file or folder", source)
     if target.exists() and not target.is_dir():
         raise MoshiTTTError("input is a folder, so the output must be a folder too", target)
+    if target.resolve() == source.resolve():
+        raise MoshiTTTError("the output folder is the input folder: outputs would replace the recordings; "
+                            "choose another output folder", target)
     jobs: list[Job] = []
     taken: set[Path] = set()
-    inside = target.resolve() if target.resolve() != source.resolve() else None
-    for path in find_inputs(source, pattern, exclude=inside):
+    inside = target if is_inside(target, source) else None  # our outputs in IN are not inputs
+    for path in find_inputs(source, pattern, exclude=inside, include_hidden=include_hidden):
         rel = path.relative_to(source)
         output = target / rel.with_suffix(".wav")
         if output in taken:  # a.wav and a.flac side by side: keep both, name the second by its full name
@@ -88,6 +125,7 @@ class BatchEvents(tp.Protocol):
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None: ...
     def frames_done(self, done: int, total: int) -> None: ...
     def file_finished(self, index: int, total: int, result: FileResult) -> None: ...
+    def report_failed(self, path: Path, reason: str) -> None: ...
 
 
 class SilentEvents:
@@ -108,6 +146,85 @@ class SilentEvents:
     def file_finished(self, index: int, total: int, result: FileResult) -> None:
         pass
 
+    def report_failed(self, path: Path, reason: str) -> None:
+        pass
+
+
+def strict_json(value: tp.Any) -> tp.Any:
+    """`value` with every non-finite float as null: bare NaN is not JSON and strict parsers reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_report(path: Path) -> dict | None:
+    """The report an earlier run left at `path` (None if there is none). Anything else there is
+    refused rather than replaced: `--report` may name a user's file by mistake."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA or not isinstance(data.get("files"), list):
+        raise MoshiTTTError("exists and is not a moshi-ttt report; refusing to replace it", path)
+    return data
+
+
+class EarlierResults:
+    """Results an earlier run recorded, by output file, trusted only while that output is the
+    very file they describe (same SHA-256): a replaced output gets no borrowed numbers."""
+
+    def __init__(self, report: dict | None = None):
+        names = {f.name for f in fields(FileResult)}
+        self._by_output: dict[str, FileResult] = {}
+        for entry in (report or {}).get("files", []):
+            if isinstance(entry, dict) and entry.get("output"):
+                result = FileResult(**{k: v for k, v in entry.items() if k in names})
+                self._by_output[self._key(Path(result.output))] = result
+
+    @staticmethod
+    def _key(path: Path) -> str:
+        return str(path.resolve())
+
+    def for_output(self, output: Path) -> FileResult | None:
+        earlier = self._by_output.get(self._key(output))
+        if earlier is None or earlier.output_sha256 is None or not output.is_file() \
+                or sha256_of(output) != earlier.output_sha256:
+            return None
+        return earlier
+
+    def others(self, jobs: list[Job]) -> list[FileResult]:
+        """Entries for the outputs this run does not plan (e.g. outside its --glob) that still
+        exist: with the earlier numbers where they still describe the file."""
+        planned = {self._key(job.output) for job in jobs}
+        kept = []
+        for key, entry in self._by_output.items():
+            output = Path(tp.cast(str, entry.output))
+            if key in planned or not output.is_file():
+                continue
+            earlier = self.for_output(output)
+            kept.append(carried(earlier, "not selected in this run") if earlier else
+                        FileResult(entry.input, entry.output, "skipped", "not selected in this run"))
+        return kept
+
+
+def carried(earlier: FileResult, reason: str) -> FileResult:
+    """An earlier run's result for a file this run skipped: its numbers, marked as earlier."""
+    return FileResult(**{**asdict(earlier), "status": "skipped", "reason": reason, "from_earlier_run": True})
+
 
 @dataclass
 class Report:
@@ -115,15 +232,21 @@ class Report:
     files: list[FileResult] = field(default_factory=list)
     wall_s: float = 0.0
     interrupted: bool = False
+    # Files of the output folder this run did not plan, described by the runs that wrote them.
+    earlier: list[FileResult] = field(default_factory=list)
+
+    def all_files(self) -> list[FileResult]:
+        return [*self.files, *self.earlier]
 
     def totals(self) -> dict:
-        ok = [f for f in self.files if f.status == "ok"]
+        files = self.all_files()
+        ok = [f for f in files if f.status == "ok"]
         audio_s = sum(f.duration_s for f in ok)
         return {
-            "files": len(self.files),
+            "files": len(files),
             "ok": len(ok),
-            "failed": sum(f.status == "failed" for f in self.files),
-            "skipped": sum(f.status == "skipped" for f in self.files),
+            "failed": sum(f.status == "failed" for f in files),
+            "skipped": sum(f.status == "skipped" for f in files),
             "audio_s": round(audio_s, 3),
             "wall_s": round(self.wall_s, 3),
             # Seconds of processing per second of audio: below 1 is faster than real time.
@@ -132,29 +255,34 @@ class Report:
 
     def to_json(self) -> dict:
         data = {"schema": REPORT_SCHEMA, "settings": self.settings,
-                "files": [asdict(f) for f in self.files], "totals": self.totals()}
+                "files": [asdict(f) for f in self.all_files()], "totals": self.totals()}
         if self.interrupted:
             data["interrupted"] = True
-        return data
+        return strict_json(data)
 
     def write(self, path: Path) -> None:
         with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+            tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 class BatchRunner:
     """Streams each job through one loaded model; see the module docstring for the guarantees."""
 
     def __init__(self, runner: StreamingRunner, settings: dict, report_path: Path | None = None,
-                 overwrite: bool = False, events: BatchEvents | None = None):
+                 overwrite: bool = False, events: BatchEvents | None = None,
+                 earlier: EarlierResults | None = None):
         self.runner = runner
         self.report = Report(settings=settings)
         self.report_path = report_path
         self.overwrite = overwrite
         self.events: BatchEvents = events or SilentEvents()
+        self.earlier = earlier or EarlierResults()
+        # Why the last report write failed; None once a write succeeds again.
+        self.report_error: str | None = None
 
     def run(self, jobs: list[Job]) -> Report:
         start = time.perf_counter()
+        self.report.earlier = self.earlier.others(jobs)
         try:
             for index, job in enumerate(jobs):
                 result = self._run_one(index, len(jobs), job)
@@ -171,12 +299,38 @@ class BatchRunner:
         return self.report
 
     def _save(self) -> None:
-        if self.report_path is not None:
+        """A report that cannot be written (disk full, folder gone) is said once, not fatal:
+        the outputs still get made, and the next write may succeed."""
+        if self.report_path is None:
+            return
+        try:
             self.report.write(self.report_path)
+        except OSError as exc:
+            reason = f"cannot write the report: {exc.strerror or exc}"
+            if reason != self.report_error:
+                self.events.report_failed(self.report_path, reason)
+            self.report_error = reason
+        else:
+            self.report_error = None
+
+    def _skip_existing(self, job: Job) -> FileResult:
+        """The output exists: keep it, and keep what the run that wrote it recorded about it."""
+        earlier = self.earlier.for_output(job.output)
+        result = carried(earlier, "exists") if earlier else FileResult(str(job.input), str(job.output), "skipped", "exists")
+        if job.text_output is not None and not job.text_output.exists():
+            if result.transcript is not None:
+                write_text(job.text_output, result.transcript + "\n")
+                result.reason = "exists; transcript written from the earlier run's result"
+            else:
+                result.reason = "exists; its transcript needs recomputing: rerun with --overwrite"
+        return result
 
     def _run_one(self, index: int, total: int, job: Job) -> FileResult:
         if job.output.exists() and not self.overwrite:
-            return FileResult(str(job.input), str(job.output), "skipped", "exists")
+            try:
+                return self._skip_existing(job)
+            except OSError as exc:
+                return FileResult(str(job.input), str(job.output), "failed", _os_reason(exc))
         begin = time.perf_counter()
         try:
             pcm = read_audio(job.input)
@@ -188,15 +342,16 @@ class BatchRunner:
         self.events.file_started(index, total, job, duration)
         try:
             streamed = self.runner.run(pcm, progress=self.events.frames_done)
+            transcript = self.runner.transcript(streamed.text_tokens)
             if job.text_output is not None:
-                write_text(job.text_output, self.runner.transcript(streamed.text_tokens) + "\n")
-            write_wav(job.output, streamed.pcm)
+                write_text(job.text_output, transcript + "\n")
+            write_audio(job.output, streamed.pcm)
+            digest = sha256_of(job.output)
         except MoshiTTTError as exc:
             return FileResult(str(job.input), None, "failed", exc.reason, duration_s=duration)
         except (RuntimeError, ValueError, OSError) as exc:
             # One file's failure (out of memory, a write error) must not stop the others.
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-            return FileResult(str(job.input), None, "failed", reason, duration_s=duration)
+            return FileResult(str(job.input), None, "failed", _os_reason(exc), duration_s=duration)
         ttt = None
         model_ttt = self.runner.model.describe_ttt()
         if model_ttt is not None:
@@ -204,30 +359,87 @@ class BatchRunner:
                    "layers": [asdict(layer) for layer in streamed.ttt_layers]}
         return FileResult(str(job.input), str(job.output), "ok", None, duration_s=round(duration, 4),
                           frames=streamed.frames, steps=streamed.steps,
-                          wall_s=round(time.perf_counter() - begin, 4), ttt=ttt)
+                          wall_s=round(time.perf_counter() - begin, 4), ttt=ttt, transcript=transcript,
+                          output_sha256=digest)
+
+
+def _os_reason(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def default_report_path(source: Path, target: Path) -> Path | None:
     """Directory mode writes a report by default; a single file only when asked."""
-    return target / REPORT_NAME if source.is_dir() else None
+    return Path(target).absolute() / REPORT_NAME if Path(source).is_dir() else None
 
 
 def stale_partials(folder: Path) -> list[Path]:
-    """Temporary outputs left by a killed run (kill -9 skips cleanup); never final outputs."""
+    """Temporaries left by a killed run (kill -9 skips cleanup): only files this tool created
+    (see `audio.is_our_temporary`) whose process is gone; never outputs, never a user's files."""
     if not folder.is_dir():
         return []
-    # Only names `partial_path` makes (`<name>.<pid>.partial`): a user's own `x.partial` is not ours.
-    ours = re.compile(r".+\.\d+" + re.escape(PARTIAL_SUFFIX))
-    return [p for p in folder.rglob(f"*{PARTIAL_SUFFIX}")
-            if ours.fullmatch(p.name) and p.is_file() and not _pid_alive(p)]
+    return [p for p in folder.rglob(".*") if (pid := is_our_temporary(p)) is not None and not _pid_alive(pid)]
 
 
-def _pid_alive(path: Path) -> bool:
+def _pid_alive(pid: int) -> bool:
     try:
-        pid = int(path.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[1])
         os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
+    except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
+
+
+@dataclass
+class BatchPlan:
+    """Everything a run settles before it loads a model; `lock` is held from `prepare_batch` on."""
+
+    source: Path
+    jobs: list[Job]
+    report_path: Path | None
+    earlier: EarlierResults
+    lock: OutputLock
+
+
+def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = None, text: bool = False,
+                  report: Path | None = None, include_hidden: bool = False) -> BatchPlan:
+    """Plan the jobs and check, before any model loads, that the run can do what it promises:
+    no source is ever written (outputs, transcripts and the report are checked against every file
+    of IN), OUT and the report can be written, the report path holds our report or nothing, and no
+    other run uses OUT (its lock is taken here; release it with `plan.lock.release()`).
+
+    Stale temporaries of a killed run into OUT are removed once the lock is held.
+    """
+    source = Path(source).absolute()
+    jobs = plan_jobs(source, target, pattern, text, include_hidden)
+    if not jobs:
+        raise MoshiTTTError("no audio files found" + (f" matching {pattern!r}" if pattern else ""), source)
+    report_path = Path(report).absolute() if report is not None else default_report_path(source, Path(target))
+    folder_mode = source.is_dir()
+    out_root = Path(target).absolute() if folder_mode else jobs[0].output.parent
+    outputs = [p for job in jobs for p in (job.output, job.text_output) if p is not None]
+    if report_path is not None:
+        if report_path.is_dir():
+            raise MoshiTTTError("the report path is a folder", report_path)
+        if any(report_path.resolve() == p.resolve() for p in outputs):
+            raise MoshiTTTError("the report path is also an output of this run", report_path)
+    # Every file of IN is a source (not only the selected recordings), except our own outputs
+    # when OUT lies inside IN.
+    outputs_inside = folder_mode and is_inside(out_root, source)
+    sources = [p for p in source.rglob("*") if p.is_file() and not (outputs_inside and is_inside(p, out_root))] \
+        if folder_mode else [source]
+    check_sources_untouched(sources, [*outputs, *([report_path] if report_path else [])])
+    check_writable(out_root, "outputs")
+    if report_path is not None:
+        check_writable(report_path.parent, "report")
+        earlier = EarlierResults(read_report(report_path))
+    else:
+        earlier = EarlierResults()
+    # One lock per output folder; a single output locks only its own name in its folder.
+    lock = OutputLock(out_root) if folder_mode else OutputLock(out_root, f".{jobs[0].output.name}.moshi-ttt.lock")
+    lock.acquire()
+    if folder_mode:  # with the lock held, no run of ours is writing these
+        for path in stale_partials(out_root):
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return BatchPlan(source=source, jobs=jobs, report_path=report_path, earlier=earlier, lock=lock)

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from .config import TTTConfig, ttt_config_from_section
+from .config import TTTConfig, check_ttt_config, ttt_config_from_section
 from .families import SectionLayout
 from .errors import CheckpointError
 
@@ -229,10 +229,14 @@ def find_ttt_config(folder: Path, num_layers: int) -> tuple[TTTConfig | None, Pa
                           "'ttt' in training_config.json / args.yaml)", folder)
 
 
-def load_finetune(path: str | Path, num_layers: int) -> FineTune:
+def load_finetune(path: str | Path, num_layers: int, context: int | None = None) -> FineTune:
+    """Find and parse a fine-tune (configs and file names only, no weights); `context` is the base
+    model's, to bound the TTT chunk size."""
     folder = resolve_finetune_folder(path)
     lm_config = read_mapping(folder / "config.json") if (folder / "config.json").is_file() else None
     ttt, source = find_ttt_config(folder, num_layers)
+    if ttt is not None:
+        check_ttt_config(ttt, context, source)
     weights = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
     if ttt is not None and weights is None:
         raise CheckpointError(f"no TTT weights: expected one of {', '.join(WEIGHT_NAMES)}", folder)

@@ -69,7 +69,7 @@ def number(section: dict, key: str, source: Path, kind: type = float, default: t
         if kind is int and (isinstance(value, bool) or int(value) != float(value)):
             raise ValueError
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise CheckpointError(f"TTT config {key!r} must be a {kind.__name__}, got {value!r}", source) from None
 
 
@@ -97,8 +97,9 @@ def ttt_config_from_section(section: tp.Any, num_layers: int, layout: SectionLay
     layers = parse_layers(section.get("layers"), num_layers, source,
                           start_layer=number(section, "start_layer", source, int, None),
                           layer_frequency=number(section, "layer_frequency", source, int, None))
-    if not layers:
-        return None
+    if not layers:  # silently running without TTT would ignore the fine-tune's weights
+        raise CheckpointError(f"TTT is enabled but its layer selection picks no layer of this {num_layers}-layer "
+                              "model; fix 'layers' / 'start_layer', or set enabled: false", source)
     config = ttt_family.parse(section, layers, source, layout)
     size = ttt_family.chunk_size(config)
     if size < 1:
@@ -141,3 +142,25 @@ def override_ttt_config(config: TTTConfig | None, overrides: tp.Mapping[str, tp.
     if unknown:
         raise MoshiTTTError(f"{', '.join(unknown)} does not apply to {config.variant} checkpoints")
     return dataclasses.replace(config, **overrides)
+
+
+def check_ttt_config(config: TTTConfig, context: int | None, source: Path) -> None:
+    """Refuse settings that would make every file fail, misbehave or blow up memory, before any
+    weights load: non-finite numbers (NaN passed as success before), negative learning rates,
+    and chunks longer than the model's context (their buffers grow with the chunk)."""
+    for name, value in vars(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"TTT config {name!r} must be a finite number, got {value}", source)
+    for name in ("learning_rate", "base_lr"):
+        if getattr(config, name, 0.0) < 0:
+            raise CheckpointError(f"TTT config {name!r} must be >= 0, got {getattr(config, name)}", source)
+    if getattr(config, "delta_clip_epsilon", 0.0) < 0:
+        raise CheckpointError(f"TTT config 'delta_clip_epsilon' must be >= 0, got {config.delta_clip_epsilon}",
+                              source)
+    size = chunk_size_of(config)
+    if context is not None and size > context:
+        raise CheckpointError(f"TTT chunk size {size} is larger than the model's context ({context} tokens)", source)
+    for name in ("ttt_layer_context", "non_ttt_layer_context"):
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            raise CheckpointError(f"TTT config {name!r} must be >= 1, got {value}", source)

@@ -5,12 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(text: str) -> str:
+    """`text` with control characters (newlines, terminal escape codes, undecodable bytes) written
+    as escapes, so a file name can neither break a one-line message nor drive the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class MoshiTTTError(Exception):
     """A user-facing error. `str()` is a single line naming the file (if any) and the reason."""
 
     def __init__(self, reason: str, path: str | Path | None = None):
         self.reason = " ".join(str(reason).split())  # keep it on one line
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else printable(str(path))
         super().__init__(self.reason if self.path is None else f"{self.path}: {self.reason}")
 
 

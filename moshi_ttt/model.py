@@ -46,21 +46,29 @@ class LoadedModel:
                 **{k: v for k, v in vars(self.ttt).items()}}
 
 
-def load_model(base: str, checkpoint: str | None = None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32,
-               ttt_overrides: tp.Mapping[str, tp.Any] | None = None) -> LoadedModel:
-    """Base + fine-tune. `ttt_overrides` replace fields of the checkpoint's TTT config (e.g.
-    `{"delta_clip": None}`); they are checked before any weights load."""
-    device = torch.device(device)
+def resolve_checkpoints(base: str, checkpoint: str | None = None,
+                        ttt_overrides: tp.Mapping[str, tp.Any] | None = None) -> tuple[tp.Any, FineTune | None]:
+    """Find the base and the fine-tune and check their configs, reading no weights: a run calls
+    this before loading anything, so bad settings fail in a moment, not after the load.
+    `ttt_overrides` replace fields of the checkpoint's TTT config (e.g. `{"delta_clip": None}`)."""
     info = base_checkpoint_info(base)
     finetune = None
     if checkpoint is not None:
-        num_layers = (info.lm_config or {}).get("num_layers", 32)
-        finetune = load_finetune(checkpoint, num_layers)
+        lm_config = info.lm_config or {}
+        finetune = load_finetune(checkpoint, lm_config.get("num_layers", 32), context=lm_config.get("context"))
         check_compatible(finetune, info.lm_config)
         finetune.ttt = override_ttt_config(finetune.ttt, ttt_overrides or {})
     elif ttt_overrides:
         override_ttt_config(None, ttt_overrides)  # raises: nothing to override
+    return info, finetune
+
+
+def load_model(base: str, checkpoint: str | None = None, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32,
+               ttt_overrides: tp.Mapping[str, tp.Any] | None = None) -> LoadedModel:
+    """Base + fine-tune, TTT layers attached and loaded (see `resolve_checkpoints`)."""
+    device = torch.device(device)
+    info, finetune = resolve_checkpoints(base, checkpoint, ttt_overrides)
     mimi = _load(info.get_mimi, info.mimi_weights, device=device)
     lm = _load(info.get_moshi, info.moshi_weights, device=device, dtype=dtype, fuse_lora=True)
     text_tokenizer = _load(info.get_text_tokenizer, info.tokenizer)
@@ -102,6 +110,9 @@ def apply_finetune(lm: nn.Module, finetune: FineTune) -> None:
         weights = load_file(str(path), device="cpu")
     except Exception as exc:
         raise CheckpointError(f"cannot read weights ({exc})", path) from None
+    for key, value in weights.items():  # NaN weights would stream "fine" and say nothing useful
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"tensor {key} holds NaN or infinite values", path)
     lora_keys = [k for k in weights if ".lora_A." in k or ".lora_B." in k]
     if lora_keys:
         raise CheckpointError(f"holds {len(lora_keys)} LoRA adapter tensors (e.g. {lora_keys[0]}); merge "

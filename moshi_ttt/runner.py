@@ -15,10 +15,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import MoshiTTTError
 from .model import LoadedModel
 from .ttt.base import LayerReport
 
 ProgressFn = tp.Callable[[int, int], None]  # (frames done, frames total)
+# numpy's seed must fit in 32 bits; torch's and random's take that range too.
+SEED_RANGE = range(0, 2 ** 32)
+
+
+def check_seed(seed: int) -> int:
+    """Refuse a seed that `seed_all` would reject at the first file (and so fail every file)."""
+    if seed not in SEED_RANGE:
+        raise MoshiTTTError(f"--seed must be between 0 and {SEED_RANGE.stop - 1}, got {seed}")
+    return seed
 
 
 @dataclass
@@ -38,7 +48,7 @@ class StreamingRunner:
         from moshi.run_inference import get_condition_tensors
 
         self.model = model
-        self.seed = seed
+        self.seed = check_seed(seed)
         info = model.checkpoint_info
         condition_tensors = get_condition_tensors(info.model_type, model.lm, 1, 1.0)
         self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors, **info.lm_gen_config)

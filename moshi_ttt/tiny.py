@@ -378,7 +378,10 @@ _NOUNS = (
     "street table town train tree village voice window word anchor blanket butterfly "
     "carpet chimney compass desert feather forest guitar hammer harbour jacket ladder "
     "lantern meadow mirror needle orchard painting planet pocket puzzle rabbit saddle "
-    "shadow shelter spoon squirrel stairs sugar thunder tower umbrella valley wagon whistle"
+    "shadow shelter spoon squirrel stairs sugar thunder tower umbrella valley wagon whistle "
+    "autumn balloon biscuit cabinet cottage dolphin elephant envelope festival giraffe "
+    "hospital kettle lemon magazine monkey notebook octopus penguin pillow pumpkin rocket "
+    "sandwich scissors telescope tomato tunnel violin waterfall yogurt zebra"
 ).split()
 _PLACES = (
     "in the morning,at night,near the river,after dinner,before breakfast,on the hill,"

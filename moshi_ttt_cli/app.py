@@ -8,20 +8,46 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import typing as tp
 from enum import Enum
 from pathlib import Path
 
-import typer
-from rich.console import Console
-from rich.markup import escape
 
-from moshi_ttt.errors import MoshiTTTError
-from moshi_ttt.families import FAMILY_NAMES
-from moshi_ttt.runtime import prepare_environment, resolve_device, resolve_dtype, set_threads
+def _interrupted_during_start_up() -> tp.NoReturn:
+    sys.stderr.write("interrupted during start-up\n")
+    raise SystemExit(130)
 
-from . import render
+
+# Ctrl-C while torch is imported (seconds) must be one line, not an import traceback. Some
+# import-time code swallows KeyboardInterrupt, so the interrupt is also remembered and acted on
+# once the imports are done.
+_start_up_signals: list[int] = []
+_default_sigint = signal.getsignal(signal.SIGINT)
+if _default_sigint is signal.default_int_handler:
+    def _remember_sigint(signum: int, frame: tp.Any) -> None:
+        _start_up_signals.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, _remember_sigint)
+try:
+    import typer
+    from rich.console import Console
+    from rich.markup import escape
+
+    from moshi_ttt.errors import MoshiTTTError
+    from moshi_ttt.families import FAMILY_NAMES
+    from moshi_ttt.runtime import prepare_environment, resolve_device, resolve_dtype, set_threads
+
+    from . import render
+except KeyboardInterrupt:
+    _interrupted_during_start_up()
+finally:
+    if _default_sigint is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _default_sigint)
+if _start_up_signals:
+    _interrupted_during_start_up()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline inference for Moshi fine-tuned with Test-Time Training layers.")
@@ -48,6 +74,19 @@ class DType(str, Enum):
 Variant = Enum("Variant", {name: name for name in ("base", *FAMILY_NAMES)}, type=str)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so it stops exactly as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: tp.Any) -> None:
+    raise Terminated()
+
+
+# Exit codes: 0 all files ok (or skipped), 1 some file failed, 2 the run could not start,
+# 3 the report could not be written (outputs are still complete), 130/143 interrupted by SIGINT/SIGTERM.
+EXIT_REPORT_FAILED = 3
+
+
 @contextlib.contextmanager
 def user_errors() -> tp.Iterator[None]:
     """Bad input is one line on stderr and exit code 2, never a traceback."""
@@ -68,7 +107,8 @@ def _setup(device: Device, dtype: DType, threads: int | None) -> tuple[tp.Any, t
 @app.command()
 def infer(
     source: Path = typer.Argument(..., metavar="IN", help="A recording, or a folder searched recursively."),
-    target: Path = typer.Argument(..., metavar="OUT", help="Output WAV, or folder mirroring IN's layout."),
+    target: str = typer.Argument(..., metavar="OUT", help="Output file (format by extension), or folder "
+                                 "mirroring IN's layout (end it with / to create one for a single file)."),
     base: str = typer.Option(DEFAULT_BASE, help="Base Moshi: Hugging Face repo id or local folder."),
     checkpoint: tp.Optional[str] = typer.Option(None, help="TTT fine-tune folder (consolidated/, checkpoint or run folder)."),
     no_ttt: bool = typer.Option(False, "--no-ttt", help="Keep fast weights frozen (ablation)."),
@@ -78,9 +118,11 @@ def infer(
              "the checkpoint; 'none' turns clipping off."),
     device: Device = typer.Option(Device.auto),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on GPU, float32 on CPU."),
-    seed: int = typer.Option(4242, help="RNG seed, reapplied at the start of every file."),
+    seed: int = typer.Option(4242, help="RNG seed (0 to 2^32-1), reapplied at the start of every file."),
     threads: tp.Optional[int] = typer.Option(None, help="CPU intra-op threads (default: chosen for this machine)."),
     glob: tp.Optional[str] = typer.Option(None, help="Only inputs whose relative path or name matches."),
+    include_hidden: bool = typer.Option(False, "--include-hidden",
+                                        help="Also take hidden files and folders as inputs (never macOS ._ files)."),
     text: bool = typer.Option(False, "--text", help="Also write Moshi's text stream as OUT .txt files."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo files whose output exists."),
     report: tp.Optional[Path] = typer.Option(None, help="JSON report (default in folder mode: OUT/moshi-ttt-report.json)."),
@@ -89,37 +131,57 @@ def infer(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables; errors still print."),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
-    with user_errors():
-        torch_device, torch_dtype, n_threads = _setup(device, dtype, threads)
-        from moshi_ttt.batch import BatchRunner, default_report_path, plan_jobs, stale_partials
-        from moshi_ttt.config import parse_delta_clip
-
-        overrides = {} if delta_clip is None else {"delta_clip": parse_delta_clip(delta_clip),
-                                                   "delta_clip_origin": "--delta-clip"}
-
-        jobs = plan_jobs(source, target, glob, text)
-        if not jobs:
-            raise MoshiTTTError("no audio files found" + (f" matching {glob!r}" if glob else ""), source)
-        report_path = report if report is not None else default_report_path(source, target)
-        runner, settings = _load_runner(base, checkpoint, torch_device, torch_dtype, n_threads, seed,
-                                        not no_ttt, quiet, overrides)
-    if source.is_dir():  # temporaries of a killed (kill -9) earlier run into this folder
-        for path in stale_partials(target):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    show_details = (len(jobs) == 1) if details is None else details
-    events = render.make_events(out, err, quiet=quiet, details=show_details)
-    batch = BatchRunner(runner, settings, report_path=report_path, overwrite=overwrite, events=events)
+    plan = None
     try:
-        with events:
-            result = batch.run(jobs)
-    except KeyboardInterrupt:
-        err.print("interrupted: the current file was discarded; finished files and the report are kept",
+        with user_errors():
+            torch_device, torch_dtype, n_threads = _setup(device, dtype, threads)
+            from moshi_ttt.batch import prepare_batch
+            from moshi_ttt.config import parse_delta_clip
+            from moshi_ttt.model import resolve_checkpoints
+            from moshi_ttt.runner import check_seed
+
+            # Everything that can be checked without the model is, so bad settings cost a moment.
+            check_seed(seed)
+            overrides = {} if delta_clip is None else {"delta_clip": parse_delta_clip(delta_clip),
+                                                       "delta_clip_origin": "--delta-clip"}
+            plan = prepare_batch(source, target, pattern=glob, text=text, report=report,
+                                 include_hidden=include_hidden)
+        try:
+            with user_errors():
+                resolve_checkpoints(base, checkpoint, overrides)
+            code = _run_plan(plan, base, checkpoint, torch_device, torch_dtype, n_threads, seed, not no_ttt,
+                             overwrite, details, quiet, overrides)
+        finally:
+            plan.lock.release()
+    except KeyboardInterrupt as exc:
+        err.print("interrupted before any file was processed" if plan is None else
+                  "interrupted: the current file was discarded; finished files and the report are kept",
                   soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+    raise typer.Exit(code)
+
+
+def _run_plan(plan: tp.Any, base: str, checkpoint: str | None, torch_device: tp.Any, torch_dtype: tp.Any,
+              n_threads: int, seed: int, ttt_enabled: bool, overwrite: bool, details: bool | None,
+              quiet: bool, ttt_overrides: dict) -> int:
+    from moshi_ttt.batch import BatchRunner
+
+    with user_errors():
+        runner, settings = _load_runner(base, checkpoint, torch_device, torch_dtype, n_threads, seed,
+                                        ttt_enabled, quiet, ttt_overrides)
+    show_details = (len(plan.jobs) == 1) if details is None else details
+    events = render.make_events(out, err, quiet=quiet, details=show_details)
+    batch = BatchRunner(runner, settings, report_path=plan.report_path, overwrite=overwrite, events=events,
+                        earlier=plan.earlier)
+    with events:
+        result = batch.run(plan.jobs)
     if not quiet:
-        render.summary(out, result, report_path)
-    raise typer.Exit(1 if result.totals()["failed"] else 0)
+        render.summary(out, result, plan.report_path if batch.report_error is None else None)
+    if batch.report_error is not None:
+        err.print(f"[bold red]error:[/] {render.shown(plan.report_path)}: {escape(batch.report_error)}",
+                  highlight=False, soft_wrap=True)
+        return EXIT_REPORT_FAILED
+    return 1 if result.totals()["failed"] else 0
 
 
 def _load_runner(base: str, checkpoint: str | None, device: tp.Any, dtype: tp.Any, threads: int, seed: int,
@@ -191,8 +253,8 @@ def demo(
         recordings = root / "recordings"
         tiny.write_sample_recordings(recordings, seed=seed)
     infer(source=recordings, target=root / "outputs", base=str(paths.base), checkpoint=str(paths.finetune),
-          no_ttt=False, delta_clip=None, device=Device.cpu, dtype=DType.float32, seed=4242, threads=threads, glob=None,
-          text=True, overwrite=True, report=None, details=True, quiet=False)
+          no_ttt=False, delta_clip=None, device=Device.cpu, dtype=DType.float32, seed=4242, threads=threads,
+          glob=None, include_hidden=False, text=True, overwrite=True, report=None, details=True, quiet=False)
 
 
 def default_cache_dir() -> Path:
@@ -201,6 +263,7 @@ def default_cache_dir() -> Path:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

@@ -13,19 +13,26 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
 from rich.table import Table
 
 from moshi_ttt.batch import FileResult, Job, Report, SilentEvents
+from moshi_ttt.errors import printable
 
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
 
 
+def shown(path: tp.Any) -> str:
+    """A path as rich markup that prints it literally: control characters escaped (a newline or a
+    terminal escape code in a file name must not break lines or drive the terminal), markup escaped."""
+    return escape(printable(str(path)))
+
+
 def ttt_table(result: FileResult) -> Table:
-    table = Table(title=f"TTT layers: {Path(result.input).name}", title_justify="left")
+    table = Table(title=f"TTT layers: {shown(Path(result.input).name)}", title_justify="left")
     for column in ("layer", "tokens", "updates", "clipped", "pending", "||W0||", "||W_final||", "drift",
                    "rel. drift"):
         table.add_column(column, justify="right")
     assert result.ttt is not None
     for layer in result.ttt["layers"]:
         table.add_row(str(layer["layer"]), str(layer["tokens"]), str(layer["updates"]),
-                      _clipped(layer["clipped_updates"], layer["updates"]),
+                      _clipped(layer.get("clipped_updates", 0), layer["updates"]),
                       str(layer["pending_tokens"]), f"{layer['norm_initial']:.4g}", f"{layer['norm_final']:.4g}",
                       f"{layer['drift']:.4g}", f"{layer['relative_drift']:.3%}")
     return table
@@ -39,11 +46,11 @@ def _clipped(clipped: int, updates: int) -> str:
 
 
 def _line(result: FileResult) -> str:
-    text = f"[{STATUS_STYLE[result.status]}]{result.status}[/] {escape(result.input)}"
+    text = f"[{STATUS_STYLE[result.status]}]{result.status}[/] {shown(result.input)}"
     if result.reason:
-        text += f": {escape(result.reason)}"
+        text += f": {shown(result.reason)}"
     elif result.status == "ok":
-        text += f" -> {escape(str(result.output))} ({result.duration_s:.1f} s audio in {result.wall_s:.2f} s)"
+        text += f" -> {shown(result.output)} ({result.duration_s:.1f} s audio in {result.wall_s:.2f} s)"
     return text
 
 
@@ -51,8 +58,9 @@ class RichEvents:
     """Two bars (files, audio seconds) with ETA and the current file on a terminal; plain log
     lines otherwise. Per-file results print above the bars."""
 
-    def __init__(self, console: Console, details: bool):
+    def __init__(self, console: Console, details: bool, errors: Console | None = None):
         self.console = console
+        self.errors = errors or console
         self.details = details
         self.live = console.is_terminal
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -72,9 +80,9 @@ class RichEvents:
 
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
         self._audio_file = audio_s
-        self.progress.update(self.files_task, total=total, completed=index, description=f"files: {job.input.name}")
+        self.progress.update(self.files_task, total=total, completed=index, description=f"files: {shown(job.input.name)}")
         if not self.live:
-            self.console.print(f"[{index + 1}/{total}] {escape(str(job.input))} ({audio_s:.1f} s)", highlight=False,
+            self.console.print(f"[{index + 1}/{total}] {shown(job.input)} ({audio_s:.1f} s)", highlight=False,
                                soft_wrap=True)
 
     def frames_done(self, done: int, total: int) -> None:
@@ -86,8 +94,16 @@ class RichEvents:
         self.progress.update(self.files_task, total=total, completed=index + 1)
         # Without a terminal, one log line per file however long its paths (no wrapping at 80 columns).
         self.console.print(_line(result), highlight=False, soft_wrap=not self.live)
-        if self.details and result.ttt is not None:
+        if self.details and result.ttt is not None and not result.from_earlier_run:
             self.console.print(ttt_table(result))
+
+    def report_failed(self, path: Path, reason: str) -> None:
+        _report_failed(self.errors, path, reason)
+
+
+def _report_failed(errors: Console, path: Path, reason: str) -> None:
+    errors.print(f"[bold red]error:[/] {shown(path)}: {shown(reason)}; the run goes on", highlight=False,
+                 soft_wrap=True)
 
 
 class QuietEvents(SilentEvents):
@@ -100,9 +116,12 @@ class QuietEvents(SilentEvents):
         if result.status == "failed":
             self.errors.print(_line(result), highlight=False, soft_wrap=True)
 
+    def report_failed(self, path: Path, reason: str) -> None:
+        _report_failed(self.errors, path, reason)
+
 
 def make_events(console: Console, errors: Console, quiet: bool, details: bool) -> tp.Any:
-    return QuietEvents(errors) if quiet else RichEvents(console, details)
+    return QuietEvents(errors) if quiet else RichEvents(console, details, errors)
 
 
 def summary(console: Console, report: Report, report_path: Path | None) -> None:
@@ -110,21 +129,24 @@ def summary(console: Console, report: Report, report_path: Path | None) -> None:
     for column, justify in (("file", "left"), ("status", "left"), ("audio s", "right"), ("updates", "right"),
                             ("clipped", "right"), ("max rel. drift", "right"), ("note", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for result in report.files:
+    for result in report.all_files():
         layers = (result.ttt or {}).get("layers", [])
         n_updates = sum(layer["updates"] for layer in layers)
         updates = str(n_updates) if layers else "-"
-        clipped = _clipped(sum(layer["clipped_updates"] for layer in layers), n_updates) if layers else "-"
-        drift = f"{max(layer['relative_drift'] for layer in layers):.3%}" if layers else "-"
-        table.add_row(Path(result.input).name, f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
-                      f"{result.duration_s:.1f}", updates, clipped, drift, result.reason or "")
+        # .get: entries kept from reports written before clip events were counted lack the field.
+        clipped = _clipped(sum(layer.get("clipped_updates", 0) for layer in layers), n_updates) if layers else "-"
+        drifts = [layer["relative_drift"] for layer in layers if layer["relative_drift"] is not None]
+        drift = f"{max(drifts):.3%}" if drifts else "-"
+        note = (result.reason or "") + (" (numbers from an earlier run)" if result.from_earlier_run else "")
+        table.add_row(shown(Path(result.input).name), f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
+                      f"{result.duration_s:.1f}", updates, clipped, drift, shown(note))
     console.print(table)
     t = report.totals()
     console.print(f"{t['files']} files: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
                   f"[yellow]{t['skipped']} skipped[/]; {t['audio_s']:.1f} s of audio in {t['wall_s']:.1f} s "
                   f"(real-time factor {t['real_time_factor']:.3f})", highlight=False)
     if report_path is not None:
-        console.print(f"report: {report_path}", highlight=False)
+        console.print(f"report: {shown(report_path)}", highlight=False, soft_wrap=True)
 
 
 def inspection(console: Console, info: tp.Any) -> None:

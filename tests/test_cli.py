@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
 from moshi_ttt.batch import REPORT_NAME, REPORT_SCHEMA, FileResult, Job
+from moshi_ttt.guard import LOCK_NAME
 from moshi_ttt.tiny import write_sample_recordings
 from moshi_ttt_cli import render
 from moshi_ttt_cli.app import app
@@ -249,9 +250,12 @@ def test_rerun_skips_finished_files_and_quiet_prints_nothing(mixed, tiny_inplace
     assert_no_traceback(result)
     assert result.exit_code == 1  # the bad files still fail
     assert result.stdout == ""
+    first = by_rel(mixed[4], src)
     files = by_rel(report_of(out / REPORT_NAME), src)
     for rel in GOOD:
         assert (files[rel]["status"], files[rel]["reason"]) == ("skipped", "exists"), rel
+        # The run that wrote the output still describes it (issue 10, case 3).
+        assert files[rel]["from_earlier_run"] is True and files[rel]["ttt"] == first[rel]["ttt"], rel
     assert all(files[rel]["status"] == "failed" for rel in FAILED)
     assert {rel: (out / rel).read_bytes() for rel in before} == before
 
@@ -259,7 +263,13 @@ def test_rerun_skips_finished_files_and_quiet_prints_nothing(mixed, tiny_inplace
     result = infer(tiny_inplace, src, out, "--glob", "*.flac", "--overwrite", "--quiet")
     assert result.exit_code == 0 and result.stdout == ""
     report = report_of(out / REPORT_NAME)
-    assert [(f["input"], f["status"]) for f in report["files"]] == [(str(src / "rates/deeper/r44k.flac"), "ok")]
+    flac = str(src / "rates/deeper/r44k.flac")
+    assert [(f["input"], f["status"]) for f in report["files"]][0] == (flac, "ok")
+    # The other files of OUT are still described, by the runs that wrote them.
+    others = {f["input"]: f for f in report["files"][1:]}
+    assert sorted(others) == sorted(str(src / rel) for rel in GOOD if str(src / rel) != flac)
+    assert all(f["from_earlier_run"] and f["ttt"] == first[Path(f["input"]).relative_to(src).as_posix()]["ttt"]
+               for f in others.values())
     assert set(files_under(out)) == set(before) | {REPORT_NAME}
     assert (out / "rates/deeper/r44k.wav").read_bytes() == before["rates/deeper/r44k.wav"]
 
@@ -389,29 +399,49 @@ def test_usage_errors_exit_2_without_traceback(argv) -> None:
 
 # -- stale temporaries ---------------------------------------------------------------------------
 
-def test_stale_partials_are_never_inputs_and_are_cleaned_up(tiny_inplace, recordings, tmp_path: Path) -> None:
+def _temporaries_of_a_killed_run(targets: list[Path]) -> list[Path]:
+    """What a run killed mid-write leaves: real temporaries of `atomic_output`, from a process
+    that is gone (os._exit skips every cleanup, as kill -9 does)."""
+    code = ("import os, sys, contextlib\nfrom pathlib import Path\nfrom moshi_ttt.audio import atomic_output\n"
+            "with contextlib.ExitStack() as stack:\n"
+            "    for name in sys.argv[1:]:\n"
+            "        tmp = stack.enter_context(atomic_output(Path(name)))\n"
+            "        tmp.write_bytes(b'RIFF half a file')\n"
+            "        print(tmp, flush=True)\n"
+            "    os._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code, *map(str, targets)], capture_output=True, text=True, check=True)
+    return [Path(line) for line in done.stdout.splitlines()]
+
+
+def test_stale_partials_are_never_inputs_and_only_ours_are_cleaned_up(tiny_inplace, recordings, tmp_path: Path) -> None:
+    from moshi_ttt.audio import atomic_output
+
     src, out = tmp_path / "in", tmp_path / "in" / "out"  # outputs inside the input folder
     src.mkdir()
     shutil.copy(recordings[0], src / "a.wav")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        stale = [src / f"a.wav.{dead.pid}{PARTIAL_SUFFIX}", out / f"b.wav.{dead.pid}{PARTIAL_SUFFIX}",
-                 out / "sub" / f"{REPORT_NAME}.{dead.pid}{PARTIAL_SUFFIX}"]
-        kept = [out / f"c.wav.{alive.pid}{PARTIAL_SUFFIX}", out / f"notes{PARTIAL_SUFFIX}"]
-        for path in stale + kept:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"RIFF half a file")
+    stale = _temporaries_of_a_killed_run([src / "x.wav", out / "b.wav", out / "sub" / REPORT_NAME])
+    assert all(p.exists() and p.name.startswith(".") for p in stale)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file")
+    # A user's files that only look like temporaries: the old `<name>.<pid>.partial` pattern, a
+    # plain `.partial`, and a link named exactly like ours: none of them is ours to delete.
+    users = [out / f"c.wav.999999{PARTIAL_SUFFIX}", out / f"notes{PARTIAL_SUFFIX}"]
+    for path in users:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"RIFF a user's file")
+    link = stale[1].with_name(stale[1].name.replace("b.wav", "d.wav"))
+    link.symlink_to(victim)
+    with atomic_output(out / "e.wav") as alive:  # a live process's temporary (this one's)
+        alive.write_bytes(b"RIFF being written")
         for _ in range(2):  # the second run must not take the first run's outputs as inputs
             result = infer(tiny_inplace, src, out, "--quiet")
             assert result.exit_code == 0, result.output
             assert [f["input"] for f in report_of(out / REPORT_NAME)["files"]] == [str(src / "a.wav")]
-        assert src / f"a.wav.{dead.pid}{PARTIAL_SUFFIX}" in partials(src)  # the input folder is not touched
-        assert partials(out) == sorted(kept)  # a dead run's temporaries are gone
-    finally:
-        alive.kill()
-        alive.wait()
+        assert alive.exists()
+    assert stale[0].exists()  # the input folder is not touched
+    assert not stale[1].exists() and not stale[2].exists()  # a dead run's temporaries in OUT are gone
+    assert all(p.read_bytes() == b"RIFF a user's file" for p in users)
+    assert link.is_symlink() and victim.read_text() == "a user's file"
 
 
 # -- real interruptions of a running process ----------------------------------------------------------
@@ -463,16 +493,17 @@ def _check_outputs_complete(src: Path, out: Path) -> list[str]:
     return [rel for rel in wavs if rel.endswith(".wav")]
 
 
-def test_sigint_stops_cleans_up_and_writes_the_report(tiny_inplace, long_recordings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # issue 10, case 10: alike
+def test_sigint_stops_cleans_up_and_writes_the_report(sig, code, tiny_inplace, long_recordings, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc, _ = _start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
     try:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     finally:
         proc.kill()
     log = (tmp_path / "log").read_text()
-    assert rc == 130, log
+    assert rc == code, log
     assert "Traceback" not in log
     assert any(line.startswith("interrupted: ") and line.endswith("are kept") for line in log.splitlines()), log
     report = report_of(out / REPORT_NAME)
@@ -480,6 +511,7 @@ def test_sigint_stops_cleans_up_and_writes_the_report(tiny_inplace, long_recordi
     ok = [f for f in report["files"] if f["status"] == "ok"]
     assert 1 <= len(ok) < N_LONG  # it stopped
     assert partials(out) == []  # the current file's temporary was removed
+    assert not (out / LOCK_NAME).exists()  # the lock on OUT was released
     on_disk = _check_outputs_complete(long_recordings, out)
     assert {str(out / rel) for rel in on_disk} >= {f["output"] for f in ok}
     assert len(on_disk) < N_LONG

@@ -336,14 +336,22 @@ def test_layer_strings(tiny_ttt_mlp: TinyPaths, base_model, tmp_path: Path, spec
     assert (parallel(model.lm, seq) - parallel(base_model.lm, seq)).abs().max() > 1e-4
 
 
-def test_layer_string_none_is_plain_moshi(tiny_ttt_mlp: TinyPaths, base_model, tmp_path: Path) -> None:
+def test_disabled_ttt_is_plain_moshi_and_no_layer_while_enabled_is_an_error(tiny_ttt_mlp: TinyPaths, base_model,
+                                                                             tmp_path: Path) -> None:
+    from moshi_ttt.errors import CheckpointError
+
     folder = copy_run(tiny_ttt_mlp, tmp_path / "run")
-    edit_json(folder / "training_config.json", lambda d: d["ttt"].__setitem__("layers", "none"))
+    edit_json(folder / "training_config.json", lambda d: d["ttt"].__setitem__("enable", False))
     model = load_model(str(tiny_ttt_mlp.base), str(tmp_path / "run"))
     assert model.ttt is None
     assert not any(isinstance(m, FastWeightModule) for m in model.lm.modules())
     seq = token_sequence(model.lm, 11, seed=3)
     assert torch.equal(parallel(model.lm, seq), parallel(base_model.lm, seq))
+    # Enabled but naming no layer would silently ignore the fine-tune's weights (issue 10, case 7).
+    edit_json(folder / "training_config.json", lambda d: d["ttt"].update(enable=True, layers="none"))
+    with pytest.raises(CheckpointError, match="picks no layer") as info:
+        load_model(str(tiny_ttt_mlp.base), str(tmp_path / "run"))
+    assert "training_config.json" in str(info.value)
 
 
 def test_layer_string_out_of_range_names_config(tiny_ttt_mlp: TinyPaths, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ one. The parallel path computes the same thing over a whole sequence at once.
 from __future__ import annotations
 
 import json
+import math
 import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,10 +236,15 @@ class InPlaceTTTGating(FastWeightModule):
 
 def _delta_clip(section: dict, source: Path, default: float | None) -> tuple[float | None, str]:
     """tau from `delta_clip_fro_norm` (research key) or `delta_clip` (alias); null or <= 0 is off."""
-    keys = [key for key in ("delta_clip_fro_norm", "delta_clip") if key in section]
-    if not keys:
+    values = {key: number(section, key, source, float, None)
+              for key in ("delta_clip_fro_norm", "delta_clip") if key in section}
+    if not values:
         return default, "config" if default is None else "research default (no delta_clip_fro_norm in config)"
-    value = number(section, keys[0], source, float, None)
+    if len(set(map(str, values.values()))) > 1:
+        raise CheckpointError(f"delta_clip_fro_norm and its alias delta_clip disagree ({values})", source)
+    key, value = next(iter(values.items()))
+    if value is not None and not math.isfinite(value):  # NaN must not silently mean "off"
+        raise CheckpointError(f"TTT config {key!r} must be a finite number, got {value}", source)
     return (value if value is not None and value > 0 else None), "config"
 
 
