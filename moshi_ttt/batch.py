@@ -8,48 +8,25 @@ stops the others, and the report on disk always holds every file finished so far
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import json
-import math
 import os
 import time
 import typing as tp
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from .audio import (AUDIO_EXTENSIONS, SAMPLE_RATE, atomic_output, is_our_temporary, output_format, read_audio,
-                    write_audio, write_text)
+from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, is_our_temporary, output_format, read_audio, write_audio, write_text
 from .errors import AudioTooShortError, MoshiTTTError
 from .guard import OutputLock, check_sources_untouched, check_writable
+from .results import (REPORT_NAME, REPORT_SCHEMA, BatchEvents, FileResult, FileTTT, Job, Report, SilentEvents,
+                      strict_json)
 from .runner import StreamingRunner
 
-REPORT_SCHEMA = "moshi-ttt.report/1"
-REPORT_NAME = "moshi-ttt-report.json"
-
-
-@dataclass
-class Job:
-    input: Path
-    output: Path
-    text_output: Path | None = None
-
-
-@dataclass
-class FileResult:
-    input: str
-    output: str | None
-    status: str  # "ok" | "failed" | "skipped"
-    reason: str | None = None
-    duration_s: float = 0.0
-    frames: int = 0
-    steps: int = 0
-    wall_s: float = 0.0
-    ttt: dict | None = None
-    transcript: str | None = None  # kept so a later --text run can write it without recomputing
-    output_sha256: str | None = None  # ties these numbers to the output file they describe
-    from_earlier_run: bool = False  # numbers carried over from the run that wrote the output
-
+__all__ = ["REPORT_NAME", "REPORT_SCHEMA", "BatchEvents", "BatchPlan", "BatchRunner", "FileResult", "Job", "Report",
+           "SilentEvents", "find_inputs", "plan_jobs", "prepare_batch", "strict_json"]
 
 def is_junk(rel: Path, include_hidden: bool = False) -> bool:
     """macOS AppleDouble files (`._x.wav`) are never recordings; hidden files and folders are
@@ -119,48 +96,6 @@ def plan_jobs(source: Path, target: Path | str, pattern: str | None = None, text
     return jobs
 
 
-class BatchEvents(tp.Protocol):
-    """What a front end hears while a batch runs (progress bars, log lines)."""
-
-    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None: ...
-    def frames_done(self, done: int, total: int) -> None: ...
-    def file_finished(self, index: int, total: int, result: FileResult) -> None: ...
-    def report_failed(self, path: Path, reason: str) -> None: ...
-
-
-class SilentEvents:
-    """Hears nothing; also a context manager, like the front ends' event sinks."""
-
-    def __enter__(self) -> "SilentEvents":
-        return self
-
-    def __exit__(self, *exc: tp.Any) -> None:
-        pass
-
-    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
-        pass
-
-    def frames_done(self, done: int, total: int) -> None:
-        pass
-
-    def file_finished(self, index: int, total: int, result: FileResult) -> None:
-        pass
-
-    def report_failed(self, path: Path, reason: str) -> None:
-        pass
-
-
-def strict_json(value: tp.Any) -> tp.Any:
-    """`value` with every non-finite float as null: bare NaN is not JSON and strict parsers reject it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v) for v in value]
-    return value
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -188,12 +123,11 @@ class EarlierResults:
     very file they describe (same SHA-256): a replaced output gets no borrowed numbers."""
 
     def __init__(self, report: dict | None = None):
-        names = {f.name for f in fields(FileResult)}
         self._by_output: dict[str, FileResult] = {}
         for entry in (report or {}).get("files", []):
             if isinstance(entry, dict) and entry.get("output"):
-                result = FileResult(**{k: v for k, v in entry.items() if k in names})
-                self._by_output[self._key(Path(result.output))] = result
+                result = FileResult.from_json(entry)
+                self._by_output[self._key(Path(tp.cast(str, result.output)))] = result
 
     @staticmethod
     def _key(path: Path) -> str:
@@ -223,46 +157,7 @@ class EarlierResults:
 
 def carried(earlier: FileResult, reason: str) -> FileResult:
     """An earlier run's result for a file this run skipped: its numbers, marked as earlier."""
-    return FileResult(**{**asdict(earlier), "status": "skipped", "reason": reason, "from_earlier_run": True})
-
-
-@dataclass
-class Report:
-    settings: dict
-    files: list[FileResult] = field(default_factory=list)
-    wall_s: float = 0.0
-    interrupted: bool = False
-    # Files of the output folder this run did not plan, described by the runs that wrote them.
-    earlier: list[FileResult] = field(default_factory=list)
-
-    def all_files(self) -> list[FileResult]:
-        return [*self.files, *self.earlier]
-
-    def totals(self) -> dict:
-        files = self.all_files()
-        ok = [f for f in files if f.status == "ok"]
-        audio_s = sum(f.duration_s for f in ok)
-        return {
-            "files": len(files),
-            "ok": len(ok),
-            "failed": sum(f.status == "failed" for f in files),
-            "skipped": sum(f.status == "skipped" for f in files),
-            "audio_s": round(audio_s, 3),
-            "wall_s": round(self.wall_s, 3),
-            # Seconds of processing per second of audio: below 1 is faster than real time.
-            "real_time_factor": round(self.wall_s / audio_s, 4) if audio_s > 0 else 0.0,
-        }
-
-    def to_json(self) -> dict:
-        data = {"schema": REPORT_SCHEMA, "settings": self.settings,
-                "files": [asdict(f) for f in self.all_files()], "totals": self.totals()}
-        if self.interrupted:
-            data["interrupted"] = True
-        return strict_json(data)
-
-    def write(self, path: Path) -> None:
-        with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return dataclasses.replace(earlier, status="skipped", reason=reason, from_earlier_run=True)
 
 
 class BatchRunner:
@@ -355,8 +250,7 @@ class BatchRunner:
         ttt = None
         model_ttt = self.runner.model.describe_ttt()
         if model_ttt is not None:
-            ttt = {"variant": model_ttt["variant"], "chunk_size": model_ttt["chunk_size"],
-                   "layers": [asdict(layer) for layer in streamed.ttt_layers]}
+            ttt = FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(streamed.ttt_layers))
         return FileResult(str(job.input), str(job.output), "ok", None, duration_s=round(duration, 4),
                           frames=streamed.frames, steps=streamed.steps,
                           wall_s=round(time.perf_counter() - begin, 4), ttt=ttt, transcript=transcript,

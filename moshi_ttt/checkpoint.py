@@ -22,7 +22,6 @@ from .config import TTTConfig, check_ttt_config, ttt_config_from_section
 from .families import SectionLayout
 from .errors import CheckpointError
 
-DEFAULT_BASE = "kyutai/moshiko-pytorch-bf16"
 
 # File names in a config.json that moshi's loader resolves, with its defaults.
 MOSHI_FILE_KEYS = {"moshi_name": "model.safetensors",

@@ -17,7 +17,7 @@ import torch
 
 from .errors import MoshiTTTError
 from .model import LoadedModel
-from .ttt.base import LayerReport
+from .results import LayerReport
 
 ProgressFn = tp.Callable[[int, int], None]  # (frames done, frames total)
 # numpy's seed must fit in 32 bits; torch's and random's take that range too.

@@ -1,26 +1,51 @@
-"""Process-level choices made before moshi is imported: torch.compile, threads, device, dtype."""
+"""Process-level choices made before moshi is imported: torch.compile, threads, device, dtype.
+
+torch is imported inside the functions, so importing this module (and `moshi_ttt`) stays cheap:
+`moshi-ttt --help` must not wait for torch.
+"""
 
 from __future__ import annotations
 
 import os
+import typing as tp
 
-import torch
+if tp.TYPE_CHECKING:
+    import torch
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_BASE = "kyutai/moshiko-pytorch-bf16"
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+# The device a library user (or the CLI's --device) chose; read when moshi is about to be imported.
+DEVICE_VARIABLE = "MOSHI_TTT_DEVICE"
 
 
-def prepare_environment(device: str = "auto") -> None:
+def prepare_environment(device: str | None = None) -> None:
     """Disable moshi's torch.compile when running on CPU.
 
     moshi decides at import time (`torch_compile_lazy`), and on CPU its compiled `_rms_norm`
     costs ~9 s on the first step while gaining nothing, so this must run before moshi is
-    imported. A value the user set explicitly is respected.
+    imported: the package's import hook (see `moshi_ttt/__init__.py`) calls it when moshi is
+    first imported. `device` defaults to $MOSHI_TTT_DEVICE, else "auto". A value the user set
+    explicitly is respected.
     """
-    if resolve_device(device).type == "cpu":
-        os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    if "NO_TORCH_COMPILE" in os.environ:
+        return
+    if resolve_device(device or os.environ.get(DEVICE_VARIABLE, "auto")).type == "cpu":
+        os.environ["NO_TORCH_COMPILE"] = "1"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def prepare_runtime(device: str = "auto", dtype: str = "auto",
+                    threads: int | None = None) -> tuple["torch.device", "torch.dtype", int]:
+    """Everything a run settles about the process before moshi loads: the device (remembered in
+    $MOSHI_TTT_DEVICE for `prepare_environment`), the dtype and the intra-op threads."""
+    os.environ[DEVICE_VARIABLE] = device
+    prepare_environment(device)
+    torch_device = resolve_device(device)
+    return torch_device, resolve_dtype(dtype, torch_device), set_threads(threads, torch_device)
+
+
+def resolve_device(device: str = "auto") -> "torch.device":
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -30,19 +55,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
     """`auto` is bfloat16 on GPU (what Moshi ships in) and float32 on CPU (bf16 matmuls are slow there)."""
+    import torch
+
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
+    if dtype not in DTYPE_NAMES:
         from .errors import MoshiTTTError
 
-        raise MoshiTTTError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}") from None
+        raise MoshiTTTError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, dtype)
 
 
-def default_threads(device: torch.device) -> int:
+def default_threads(device: "torch.device") -> int:
     """Intra-op thread count chosen on purpose rather than left to torch.
 
     Streaming runs one 80 ms frame at a time: small matmuls and convs where thread hand-off
@@ -56,7 +82,9 @@ def default_threads(device: torch.device) -> int:
     return min(8, cores // 2)
 
 
-def set_threads(threads: int | None, device: torch.device) -> int:
+def set_threads(threads: int | None, device: "torch.device") -> int:
+    import torch
+
     n = threads if threads is not None else default_threads(device)
     if n < 1:
         from .errors import MoshiTTTError

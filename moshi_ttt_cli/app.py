@@ -15,46 +15,56 @@ from enum import Enum
 from pathlib import Path
 
 
-def _interrupted_during_start_up() -> tp.NoReturn:
-    sys.stderr.write("interrupted during start-up\n")
-    raise SystemExit(130)
-
-
-# Ctrl-C while torch is imported (seconds) must be one line, not an import traceback. Some
-# import-time code swallows KeyboardInterrupt, so the interrupt is also remembered and acted on
-# once the imports are done.
+# Ctrl-C while modules import (torch takes seconds) must be one line, not an import traceback.
+# Some import-time code swallows KeyboardInterrupt, so the interrupt is also remembered and acted
+# on once the imports are done.
 _start_up_signals: list[int] = []
-_default_sigint = signal.getsignal(signal.SIGINT)
-if _default_sigint is signal.default_int_handler:
-    def _remember_sigint(signum: int, frame: tp.Any) -> None:
-        _start_up_signals.append(signum)
+
+
+def _remember_sigint(signum: int, frame: tp.Any) -> None:
+    _start_up_signals.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _remembering_interrupts() -> tp.Iterator[None]:
+    """Run imports with SIGINT remembered; raise KeyboardInterrupt after them if one was swallowed.
+    Leaves a handler someone else installed (a test runner, an embedding program) alone."""
+    previous = signal.getsignal(signal.SIGINT)
+    ours = previous is signal.default_int_handler
+    _start_up_signals.clear()
+    if ours:
+        signal.signal(signal.SIGINT, _remember_sigint)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+    if _start_up_signals:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, _remember_sigint)
+
 try:
-    import typer
-    from rich.console import Console
-    from rich.markup import escape
+    with _remembering_interrupts():
+        import typer
+        from rich.console import Console
+        from rich.markup import escape
 
-    from moshi_ttt.errors import MoshiTTTError
-    from moshi_ttt.families import FAMILY_NAMES
-    from moshi_ttt.runtime import prepare_environment, resolve_device, resolve_dtype, set_threads
+        from moshi_ttt import __version__
+        from moshi_ttt.errors import MoshiTTTError
+        from moshi_ttt.families import FAMILY_NAMES
+        from moshi_ttt.run import EXIT_CANNOT_START, RunOptions
+        from moshi_ttt.runtime import DEFAULT_BASE, DTYPE_NAMES, prepare_runtime
 
-    from . import render
+        from . import render
 except KeyboardInterrupt:
-    _interrupted_during_start_up()
-finally:
-    if _default_sigint is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _default_sigint)
-if _start_up_signals:
-    _interrupted_during_start_up()
+    sys.stderr.write("interrupted during start-up\n")
+    raise SystemExit(130) from None
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline inference for Moshi fine-tuned with Test-Time Training layers.")
 out = Console()
 err = Console(stderr=True)
-
-DEFAULT_BASE = "kyutai/moshiko-pytorch-bf16"
 
 
 class Device(str, Enum):
@@ -63,11 +73,7 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class DType(str, Enum):
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
+DType = Enum("DType", {name: name for name in ("auto", *DTYPE_NAMES)}, type=str)
 
 
 # make-tiny's --variant: a base checkpoint alone, or one fine-tune per registered TTT family.
@@ -82,9 +88,8 @@ def _terminate(signum: int, frame: tp.Any) -> None:
     raise Terminated()
 
 
-# Exit codes: 0 all files ok (or skipped), 1 some file failed, 2 the run could not start,
-# 3 the report could not be written (outputs are still complete), 130/143 interrupted by SIGINT/SIGTERM.
-EXIT_REPORT_FAILED = 3
+# Exit codes: `moshi_ttt.run`'s (0 ok, 1 some file failed, 2 cannot start, 3 report not written),
+# and 130/143 when interrupted by SIGINT/SIGTERM.
 
 
 @contextlib.contextmanager
@@ -94,14 +99,27 @@ def user_errors() -> tp.Iterator[None]:
         yield
     except MoshiTTTError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_CANNOT_START) from None
 
 
-def _setup(device: Device, dtype: DType, threads: int | None) -> tuple[tp.Any, tp.Any, int]:
-    os.environ["MOSHI_TTT_DEVICE"] = device.value
-    prepare_environment(device.value)
-    torch_device = resolve_device(device.value)
-    return torch_device, resolve_dtype(dtype.value, torch_device), set_threads(threads, torch_device)
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"moshi-ttt {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Offline inference for Moshi fine-tuned with Test-Time Training layers."""
+
+
+def _load_model_stack(device: str, dtype: str, threads: int | None) -> None:
+    """Prepare the process for `device` and import torch and moshi (seconds), so Ctrl-C during
+    the imports is one line like any other start-up interrupt."""
+    with _remembering_interrupts():
+        prepare_runtime(device, dtype, threads)
+        import moshi_ttt.batch  # noqa: F401  the model stack
 
 
 @app.command()
@@ -131,74 +149,39 @@ def infer(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables; errors still print."),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
-    plan = None
+    options = RunOptions(base=base, checkpoint=checkpoint, ttt_enabled=not no_ttt, device=device.value,
+                         dtype=dtype.value, threads=threads, seed=seed, pattern=glob, include_hidden=include_hidden,
+                         text=text, overwrite=overwrite, report=report)
+    raise typer.Exit(_infer(source, target, options, delta_clip, details, quiet))
+
+
+def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: str | None, details: bool | None,
+           quiet: bool) -> int:
+    """Run a batch through the library and render it; returns the exit code."""
+    from moshi_ttt.config import parse_delta_clip
+
+    events = render.make_events(out, err, quiet=quiet, details=details)
+    started = False  # whether the plan was made (the lock taken) before an interrupt
     try:
         with user_errors():
-            torch_device, torch_dtype, n_threads = _setup(device, dtype, threads)
-            from moshi_ttt.batch import prepare_batch
-            from moshi_ttt.config import parse_delta_clip
-            from moshi_ttt.model import resolve_checkpoints
-            from moshi_ttt.runner import check_seed
+            if delta_clip is not None:
+                options.ttt_overrides = {"delta_clip": parse_delta_clip(delta_clip), "delta_clip_origin": "--delta-clip"}
+            _load_model_stack(options.device, options.dtype, options.threads)
+            from moshi_ttt.run import run_batch
 
-            # Everything that can be checked without the model is, so bad settings cost a moment.
-            check_seed(seed)
-            overrides = {} if delta_clip is None else {"delta_clip": parse_delta_clip(delta_clip),
-                                                       "delta_clip_origin": "--delta-clip"}
-            plan = prepare_batch(source, target, pattern=glob, text=text, report=report,
-                                 include_hidden=include_hidden)
-        try:
-            with user_errors():
-                resolve_checkpoints(base, checkpoint, overrides)
-            code = _run_plan(plan, base, checkpoint, torch_device, torch_dtype, n_threads, seed, not no_ttt,
-                             overwrite, details, quiet, overrides)
-        finally:
-            plan.lock.release()
+            started = True
+            outcome = run_batch(source, target, options, events)
     except KeyboardInterrupt as exc:
-        err.print("interrupted before any file was processed" if plan is None else
-                  "interrupted: the current file was discarded; finished files and the report are kept",
-                  soft_wrap=True)
+        err.print("interrupted: the current file was discarded; finished files and the report are kept" if started
+                  else "interrupted before any file was processed", soft_wrap=True)
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
-    raise typer.Exit(code)
-
-
-def _run_plan(plan: tp.Any, base: str, checkpoint: str | None, torch_device: tp.Any, torch_dtype: tp.Any,
-              n_threads: int, seed: int, ttt_enabled: bool, overwrite: bool, details: bool | None,
-              quiet: bool, ttt_overrides: dict) -> int:
-    from moshi_ttt.batch import BatchRunner
-
-    with user_errors():
-        runner, settings = _load_runner(base, checkpoint, torch_device, torch_dtype, n_threads, seed,
-                                        ttt_enabled, quiet, ttt_overrides)
-    show_details = (len(plan.jobs) == 1) if details is None else details
-    events = render.make_events(out, err, quiet=quiet, details=show_details)
-    batch = BatchRunner(runner, settings, report_path=plan.report_path, overwrite=overwrite, events=events,
-                        earlier=plan.earlier)
-    with events:
-        result = batch.run(plan.jobs)
+    report_path = outcome.report_path if outcome.report_error is None else None
     if not quiet:
-        render.summary(out, result, plan.report_path if batch.report_error is None else None)
-    if batch.report_error is not None:
-        err.print(f"[bold red]error:[/] {render.shown(plan.report_path)}: {escape(batch.report_error)}",
+        render.summary(out, outcome.report, report_path)
+    if outcome.report_error is not None:
+        err.print(f"[bold red]error:[/] {render.shown(outcome.report_path)}: {escape(outcome.report_error)}",
                   highlight=False, soft_wrap=True)
-        return EXIT_REPORT_FAILED
-    return 1 if result.totals()["failed"] else 0
-
-
-def _load_runner(base: str, checkpoint: str | None, device: tp.Any, dtype: tp.Any, threads: int, seed: int,
-                 ttt_enabled: bool, quiet: bool, ttt_overrides: dict) -> tuple[tp.Any, dict]:
-    """Load the model once for the whole run; return the runner and the settings to report."""
-    from moshi_ttt.model import load_model
-    from moshi_ttt.runner import StreamingRunner
-
-    status = contextlib.nullcontext() if quiet else err.status(f"loading {base}" + (f" + {checkpoint}" if checkpoint else ""))
-    with status:
-        model = load_model(base, checkpoint, device=device, dtype=dtype, ttt_overrides=ttt_overrides)
-    runner = StreamingRunner(model, seed=seed, ttt_enabled=ttt_enabled)
-    ttt = model.describe_ttt()
-    settings = {"base": base, "checkpoint": checkpoint, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                "seed": seed, "threads": threads,
-                "ttt": None if ttt is None else {**ttt, "enabled": ttt_enabled}}
-    return runner, settings
+    return outcome.exit_code
 
 
 @app.command("make-tiny")
@@ -210,7 +193,7 @@ def make_tiny(
 ) -> None:
     """Write a tiny random-weight checkpoint in the real on-disk layout (offline)."""
     with user_errors():
-        prepare_environment("cpu")
+        prepare_runtime("cpu")
         from moshi_ttt import tiny
 
         if variant.value == "base":
@@ -229,7 +212,7 @@ def inspect(
 ) -> None:
     """Show a fine-tune's TTT config, which layers carry TTT, and parameter counts."""
     with user_errors():
-        prepare_environment("cpu")
+        prepare_runtime("cpu")
         from moshi_ttt.inspection import inspect_finetune
 
         info = inspect_finetune(checkpoint, base)
@@ -244,7 +227,7 @@ def demo(
 ) -> None:
     """Make a tiny In-Place TTT checkpoint and recordings, then run `infer` on them. Offline."""
     with user_errors():
-        _setup(Device.cpu, DType.float32, threads)
+        prepare_runtime("cpu", "float32", threads)
         from moshi_ttt import tiny
 
         root = folder or default_cache_dir() / "demo"
@@ -252,9 +235,9 @@ def demo(
         paths = tiny.write_tiny_variant(root / "checkpoint", "inplace", seed=seed)
         recordings = root / "recordings"
         tiny.write_sample_recordings(recordings, seed=seed)
-    infer(source=recordings, target=root / "outputs", base=str(paths.base), checkpoint=str(paths.finetune),
-          no_ttt=False, delta_clip=None, device=Device.cpu, dtype=DType.float32, seed=4242, threads=threads,
-          glob=None, include_hidden=False, text=True, overwrite=True, report=None, details=True, quiet=False)
+    options = RunOptions(base=str(paths.base), checkpoint=str(paths.finetune), device="cpu", dtype="float32",
+                         threads=threads, text=True, overwrite=True)
+    raise typer.Exit(_infer(recordings, root / "outputs", options, None, details=True, quiet=False))
 
 
 def default_cache_dir() -> Path:

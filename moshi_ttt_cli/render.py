@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import typing as tp
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from moshi_ttt.batch import FileResult, Job, Report, SilentEvents
+from moshi_ttt.results import FileResult, Job, Report, SilentEvents
 from moshi_ttt.errors import printable
 
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
@@ -30,12 +29,16 @@ def ttt_table(result: FileResult) -> Table:
                    "rel. drift"):
         table.add_column(column, justify="right")
     assert result.ttt is not None
-    for layer in result.ttt["layers"]:
-        table.add_row(str(layer["layer"]), str(layer["tokens"]), str(layer["updates"]),
-                      _clipped(layer.get("clipped_updates", 0), layer["updates"]),
-                      str(layer["pending_tokens"]), f"{layer['norm_initial']:.4g}", f"{layer['norm_final']:.4g}",
-                      f"{layer['drift']:.4g}", f"{layer['relative_drift']:.3%}")
+    for layer in result.ttt.layers:
+        table.add_row(str(layer.layer), str(layer.tokens), str(layer.updates),
+                      _clipped(layer.clipped_updates, layer.updates), str(layer.pending_tokens),
+                      f"{layer.norm_initial:.4g}", f"{layer.norm_final:.4g}", _number(layer.drift, "{:.4g}"),
+                      _number(layer.relative_drift, "{:.3%}"))
     return table
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def _clipped(clipped: int, updates: int) -> str:
@@ -58,10 +61,10 @@ class RichEvents:
     """Two bars (files, audio seconds) with ETA and the current file on a terminal; plain log
     lines otherwise. Per-file results print above the bars."""
 
-    def __init__(self, console: Console, details: bool, errors: Console | None = None):
+    def __init__(self, console: Console, details: bool | None, errors: Console | None = None):
         self.console = console
         self.errors = errors or console
-        self.details = details
+        self.details = details  # None: a per-layer table only when the run has a single file
         self.live = console.is_terminal
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -78,7 +81,12 @@ class RichEvents:
     def __exit__(self, *exc: tp.Any) -> None:
         self.progress.__exit__(*exc)
 
+    def loading(self, what: str) -> tp.ContextManager[tp.Any]:
+        return self.errors.status(f"loading {shown(what)}")
+
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
+        if self.details is None:
+            self.details = total == 1
         self._audio_file = audio_s
         self.progress.update(self.files_task, total=total, completed=index, description=f"files: {shown(job.input.name)}")
         if not self.live:
@@ -120,7 +128,7 @@ class QuietEvents(SilentEvents):
         _report_failed(self.errors, path, reason)
 
 
-def make_events(console: Console, errors: Console, quiet: bool, details: bool) -> tp.Any:
+def make_events(console: Console, errors: Console, quiet: bool, details: bool | None) -> tp.Any:
     return QuietEvents(errors) if quiet else RichEvents(console, details, errors)
 
 
@@ -130,12 +138,11 @@ def summary(console: Console, report: Report, report_path: Path | None) -> None:
                             ("clipped", "right"), ("max rel. drift", "right"), ("note", "left")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for result in report.all_files():
-        layers = (result.ttt or {}).get("layers", [])
-        n_updates = sum(layer["updates"] for layer in layers)
+        layers = result.ttt.layers if result.ttt is not None else []
+        n_updates = sum(layer.updates for layer in layers)
         updates = str(n_updates) if layers else "-"
-        # .get: entries kept from reports written before clip events were counted lack the field.
-        clipped = _clipped(sum(layer.get("clipped_updates", 0) for layer in layers), n_updates) if layers else "-"
-        drifts = [layer["relative_drift"] for layer in layers if layer["relative_drift"] is not None]
+        clipped = _clipped(sum(layer.clipped_updates for layer in layers), n_updates) if layers else "-"
+        drifts = [layer.relative_drift for layer in layers if layer.relative_drift is not None]
         drift = f"{max(drifts):.3%}" if drifts else "-"
         note = (result.reason or "") + (" (numbers from an earlier run)" if result.from_earlier_run else "")
         table.add_row(shown(Path(result.input).name), f"[{STATUS_STYLE[result.status]}]{result.status}[/]",

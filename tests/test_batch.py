@@ -60,12 +60,13 @@ def jobs_into(folder: Path, inputs: list[Path], text: bool = True) -> list[Job]:
 
 
 def outputs_of(report) -> dict[str, tuple[bytes, str, dict, int]]:
-    """Per input name: output WAV bytes, transcript, TTT numbers, steps."""
+    """Per input name: output WAV bytes, transcript, TTT numbers (as the report's JSON holds them), steps."""
     result = {}
     for f in report.files:
         assert f.status == "ok", (f.input, f.reason)
         out = Path(f.output)
-        result[Path(f.input).name] = (out.read_bytes(), out.with_suffix(".txt").read_text(), f.ttt, f.steps)
+        numbers = report.to_json()["files"][report.files.index(f)]["ttt"]
+        result[Path(f.input).name] = (out.read_bytes(), out.with_suffix(".txt").read_text(), numbers, f.steps)
     return result
 
 

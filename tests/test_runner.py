@@ -116,3 +116,18 @@ def test_demo_runs_offline(tmp_path: Path, monkeypatch) -> None:
     assert report["totals"]["ok"] == 3
     assert all(f["ttt"]["variant"] == "inplace" and f["ttt"]["layers"] for f in report["files"])
     assert "TTT layers" in result.output and "real-time factor" in result.output
+
+
+def test_help_and_argument_errors_import_no_torch() -> None:
+    """`moshi-ttt --help`, `--version` and a bad argument answer without loading torch or moshi."""
+    probe = ("import sys; from moshi_ttt_cli.app import app; "
+             "sys.argv = ['moshi-ttt', *sys.argv[1:]]\n"
+             "try:\n    app()\nexcept SystemExit as exc:\n    code = exc.code\n"
+             "print('EXIT', code, 'torch' in sys.modules, 'moshi' in sys.modules)")
+    for args, code in ((["--help"], 0), (["--version"], 0), (["infer", "--help"], 0), (["infer"], 2),
+                       (["make-tiny", "x", "--variant", "nope"], 2)):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        assert out.stdout.splitlines()[-1] == f"EXIT {code} False False", (args, out.stdout, out.stderr)
+    version = subprocess.run([sys.executable, "-c", probe, "--version"], capture_output=True, text=True)
+    from moshi_ttt import __version__
+    assert version.stdout.startswith(f"moshi-ttt {__version__}")

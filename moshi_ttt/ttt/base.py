@@ -20,22 +20,7 @@ import torch
 from moshi.modules.streaming import State, StreamingModule
 
 from ..errors import StreamingError
-
-
-@dataclass
-class LayerReport:
-    """Per-layer diagnostics after a file. Field names are the report schema's."""
-
-    layer: int
-    tokens: int
-    updates: int
-    pending_tokens: int
-    norm_initial: float
-    norm_final: float
-    drift: float
-    relative_drift: float
-    # Updates whose delta was scaled down by a norm clip (In-Place `delta_clip`; 0 otherwise).
-    clipped_updates: int = 0
+from ..results import LayerReport
 
 
 @dataclass

@@ -1,0 +1,168 @@
+"""What a run produces, as typed records up to the JSON boundary: per-layer TTT numbers, per-file
+results, the run's report, and the events a front end hears. No torch or moshi here, so front
+ends (and `moshi-ttt --help`) can use these types without loading a model stack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing as tp
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+REPORT_SCHEMA = "moshi-ttt.report/1"
+REPORT_NAME = "moshi-ttt-report.json"
+
+
+@dataclass
+class LayerReport:
+    """Per-layer diagnostics after a file. Field names are the report schema's."""
+
+    layer: int
+    tokens: int
+    updates: int
+    pending_tokens: int
+    norm_initial: float
+    norm_final: float
+    drift: float | None  # None only when read back from a report that held a non-finite value
+    relative_drift: float | None
+    # Updates whose delta was scaled down by a norm clip (In-Place `delta_clip`; 0 otherwise).
+    clipped_updates: int = 0
+
+
+@dataclass
+class FileTTT:
+    """A file's TTT numbers: the family, its chunk size, and one record per TTT layer."""
+
+    variant: str
+    chunk_size: int
+    layers: list[LayerReport] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    input: Path
+    output: Path
+    text_output: Path | None = None
+
+
+@dataclass
+class FileResult:
+    input: str
+    output: str | None
+    status: str  # "ok" | "failed" | "skipped"
+    reason: str | None = None
+    duration_s: float = 0.0
+    frames: int = 0
+    steps: int = 0
+    wall_s: float = 0.0
+    ttt: FileTTT | None = None
+    transcript: str | None = None  # kept so a later --text run can write it without recomputing
+    output_sha256: str | None = None  # ties these numbers to the output file they describe
+    from_earlier_run: bool = False  # numbers carried over from the run that wrote the output
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "FileResult":
+        """Read back a report entry (unknown keys ignored, fields added since then defaulted)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in entry.items() if k in known}
+        ttt = values.get("ttt")
+        if isinstance(ttt, dict):
+            layer_keys = {f.name for f in fields(LayerReport)}
+            values["ttt"] = FileTTT(
+                variant=ttt.get("variant", "?"), chunk_size=ttt.get("chunk_size", 0),
+                layers=[LayerReport(**{k: v for k, v in layer.items() if k in layer_keys})
+                        for layer in ttt.get("layers", [])])
+        return cls(**values)
+
+
+class BatchEvents(tp.Protocol):
+    """What a front end hears while a batch runs (progress bars, log lines)."""
+
+    def __enter__(self) -> tp.Any: ...
+    def __exit__(self, *exc: tp.Any) -> None: ...
+    def loading(self, what: str) -> tp.ContextManager[tp.Any]: ...
+    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None: ...
+    def frames_done(self, done: int, total: int) -> None: ...
+    def file_finished(self, index: int, total: int, result: FileResult) -> None: ...
+    def report_failed(self, path: Path, reason: str) -> None: ...
+
+
+class SilentEvents:
+    """Hears nothing; also a context manager, like the front ends' event sinks."""
+
+    def __enter__(self) -> "SilentEvents":
+        return self
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        pass
+
+    def loading(self, what: str) -> tp.ContextManager[tp.Any]:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
+        pass
+
+    def frames_done(self, done: int, total: int) -> None:
+        pass
+
+    def file_finished(self, index: int, total: int, result: FileResult) -> None:
+        pass
+
+    def report_failed(self, path: Path, reason: str) -> None:
+        pass
+
+
+def strict_json(value: tp.Any) -> tp.Any:
+    """`value` with every non-finite float as null: bare NaN is not JSON and strict parsers reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+@dataclass
+class Report:
+    settings: dict
+    files: list[FileResult] = field(default_factory=list)
+    wall_s: float = 0.0
+    interrupted: bool = False
+    # Files of the output folder this run did not plan, described by the runs that wrote them.
+    earlier: list[FileResult] = field(default_factory=list)
+
+    def all_files(self) -> list[FileResult]:
+        return [*self.files, *self.earlier]
+
+    def totals(self) -> dict:
+        files = self.all_files()
+        ok = [f for f in files if f.status == "ok"]
+        audio_s = sum(f.duration_s for f in ok)
+        return {
+            "files": len(files),
+            "ok": len(ok),
+            "failed": sum(f.status == "failed" for f in files),
+            "skipped": sum(f.status == "skipped" for f in files),
+            "audio_s": round(audio_s, 3),
+            "wall_s": round(self.wall_s, 3),
+            # Seconds of processing per second of audio: below 1 is faster than real time.
+            "real_time_factor": round(self.wall_s / audio_s, 4) if audio_s > 0 else 0.0,
+        }
+
+    def to_json(self) -> dict:
+        data = {"schema": REPORT_SCHEMA, "settings": self.settings,
+                "files": [asdict(f) for f in self.all_files()], "totals": self.totals()}
+        if self.interrupted:
+            data["interrupted"] = True
+        return strict_json(data)
+
+    def write(self, path: Path) -> None:
+        from .audio import atomic_output
+
+        with atomic_output(path) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")

@@ -1,0 +1,96 @@
+"""One batch run, start to end: the library's entry point.
+
+`run_batch(source, target, options, events)` is what the CLI's `infer` and `demo`, the tests and
+a distributed backend call. Its steps are ordered so that bad input costs a moment and nothing is
+written before it is known to be safe:
+
+1. the process (device, dtype, threads; torch.compile off on CPU) and the seed;
+2. the plan: inputs, outputs, report, source protection, writability, the OUT lock and stale
+   temporaries (`batch.prepare_batch`);
+3. the checkpoints' configs, still without weights (`model.resolve_checkpoints`);
+4. the model, loaded once, then every job streamed (`batch.BatchRunner`), the report written
+   after each file.
+
+A KeyboardInterrupt propagates once the report is marked interrupted; the lock is always
+released. Importing this module is cheap: the heavy modules load inside `run_batch`.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .results import BatchEvents, Report, SilentEvents
+from .runtime import DEFAULT_BASE, prepare_runtime
+
+# Exit codes of a run (the CLI's): all files ok or skipped; some file failed; the run could not
+# start (bad arguments, checkpoint, paths); the report could not be written (outputs are complete).
+EXIT_OK, EXIT_FILES_FAILED, EXIT_CANNOT_START, EXIT_REPORT_FAILED = 0, 1, 2, 3
+
+
+@dataclass
+class RunOptions:
+    """Everything about a run except its inputs, outputs and front end."""
+
+    base: str = DEFAULT_BASE
+    checkpoint: str | None = None
+    ttt_enabled: bool = True  # False: the --no-ttt ablation (fast weights frozen)
+    # Fields of the checkpoint's TTT config replaced for this run, e.g. {"delta_clip": None}.
+    ttt_overrides: dict[str, tp.Any] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    seed: int = 4242  # reapplied at the start of every file
+    pattern: str | None = None  # only inputs whose relative path or name matches this glob
+    include_hidden: bool = False
+    text: bool = False  # also write transcripts
+    overwrite: bool = False
+    report: Path | None = None  # default: OUT/moshi-ttt-report.json in folder mode
+
+
+@dataclass
+class RunOutcome:
+    report: Report
+    report_path: Path | None
+    report_error: str | None  # why the report could not be written at the end; None if it was
+
+    @property
+    def exit_code(self) -> int:
+        if self.report_error is not None:
+            return EXIT_REPORT_FAILED
+        return EXIT_FILES_FAILED if self.report.totals()["failed"] else EXIT_OK
+
+
+def run_batch(source: Path | str, target: Path | str, options: RunOptions | None = None,
+              events: BatchEvents | None = None) -> RunOutcome:
+    """Stream every recording of `source` (a file or a folder) into `target`; see the module
+    docstring for the order of things. Raises `MoshiTTTError` when the run cannot start."""
+    options = options or RunOptions()
+    events = events or SilentEvents()
+    device, dtype, threads = prepare_runtime(options.device, options.dtype, options.threads)
+    from .batch import BatchRunner, prepare_batch
+    from .model import load_model, resolve_checkpoints
+    from .runner import StreamingRunner, check_seed
+
+    check_seed(options.seed)
+    plan = prepare_batch(Path(source), target, pattern=options.pattern, text=options.text,
+                         report=options.report, include_hidden=options.include_hidden)
+    try:
+        resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides)
+        what = options.base + (f" + {options.checkpoint}" if options.checkpoint else "")
+        with events.loading(what):
+            model = load_model(options.base, options.checkpoint, device=device, dtype=dtype,
+                               ttt_overrides=options.ttt_overrides)
+        runner = StreamingRunner(model, seed=options.seed, ttt_enabled=options.ttt_enabled)
+        ttt = model.describe_ttt()
+        settings = {"base": options.base, "checkpoint": options.checkpoint, "device": str(device),
+                    "dtype": str(dtype).removeprefix("torch."), "seed": options.seed, "threads": threads,
+                    "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
+        batch = BatchRunner(runner, settings, report_path=plan.report_path, overwrite=options.overwrite,
+                            events=events, earlier=plan.earlier)
+        with events:
+            report = batch.run(plan.jobs)
+    finally:
+        plan.lock.release()
+    return RunOutcome(report, plan.report_path, batch.report_error)
