@@ -71,6 +71,7 @@ def infer(
     target: Path = typer.Argument(..., metavar="OUT", help="Output WAV, or folder mirroring IN's layout."),
     base: str = typer.Option(DEFAULT_BASE, help="Base Moshi: Hugging Face repo id or local folder."),
     checkpoint: tp.Optional[str] = typer.Option(None, help="TTT fine-tune folder (consolidated/, checkpoint or run folder)."),
+    step: tp.Optional[int] = typer.Option(None, help="Run folder: load checkpoint_NNNNNN of this step (default: latest)."),
     no_ttt: bool = typer.Option(False, "--no-ttt", help="Keep fast weights frozen (ablation)."),
     delta_clip: tp.Optional[str] = typer.Option(
         None, "--delta-clip", metavar="TAU|none",
@@ -102,7 +103,7 @@ def infer(
             raise MoshiTTTError("no audio files found" + (f" matching {glob!r}" if glob else ""), source)
         report_path = report if report is not None else default_report_path(source, target)
         runner, settings = _load_runner(base, checkpoint, torch_device, torch_dtype, n_threads, seed,
-                                        not no_ttt, quiet, overrides)
+                                        not no_ttt, quiet, overrides, step)
     if source.is_dir():  # temporaries of a killed (kill -9) earlier run into this folder
         for path in stale_partials(target):
             with contextlib.suppress(FileNotFoundError):
@@ -123,18 +124,19 @@ def infer(
 
 
 def _load_runner(base: str, checkpoint: str | None, device: tp.Any, dtype: tp.Any, threads: int, seed: int,
-                 ttt_enabled: bool, quiet: bool, ttt_overrides: dict) -> tuple[tp.Any, dict]:
+                 ttt_enabled: bool, quiet: bool, ttt_overrides: dict,
+                 step: int | None = None) -> tuple[tp.Any, dict]:
     """Load the model once for the whole run; return the runner and the settings to report."""
     from moshi_ttt.model import load_model
     from moshi_ttt.runner import StreamingRunner
 
     status = contextlib.nullcontext() if quiet else err.status(f"loading {base}" + (f" + {checkpoint}" if checkpoint else ""))
     with status:
-        model = load_model(base, checkpoint, device=device, dtype=dtype, ttt_overrides=ttt_overrides)
+        model = load_model(base, checkpoint, device=device, dtype=dtype, ttt_overrides=ttt_overrides, step=step)
     runner = StreamingRunner(model, seed=seed, ttt_enabled=ttt_enabled)
     ttt = model.describe_ttt()
     settings = {"base": base, "checkpoint": checkpoint, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                "seed": seed, "threads": threads,
+                "seed": seed, "threads": threads, "lm": model.describe_lm(),
                 "ttt": None if ttt is None else {**ttt, "enabled": ttt_enabled}}
     return runner, settings
 
@@ -145,6 +147,8 @@ def make_tiny(
     seed: int = typer.Option(0),
     variant: Variant = typer.Option(Variant.base, help="base: DIR is a base checkpoint; inplace / ttt-mlp: "
                                     "DIR/base plus DIR/<variant> fine-tune."),
+    yarn: bool = typer.Option(False, "--yarn", help="Fine-tune with YaRN RoPE scaling (yarn_config, scale 4)."),
+    lora: bool = typer.Option(False, "--lora", help="Fine-tune carrying LoRA adapters beside the TTT tensors."),
 ) -> None:
     """Write a tiny random-weight checkpoint in the real on-disk layout (offline)."""
     with user_errors():
@@ -152,10 +156,13 @@ def make_tiny(
         from moshi_ttt import tiny
 
         if variant.value == "base":
+            if yarn or lora:
+                raise MoshiTTTError("--yarn / --lora describe a fine-tune: pass --variant inplace or ttt-mlp")
             written = tiny.write_tiny_base(folder, seed=seed)
             out.print(f"wrote base checkpoint [bold]{written}[/]")
         else:
-            paths = tiny.write_tiny_variant(folder, variant.value, seed=seed)
+            paths = tiny.write_tiny_variant(folder, variant.value, seed=seed,
+                                            yarn=tiny.TINY_YARN if yarn else None, lora=lora)
             out.print(f"wrote base checkpoint [bold]{paths.base}[/] and {variant.value} fine-tune "
                       f"[bold]{paths.finetune}[/]")
 
@@ -164,13 +171,14 @@ def make_tiny(
 def inspect(
     checkpoint: str = typer.Argument(..., metavar="FINETUNE"),
     base: tp.Optional[str] = typer.Option(None, help="Load the base too, to count parameters."),
+    step: tp.Optional[int] = typer.Option(None, help="Run folder: inspect checkpoint_NNNNNN of this step."),
 ) -> None:
     """Show a fine-tune's TTT config, which layers carry TTT, and parameter counts."""
     with user_errors():
         prepare_environment("cpu")
         from moshi_ttt.inspection import inspect_finetune
 
-        info = inspect_finetune(checkpoint, base)
+        info = inspect_finetune(checkpoint, base, step)
     render.inspection(out, info)
 
 
@@ -191,7 +199,7 @@ def demo(
         recordings = root / "recordings"
         tiny.write_sample_recordings(recordings, seed=seed)
     infer(source=recordings, target=root / "outputs", base=str(paths.base), checkpoint=str(paths.finetune),
-          no_ttt=False, delta_clip=None, device=Device.cpu, dtype=DType.float32, seed=4242, threads=threads, glob=None,
+          step=None, no_ttt=False, delta_clip=None, device=Device.cpu, dtype=DType.float32, seed=4242, threads=threads, glob=None,
           text=True, overwrite=True, report=None, details=True, quiet=False)
 
 
