@@ -77,7 +77,7 @@ def inspect_finetune(checkpoint: str, base: str | None = None, step: int | None 
     if finetune.lora is not None:
         lora = finetune.lora
         result.settings["LoRA"] = (f"{len(lora.modules)} linears, rank {lora.rank}, scaling {lora.scaling}, "
-                                   f"{result.lora_parameters:,} params (merged into the weights at load)")
+                                   f"{result.lora_parameters:,} params")
     return result
 
 
