@@ -290,15 +290,18 @@ def _section_layouts(folder: Path) -> list[SectionLayout]:
     return out
 
 
-def find_ttt_config(folder: Path, num_layers: int) -> tuple[TTTConfig | None, Path]:
+def find_ttt_config(folder: Path, num_layers: int, missing_ok: bool = False) -> tuple[TTTConfig | None, Path | None]:
     """The first TTT section found in a fine-tune folder (see `_section_layouts`), parsed, and
-    the file it came from; the config is None when the section disables TTT."""
+    the file it came from; the config is None when the section disables TTT (or, with
+    `missing_ok`, when there is none)."""
     for layout in _section_layouts(folder):
         if not layout.file.is_file():
             continue
         data = read_mapping(layout.file)
         if data.get(layout.key) is not None:
             return ttt_config_from_section(data[layout.key], num_layers, layout), layout.file
+    if missing_ok:
+        return None, None
     raise CheckpointError("found no TTT config (a 'ttt' or 'ttt_config' section in config.json, or "
                           "'ttt' in training_config.json / args.yaml)", folder)
 
@@ -307,15 +310,16 @@ def load_finetune(path: str | Path, num_layers: int, step: int | None = None) ->
     folder = resolve_finetune_folder(path, step)
     config_json = folder / "config.json"
     lm_config = read_mapping(config_json) if config_json.is_file() else None
-    ttt, source = find_ttt_config(folder, num_layers)
     weights = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
-    if ttt is not None and weights is None:
-        raise CheckpointError(f"no TTT weights: expected one of {', '.join(WEIGHT_NAMES)}", folder)
     given = Path(path).expanduser()
     if given.is_file() and given.suffix == ".safetensors":
         weights = given  # the user named the file: do not pick another one beside it
-    yarn = None if lm_config is None else parse_yarn_config(lm_config, config_json)
     lora = None if weights is None else find_lora(weights, lm_config)
+    # A LoRA-only fine-tune (moshi-finetune without TTT) has no TTT section at all.
+    ttt, source = find_ttt_config(folder, num_layers, missing_ok=lora is not None)
+    if ttt is not None and weights is None:
+        raise CheckpointError(f"no TTT weights: expected one of {', '.join(WEIGHT_NAMES)}", folder)
+    yarn = None if lm_config is None else parse_yarn_config(lm_config, config_json)
     return FineTune(folder=folder, ttt=ttt, config_source=source, weights=weights, lm_config=lm_config,
                     step=_step_of(folder), yarn=yarn, lora=lora)
 

@@ -51,7 +51,7 @@ def inspect_finetune(checkpoint: str, base: str | None = None, step: int | None 
     if base_info is not None:
         check_compatible(finetune, base_info.lm_config)
     ttt = finetune.ttt
-    settings: dict[str, tp.Any] = {"config file": str(finetune.config_source)}
+    settings: dict[str, tp.Any] = {"config file": str(finetune.config_source or "none (no TTT section)")}
     if ttt is not None:
         settings = {"variant": ttt.variant, **vars(ttt), **settings}
     settings.update(_lm_rows(finetune, lm_config, base_info))

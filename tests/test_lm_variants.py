@@ -275,6 +275,23 @@ def test_lora_fine_tune_equals_adapters_merged_by_hand(tiny_lora: TinyPaths, tmp
     assert not same_stream(result, plain)  # the adapters do change the model
 
 
+def test_lora_only_fine_tune_without_ttt(tiny_lora: TinyPaths, tmp_path: Path) -> None:
+    """moshi-finetune without TTT: adapters only, no TTT section anywhere; merged, no TTT layers."""
+    run, folder = _lora_copy(tiny_lora, tmp_path)
+    edit_json(folder / "config.json", lambda d: d.pop("ttt_config"))
+    _edit_weights(folder / "lora.safetensors", lambda t: [t.pop(k) for k in list(t) if ".target_generator." in k])
+    model = load_model(str(tiny_lora.base), str(run))
+    assert model.ttt is None and not model.controller()
+    key = "transformer.layers.0.gating.linear_in"
+    adapters = load_file(str(folder / "lora.safetensors"))
+    base = load_file(str(tiny_lora.base / "model.safetensors"))[f"{key}.weight"]
+    expected = base + TINY_LORA["lora_scaling"] * (adapters[f"{key}.lora_B.weight"].float()
+                                                    @ adapters[f"{key}.lora_A.weight"].float())
+    assert torch.equal(model.lm.state_dict()[f"{key}.weight"], expected)
+    lines = _inspect_lines(str(run))
+    assert "TTT disabled in this checkpoint" in lines and "config file none (no TTT section)" in lines
+
+
 def _lora_copy(tiny_lora: TinyPaths, root: Path) -> tuple[Path, Path]:
     run = shutil.copytree(tiny_lora.finetune, root / "run")
     return run, run / FINETUNE_STEP_DIR
