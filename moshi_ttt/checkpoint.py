@@ -4,7 +4,9 @@ Base: a Hugging Face repo id or a local folder laid out like Kyutai's repos (`co
 naming its files with moshi's keys). Local folders are resolved file by file and handed to
 moshi's `CheckpointInfo.from_hf_repo` as explicit paths, which is the only way it never touches
 the hub. Fine-tunes: a `consolidated/` folder (or a checkpoint / run folder above it) holding a
-TTT config and safetensors weights; see `config.py` for the config sections we accept.
+TTT config and safetensors weights; see `config.py` for the config sections we accept. The
+fine-tune may also change the LM itself: LoRA adapters in its weights (`find_lora`) and YaRN
+RoPE scaling in its LM config (`lm_settings`, math in `rope_scaling.py`).
 """
 
 from __future__ import annotations

@@ -489,6 +489,10 @@ def write_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
 #       config.json        the LM config
 #       training_config.json   training args with the `ttt` section (moshi-finetune)
 #       lora.safetensors   TTT-MLP block weights, bf16
+#
+# Options for either family: `yarn` adds `yarn_config` to the fine-tune's config.json, `lora` adds
+# `lora_A`/`lora_B` adapters for every linear layer to lora.safetensors (with `lora`, `lora_rank`,
+# `lora_scaling` in config.json), as moshi-finetune saves them.
 
 FINETUNE_STEP_DIR = Path("checkpoints") / "checkpoint_000100" / "consolidated"
 
