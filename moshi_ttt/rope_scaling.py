@@ -47,7 +47,7 @@ class YarnConfig:
     mscale_all_dim: float = 0.0
 
     def describe(self) -> dict[str, tp.Any]:
-        return {"rope_scaling": "yarn", **asdict(self), "attention_factor": yarn_attention_factor(self)}
+        return {"kind": "yarn", **asdict(self), "attention_factor": yarn_attention_factor(self)}
 
 
 def parse_yarn_config(lm_config: dict, source: Path) -> YarnConfig | None:

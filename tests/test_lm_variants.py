@@ -27,28 +27,12 @@ from moshi_ttt.rope_scaling import (YarnConfig, YarnRotaryEmbedding, rotate_with
                                     yarn_attention_factor, yarn_inverse_frequencies)
 from moshi_ttt.runner import StreamingRunner
 from moshi_ttt.tiny import FINETUNE_STEP_DIR, TINY_LORA, TINY_YARN, TinyPaths, write_tiny_variant
+from test_checkpoints import check_counts, edit_json, edit_weights  # the same helpers, one home
 
 torch.set_num_threads(1)
 
-CHUNK = 8
-
-
-def edit_json(path: Path, fn: tp.Callable[[dict], tp.Any]) -> None:
-    data = json.loads(path.read_text())
-    fn(data)
-    path.write_text(json.dumps(data))
-
-
 def stream(model, recording: Path):
     return StreamingRunner(model).run(read_audio(recording))
-
-
-def check_counts(result, layers: list[int]) -> None:
-    assert [r.layer for r in result.ttt_layers] == layers
-    for report in result.ttt_layers:
-        assert report.tokens == result.steps
-        assert report.updates == math.ceil(result.steps / CHUNK)
-        assert report.pending_tokens == 0
 
 
 def same_stream(a, b) -> bool:
@@ -279,7 +263,7 @@ def test_lora_only_fine_tune_without_ttt(tiny_lora: TinyPaths, tmp_path: Path) -
     """moshi-finetune without TTT: adapters only, no TTT section anywhere; merged, no TTT layers."""
     run, folder = _lora_copy(tiny_lora, tmp_path)
     edit_json(folder / "config.json", lambda d: d.pop("ttt_config"))
-    _edit_weights(folder / "lora.safetensors", lambda t: [t.pop(k) for k in list(t) if ".target_generator." in k])
+    edit_weights(folder / "lora.safetensors", lambda t: [t.pop(k) for k in list(t) if ".target_generator." in k])
     model = load_model(str(tiny_lora.base), str(run))
     assert model.ttt is None and not model.controller()
     key = "transformer.layers.0.gating.linear_in"
@@ -297,12 +281,6 @@ def _lora_copy(tiny_lora: TinyPaths, root: Path) -> tuple[Path, Path]:
     return run, run / FINETUNE_STEP_DIR
 
 
-def _edit_weights(path: Path, fn: tp.Callable[[dict], tp.Any]) -> None:
-    tensors = load_file(str(path))
-    fn(tensors)
-    save_file(tensors, str(path))
-
-
 def test_lora_mismatches_are_one_line_errors(tiny_lora: TinyPaths, tmp_path: Path) -> None:
     run, folder = _lora_copy(tiny_lora, tmp_path / "rank")
     edit_json(folder / "config.json", lambda d: d.update(lora_rank=16))
@@ -316,7 +294,7 @@ def test_lora_mismatches_are_one_line_errors(tiny_lora: TinyPaths, tmp_path: Pat
 
     run, folder = _lora_copy(tiny_lora, tmp_path / "stray")
     stray = "transformer.layers.0.no_such.lora_"
-    _edit_weights(folder / "lora.safetensors", lambda t: t.update({
+    edit_weights(folder / "lora.safetensors", lambda t: t.update({
         stray + "A.weight": torch.zeros(4, 64, dtype=torch.bfloat16),
         stray + "B.weight": torch.zeros(64, 4, dtype=torch.bfloat16)}))
     with pytest.raises(CheckpointError) as info:
