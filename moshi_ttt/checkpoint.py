@@ -4,12 +4,15 @@ Base: a Hugging Face repo id or a local folder laid out like Kyutai's repos (`co
 naming its files with moshi's keys). Local folders are resolved file by file and handed to
 moshi's `CheckpointInfo.from_hf_repo` as explicit paths, which is the only way it never touches
 the hub. Fine-tunes: a `consolidated/` folder (or a checkpoint / run folder above it) holding a
-TTT config and safetensors weights; see `config.py` for the config sections we accept.
+TTT config and safetensors weights; see `config.py` for the config sections we accept. The
+fine-tune may also change the LM itself: LoRA adapters in its weights (`find_lora`) and YaRN
+RoPE scaling in its LM config (`lm_settings`, math in `rope_scaling.py`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import typing as tp
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from safetensors import safe_open
 from .config import TTTConfig, check_ttt_config, ttt_config_from_section
 from .families import SectionLayout
 from .errors import CheckpointError
+from .rope_scaling import DEFAULT_CONTEXT, YarnConfig, extended_context, parse_yarn_config
 
 
 # File names in a config.json that moshi's loader resolves, with its defaults.
@@ -128,19 +132,11 @@ def _local_checkpoint_info(folder: Path) -> tp.Any:
     return info
 
 
-def _refuse_yarn(lm_config: dict, source: Path) -> None:
-    """RoPE scaling is not implemented: refuse a config that enables it. A yarn_config section
-    without `enabled` is taken as on: refusing beats silently wrong RoPE."""
-    yarn = lm_config.get("yarn_config")
-    if isinstance(yarn, dict) and bool(yarn.get("enabled", True)):
-        raise CheckpointError("RoPE scaling (yarn_config) is not supported", source)
-
-
 def _sanitize_lm_config(info: tp.Any, source: Path) -> None:
     """Make the LM kwargs safe for `LMModel(...)` (moshi passes every unknown key through)."""
     if info.lm_config is None:
         return
-    _refuse_yarn(info.lm_config, source)
+    parse_yarn_config(info.lm_config, source)  # a setting we cannot honour fails here, naming the file
     for key in NON_LM_KEYS:
         info.lm_config.pop(key, None)
     # `lora: true` without an adapter file would silently add random LoRA weights: such a
@@ -151,6 +147,16 @@ def _sanitize_lm_config(info: tp.Any, source: Path) -> None:
 
 # --- fine-tunes ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class LoraAdapters:
+    """LoRA adapters in a fine-tune's weights file (moshi-finetune: `<linear>.lora_A.weight`
+    [rank, in] and `<linear>.lora_B.weight` [out, rank], merged as `W + scaling * B @ A`)."""
+
+    modules: tuple[str, ...]  # the adapted linear layers, e.g. "transformer.layers.0.gating.linear_in"
+    rank: int
+    scaling: float
+
+
 @dataclass
 class FineTune:
     """A TTT fine-tune on disk: where it is, what its TTT config says, where its weights are."""
@@ -160,34 +166,104 @@ class FineTune:
     config_source: Path | None  # the file the TTT config was read from
     weights: Path | None
     lm_config: dict | None  # the LM config saved with the fine-tune, to check against the base
+    step: int | None = None  # the training step of a `checkpoint_NNNNNN/` folder
+    yarn: YarnConfig | None = None  # RoPE scaling from the fine-tune's LM config
+    lora: LoraAdapters | None = None
 
 
-def resolve_finetune_folder(path: str | Path) -> Path:
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# moshi's `get_moshi_lm` default when a config enables LoRA without saying its scaling.
+DEFAULT_LORA_SCALING = 2.0
+
+
+def _has_config(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("config.json", "training_config.json", "args.yaml"))
+
+
+def _checkpoint_steps(run: Path) -> dict[int, Path]:
+    """`checkpoint_NNNNNN/` folders under a run's `checkpoints/` (or the folder itself), by step."""
+    steps: dict[int, Path] = {}
+    for where in (run / "checkpoints", run):
+        if where.is_dir():
+            for child in where.iterdir():
+                if (match := CHECKPOINT_DIR.fullmatch(child.name)) and child.is_dir():
+                    steps[int(match.group(1))] = child
+    return steps
+
+
+def resolve_finetune_folder(path: str | Path, step: int | None = None) -> Path:
     """Accept the consolidated folder itself, a checkpoint folder above it, or a run folder
-    with `checkpoints/checkpoint_NNNNNN/` (the latest is taken), or a weights file inside one."""
+    with `checkpoints/checkpoint_NNNNNN/` (the latest is taken unless `step` names one), or a
+    weights file inside one."""
     path = Path(path).expanduser()
     if path.is_file():
         path = path.parent
     if not path.is_dir():
         raise CheckpointError("no such fine-tune checkpoint", path)
-
-    def has_config(folder: Path) -> bool:
-        return any((folder / name).is_file() for name in ("config.json", "training_config.json", "args.yaml"))
-
-    if has_config(path) and any((path / name).is_file() for name in WEIGHT_NAMES):
+    steps = _checkpoint_steps(path)
+    if step is not None:
+        if step not in steps:
+            if _step_of(path) == step:
+                return resolve_finetune_folder(path)
+            listing = ", ".join(str(s) for s in sorted(steps)) or "none"
+            raise CheckpointError(f"no checkpoint for step {step} (steps found: {listing})", path)
+        return resolve_finetune_folder(steps[step])
+    if _has_config(path) and any((path / name).is_file() for name in WEIGHT_NAMES):
         return path
     if (path / "consolidated").is_dir():
         return path / "consolidated"
-    checkpoints = path / "checkpoints"
-    if checkpoints.is_dir():
-        steps = sorted((int(m.group(1)), p) for p in checkpoints.iterdir()
-                       if (m := re.fullmatch(r"checkpoint_(\d+)", p.name)) and p.is_dir())
-        if steps:
-            return resolve_finetune_folder(steps[-1][1])
-    if has_config(path):
+    if steps:
+        return resolve_finetune_folder(steps[max(steps)])
+    if _has_config(path):
         return path
     raise CheckpointError("not a fine-tune checkpoint: no config.json / training_config.json "
                           "or consolidated/ or checkpoints/ folder inside", path)
+
+
+def _step_of(folder: Path) -> int | None:
+    """The step of `checkpoint_NNNNNN/` or of `checkpoint_NNNNNN/consolidated/`."""
+    for part in (folder, folder.parent):
+        if match := CHECKPOINT_DIR.fullmatch(part.name):
+            return int(match.group(1))
+    return None
+
+
+def find_lora(weights: Path, lm_config: dict | None) -> LoraAdapters | None:
+    """LoRA adapters named in a weights file's header, with their rank and the config's scaling.
+
+    Each adapted linear needs both halves with matching ranks; `lora: false` beside adapters
+    is a contradiction moshi's loader refuses too.
+    """
+    keys = check_safetensors(weights)
+    halves = [key for key in keys if key.endswith(LORA_SUFFIXES)]
+    if not halves:
+        return None
+    config = lm_config or {}
+    if "lora" in config and not config["lora"]:
+        raise CheckpointError(f"holds {len(halves)} LoRA tensors but its config.json says lora: false", weights)
+    modules = sorted({key.rsplit(".", 2)[0] for key in halves})
+    with safe_open(str(weights), framework="pt") as handle:
+        ranks = set()
+        for module in modules:
+            names = [f"{module}{suffix}" for suffix in LORA_SUFFIXES]
+            if not all(name in keys for name in names):
+                raise CheckpointError(f"LoRA adapter {module} lacks one of lora_A / lora_B", weights)
+            a_shape, b_shape = (handle.get_slice(name).get_shape() for name in names)
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+                raise CheckpointError(f"LoRA adapter {module} has lora_A {a_shape} and lora_B {b_shape}; "
+                                      "expected [rank, in] and [out, rank]", weights)
+            ranks.add(a_shape[0])
+    if len(ranks) != 1:
+        raise CheckpointError(f"LoRA adapters of different ranks {sorted(ranks)}", weights)
+    rank = ranks.pop()
+    if config.get("lora_rank", rank) != rank:
+        raise CheckpointError(f"LoRA adapters have rank {rank} but config.json says lora_rank "
+                              f"{config['lora_rank']}", weights)
+    scaling = config.get("lora_scaling", DEFAULT_LORA_SCALING)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise CheckpointError(f"lora_scaling must be a finite number, got {scaling!r}", weights.parent / "config.json")
+    return LoraAdapters(modules=tuple(modules), rank=rank, scaling=float(scaling))
 
 
 # The research In-Place module (moshi_in_place `TTTGating`) clipped every chunk's delta to this
@@ -215,36 +291,72 @@ def _section_layouts(folder: Path) -> list[SectionLayout]:
     return out
 
 
-def find_ttt_config(folder: Path, num_layers: int) -> tuple[TTTConfig | None, Path]:
+def find_ttt_config(folder: Path, num_layers: int, missing_ok: bool = False) -> tuple[TTTConfig | None, Path | None]:
     """The first TTT section found in a fine-tune folder (see `_section_layouts`), parsed, and
-    the file it came from; the config is None when the section disables TTT."""
+    the file it came from; the config is None when the section disables TTT (or, with
+    `missing_ok`, when there is none)."""
     for layout in _section_layouts(folder):
         if not layout.file.is_file():
             continue
         data = read_mapping(layout.file)
         if data.get(layout.key) is not None:
             return ttt_config_from_section(data[layout.key], num_layers, layout), layout.file
+    if missing_ok:
+        return None, None
     raise CheckpointError("found no TTT config (a 'ttt' or 'ttt_config' section in config.json, or "
                           "'ttt' in training_config.json / args.yaml)", folder)
 
 
-def load_finetune(path: str | Path, num_layers: int, context: int | None = None) -> FineTune:
-    """Find and parse a fine-tune (configs and file names only, no weights); `context` is the base
-    model's, to bound the TTT chunk size."""
-    folder = resolve_finetune_folder(path)
-    lm_config = read_mapping(folder / "config.json") if (folder / "config.json").is_file() else None
-    ttt, source = find_ttt_config(folder, num_layers)
-    if ttt is not None:
-        check_ttt_config(ttt, context, source)
+def load_finetune(path: str | Path, num_layers: int, step: int | None = None, *,
+                  context: int | None = None) -> FineTune:
+    """Find and parse a fine-tune (configs and file names only, no weights). `context` is the base
+    model's, to bound the TTT chunk size (extended when the fine-tune's YaRN extends it); `step`
+    picks a checkpoint of a run folder (default: the latest)."""
+    folder = resolve_finetune_folder(path, step)
+    config_json = folder / "config.json"
+    lm_config = read_mapping(config_json) if config_json.is_file() else None
     weights = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
-    if ttt is not None and weights is None:
-        raise CheckpointError(f"no TTT weights: expected one of {', '.join(WEIGHT_NAMES)}", folder)
     given = Path(path).expanduser()
     if given.is_file() and given.suffix == ".safetensors":
         weights = given  # the user named the file: do not pick another one beside it
-    if lm_config is not None:
-        _refuse_yarn(lm_config, folder / "config.json")
-    return FineTune(folder=folder, ttt=ttt, config_source=source, weights=weights, lm_config=lm_config)
+    lora = None if weights is None else find_lora(weights, lm_config)
+    # A LoRA-only fine-tune (moshi-finetune without TTT) has no TTT section at all.
+    ttt, source = find_ttt_config(folder, num_layers, missing_ok=lora is not None)
+    if ttt is not None and weights is None:
+        raise CheckpointError(f"no TTT weights: expected one of {', '.join(WEIGHT_NAMES)}", folder)
+    yarn = None if lm_config is None else parse_yarn_config(lm_config, config_json)
+    if ttt is not None:
+        check_ttt_config(ttt, extended_context(context, yarn) if yarn and context else context, source)
+    return FineTune(folder=folder, ttt=ttt, config_source=source, weights=weights, lm_config=lm_config,
+                    step=_step_of(folder), yarn=yarn, lora=lora)
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """LM settings a fine-tune changes at inference: RoPE scaling and the attention context."""
+
+    yarn: YarnConfig | None = None
+    context: int | None = None  # the context the LM runs with; None: the base's, unchanged
+    trained_context: int | None = None  # the LM config's `context`, before YaRN extends it
+
+
+def lm_settings(base_lm_config: dict | None, base_source: Path, finetune: FineTune | None) -> LMSettings:
+    """RoPE scaling and the attention context the run uses.
+
+    Both belong to the LM config the fine-tune was trained with: its own config.json when it
+    has one (moshi_in_place's `run_inference.py` reads `yarn_config` and `context` from there),
+    else the base's. Under YaRN the context is extended to `int(context * scale)`.
+    """
+    own = finetune.lm_config if finetune is not None and finetune.lm_config is not None else None
+    if own is not None and "yarn_config" in own:
+        yarn = finetune.yarn
+    else:
+        yarn = parse_yarn_config(base_lm_config or {}, base_source)
+    if yarn is None:
+        return LMSettings()
+    context = next((c["context"] for c in (own, base_lm_config) if c is not None and "context" in c),
+                   DEFAULT_CONTEXT)
+    return LMSettings(yarn, extended_context(context, yarn), context)
 
 
 def check_compatible(finetune: FineTune, base_lm_config: dict | None) -> None:

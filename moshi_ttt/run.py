@@ -35,6 +35,7 @@ class RunOptions:
 
     base: str = DEFAULT_BASE
     checkpoint: str | None = None
+    step: int | None = None  # a run folder's checkpoint_NNNNNN to load (default: the latest)
     ttt_enabled: bool = True  # False: the --no-ttt ablation (fast weights frozen)
     # Fields of the checkpoint's TTT config replaced for this run, e.g. {"delta_clip": None}.
     ttt_overrides: dict[str, tp.Any] = field(default_factory=dict)
@@ -77,16 +78,16 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
     plan = prepare_batch(Path(source), target, pattern=options.pattern, text=options.text,
                          report=options.report, include_hidden=options.include_hidden)
     try:
-        resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides)
+        resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides, options.step)
         what = options.base + (f" + {options.checkpoint}" if options.checkpoint else "")
         with events.loading(what):
             model = load_model(options.base, options.checkpoint, device=device, dtype=dtype,
-                               ttt_overrides=options.ttt_overrides)
+                               ttt_overrides=options.ttt_overrides, step=options.step)
         runner = StreamingRunner(model, seed=options.seed, ttt_enabled=options.ttt_enabled)
         ttt = model.describe_ttt()
         settings = {"base": options.base, "checkpoint": options.checkpoint, "device": str(device),
                     "dtype": str(dtype).removeprefix("torch."), "seed": options.seed, "threads": threads,
-                    "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
+                    "lm": model.describe_lm(), "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
         batch = BatchRunner(runner, settings, report_path=plan.report_path, overwrite=options.overwrite,
                             events=events, earlier=plan.earlier)
         with events:

@@ -492,8 +492,22 @@ def write_tiny_base(out_dir: str | Path, seed: int = 0) -> Path:
 #       config.json        the LM config
 #       training_config.json   training args with the `ttt` section (moshi-finetune)
 #       lora.safetensors   TTT-MLP block weights, bf16
+#
+# Options for either family: `yarn` adds `yarn_config` to the fine-tune's config.json, `lora` adds
+# `lora_A`/`lora_B` adapters for every linear layer to lora.safetensors (with `lora`, `lora_rank`,
+# `lora_scaling` in config.json), as moshi-finetune saves them.
 
 FINETUNE_STEP_DIR = Path("checkpoints") / "checkpoint_000100" / "consolidated"
+
+# make-tiny's YaRN option: the settings the training code saves (`train.py` writes every key),
+# at scale 4 (context 200 -> 800). `original_max_seq_len` 25 (2 s of frames) puts the ramp over
+# the tiny model's 16-dim heads (wavelengths 6 .. 20,000 tokens), so most frequencies change.
+TINY_YARN = {"enabled": True, "scale": 4.0, "original_max_seq_len": 25, "beta_fast": 32, "beta_slow": 1,
+             "mscale": 1.0, "mscale_all_dim": 0.0}
+# make-tiny's LoRA option: rank and scaling written to config.json as moshi-finetune does.
+TINY_LORA = {"lora_rank": 4, "lora_scaling": 2.0}
+TINY_LORA_STD = 0.05
+
 
 @dataclass
 class TinyPaths:
@@ -501,25 +515,39 @@ class TinyPaths:
     finetune: Path  # the run folder; loaders take the latest checkpoint below it
 
 
-def write_tiny_variant(root: str | Path, variant: str, seed: int = 0) -> TinyPaths:
-    """Write `root/base` and `root/<variant>` (a fine-tune of it in its family's research layout)."""
+def write_tiny_variant(root: str | Path, variant: str, seed: int = 0, *, yarn: dict | None = None,
+                       lora: bool = False, name: str | None = None) -> TinyPaths:
+    """Write `root/base` and `root/<name or variant>`: a fine-tune of it in its family's research
+    layout. `yarn` adds a `yarn_config` to the fine-tune's LM config; `lora` adds LoRA adapters
+    (`lora_A`/`lora_B` for every linear layer, TTT layers' included, as moshi-finetune wraps
+    them) beside the TTT tensors, with `lora`, `lora_rank`, `lora_scaling` in config.json."""
     from .checkpoint import LOADER_KEYS
 
     ttt_family = family(variant)
     root = Path(root)
+    run = root / (name or variant)
     base = write_tiny_base(root / "base", seed=seed)
-    folder = root / variant / FINETUNE_STEP_DIR
+    folder = run / FINETUNE_STEP_DIR
     folder.mkdir(parents=True, exist_ok=True)
     lm_config = {k: v for k, v in json.loads((base / CONFIG_NAME).read_text()).items() if k not in LOADER_KEYS}
     section = dict(ttt_family.tiny_section)
-    ttt_family.write_tiny_config(folder, lm_config, section, root / variant, seed)
-    _save_finetune_weights(base, folder, section, seed)
-    return TinyPaths(base=base, finetune=root / variant)
+    ttt_family.write_tiny_config(folder, lm_config, section, run, seed)
+    if yarn is not None or lora:
+        # Both are LM settings: they go into the fine-tune's LM config (config.json), whatever the family.
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        if yarn is not None:
+            config["yarn_config"] = dict(yarn)
+        if lora:
+            config.update(lora=True, **TINY_LORA)
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    _save_finetune_weights(base, folder, section, seed, lora)
+    return TinyPaths(base=base, finetune=run)
 
 
-def _save_finetune_weights(base: Path, folder: Path, section: dict, seed: int) -> None:
+def _save_finetune_weights(base: Path, folder: Path, section: dict, seed: int, lora: bool = False) -> None:
     """Random TTT tensors with exactly the names and shapes our loader expects for the config
-    just written to `folder`, saved as its `lora.safetensors` (bf16, as the training code saves)."""
+    just written to `folder`, saved as its `lora.safetensors` (bf16, as the training code saves);
+    with `lora`, random adapters for every linear layer of the TTT model too."""
     from safetensors.torch import save_file
 
     from .checkpoint import find_ttt_config
@@ -534,4 +562,18 @@ def _save_finetune_weights(base: Path, folder: Path, section: dict, seed: int) -
     gen = torch.Generator().manual_seed(seed + 1)
     tensors = {name: ttt_family.tiny_tensor(name, tuple(param.shape), section, gen).to(torch.bfloat16).contiguous()
                for name, param in lm.named_parameters() if name not in base_keys}
+    if lora:
+        tensors.update(_lora_adapters(lm, TINY_LORA["lora_rank"], torch.Generator().manual_seed(seed + 2)))
     save_file(tensors, str(folder / "lora.safetensors"))
+
+
+def _lora_adapters(lm: torch.nn.Module, rank: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """`<linear>.lora_A.weight` [rank, in] and `.lora_B.weight` [out, rank] for every linear, bf16.
+    Both random (training starts B at zero; a trained one is not), so merging changes outputs."""
+    out = {}
+    for name, module in lm.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes = {"lora_A": (rank, module.in_features), "lora_B": (module.out_features, rank)}
+            for half, shape in shapes.items():
+                out[f"{name}.{half}.weight"] = (torch.randn(shape, generator=gen) * TINY_LORA_STD).to(torch.bfloat16)
+    return out

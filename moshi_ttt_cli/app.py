@@ -129,6 +129,7 @@ def infer(
                                  "mirroring IN's layout (end it with / to create one for a single file)."),
     base: str = typer.Option(DEFAULT_BASE, help="Base Moshi: Hugging Face repo id or local folder."),
     checkpoint: tp.Optional[str] = typer.Option(None, help="TTT fine-tune folder (consolidated/, checkpoint or run folder)."),
+    step: tp.Optional[int] = typer.Option(None, help="Run folder: load checkpoint_NNNNNN of this step (default: latest)."),
     no_ttt: bool = typer.Option(False, "--no-ttt", help="Keep fast weights frozen (ablation)."),
     delta_clip: tp.Optional[str] = typer.Option(
         None, "--delta-clip", metavar="TAU|none",
@@ -149,7 +150,7 @@ def infer(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables; errors still print."),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
-    options = RunOptions(base=base, checkpoint=checkpoint, ttt_enabled=not no_ttt, device=device.value,
+    options = RunOptions(base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
                          dtype=dtype.value, threads=threads, seed=seed, pattern=glob, include_hidden=include_hidden,
                          text=text, overwrite=overwrite, report=report)
     raise typer.Exit(_infer(source, target, options, delta_clip, details, quiet))
@@ -190,6 +191,8 @@ def make_tiny(
     seed: int = typer.Option(0),
     variant: Variant = typer.Option(Variant.base, help="base: DIR is a base checkpoint; inplace / ttt-mlp: "
                                     "DIR/base plus DIR/<variant> fine-tune."),
+    yarn: bool = typer.Option(False, "--yarn", help="Fine-tune with YaRN RoPE scaling (yarn_config, scale 4)."),
+    lora: bool = typer.Option(False, "--lora", help="Fine-tune carrying LoRA adapters beside the TTT tensors."),
 ) -> None:
     """Write a tiny random-weight checkpoint in the real on-disk layout (offline)."""
     with user_errors():
@@ -197,10 +200,13 @@ def make_tiny(
         from moshi_ttt import tiny
 
         if variant.value == "base":
+            if yarn or lora:
+                raise MoshiTTTError("--yarn / --lora describe a fine-tune: pass --variant inplace or ttt-mlp")
             written = tiny.write_tiny_base(folder, seed=seed)
             out.print(f"wrote base checkpoint [bold]{written}[/]")
         else:
-            paths = tiny.write_tiny_variant(folder, variant.value, seed=seed)
+            paths = tiny.write_tiny_variant(folder, variant.value, seed=seed,
+                                            yarn=tiny.TINY_YARN if yarn else None, lora=lora)
             out.print(f"wrote base checkpoint [bold]{paths.base}[/] and {variant.value} fine-tune "
                       f"[bold]{paths.finetune}[/]")
 
@@ -209,13 +215,14 @@ def make_tiny(
 def inspect(
     checkpoint: str = typer.Argument(..., metavar="FINETUNE"),
     base: tp.Optional[str] = typer.Option(None, help="Load the base too, to count parameters."),
+    step: tp.Optional[int] = typer.Option(None, help="Run folder: inspect checkpoint_NNNNNN of this step."),
 ) -> None:
     """Show a fine-tune's TTT config, which layers carry TTT, and parameter counts."""
     with user_errors():
         prepare_runtime("cpu")
         from moshi_ttt.inspection import inspect_finetune
 
-        info = inspect_finetune(checkpoint, base)
+        info = inspect_finetune(checkpoint, base, step)
     render.inspection(out, info)
 
 
