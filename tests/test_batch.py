@@ -26,6 +26,8 @@ from moshi_ttt.errors import AudioError, AudioTooShortError, MoshiTTTError
 from moshi_ttt.model import load_model
 from moshi_ttt.runner import StreamingRunner
 
+from helpers import partials, tone
+
 FILE_KEYS = {"input", "output", "status", "reason", "duration_s", "frames", "steps", "wall_s", "ttt", "transcript",
              "output_sha256", "from_earlier_run"}
 LAYER_KEYS = {"layer", "tokens", "updates", "pending_tokens", "norm_initial", "norm_final", "drift",
@@ -35,19 +37,10 @@ TOTAL_KEYS = {"files", "ok", "failed", "skipped", "audio_s", "wall_s", "real_tim
 
 # -- helpers --------------------------------------------------------------------------------------
 
-def tone(rate: int, seconds: float, freq: float = 300.0, amp: float = 0.4) -> np.ndarray:
-    t = np.arange(int(round(rate * seconds))) / rate
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float64)
-
-
 def touch(path: Path, data: bytes = b"x") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
-
-
-def partials(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob(f"*{PARTIAL_SUFFIX}"))
 
 
 def dominant_freq(pcm: np.ndarray, rate: int = SAMPLE_RATE) -> float:

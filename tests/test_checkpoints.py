@@ -7,7 +7,6 @@ import os
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-import json
 import math
 import shutil
 import typing as tp
@@ -20,15 +19,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from moshi_ttt.audio import read_audio
 from moshi_ttt.errors import CheckpointError, MoshiTTTError
 from moshi_ttt.model import load_model
-from moshi_ttt.runner import StreamingRunner
 from moshi_ttt.families import family
 from moshi_ttt.tiny import FINETUNE_STEP_DIR, TinyPaths
 from moshi_ttt.ttt.base import TTTController
 from moshi_ttt.ttt.inplace import InPlaceTTTGating
 from moshi_ttt.ttt.mlp import TTTMLP
+
+from helpers import block_hub, copy_tree, edit_json, edit_weights, run_stream
 
 torch.set_num_threads(1)
 
@@ -37,27 +36,6 @@ MLP_W1 = "transformer.layers.1.seq_modeling_block.ttt_layer.ttt.W1"
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def edit_json(path: Path, fn: tp.Callable[[dict], tp.Any]) -> None:
-    data = json.loads(path.read_text())
-    fn(data)
-    path.write_text(json.dumps(data))
-
-
-def edit_weights(path: Path, fn: tp.Callable[[dict], tp.Any]) -> None:
-    tensors = load_file(str(path))
-    fn(tensors)
-    save_file(tensors, str(path))
-
-
-def copy_tree(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest)
-    return dest
-
-
-def run_stream(model, recording: Path):
-    return StreamingRunner(model).run(read_audio(recording))
-
 
 def check_counts(result, layers: list[int]) -> None:
     assert [r.layer for r in result.ttt_layers] == layers
@@ -77,18 +55,7 @@ def short_recording(recordings: list[Path]) -> Path:
 
 def test_local_folders_load_fully_offline(tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
-    from moshi.models import loaders
-
-    calls: list[tp.Any] = []
-
-    def no_hub(*args: tp.Any, **kwargs: tp.Any) -> tp.NoReturn:
-        calls.append((args, kwargs))
-        raise AssertionError(f"hub download attempted: {args} {kwargs}")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
-    monkeypatch.setattr(loaders, "hf_hub_download", no_hub)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = block_hub(monkeypatch)
 
     base = load_model(str(tiny_inplace.base))
     assert base.finetune is None and not TTTController(base.lm)

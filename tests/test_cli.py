@@ -29,17 +29,13 @@ from moshi_ttt.tiny import write_sample_recordings
 from moshi_ttt_cli import render
 from moshi_ttt_cli.app import app
 
+from helpers import files_under, partials, sweep
+
 ANSI = re.compile(r"\x1b\[")
 ANSI_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-def tone(rate: int, seconds: float, freq: float = 300.0, amp: float = 0.4, seed: int = 0) -> np.ndarray:
-    t = np.arange(int(round(rate * seconds))) / rate
-    noise = np.random.default_rng(seed).normal(0, 0.02, len(t))  # so the model hears more than a pure tone
-    return amp * np.sin(2 * np.pi * freq * t * (1 + 0.3 * t)) + noise
-
 
 def infer(tiny, *args: object, env: dict | None = None):
     argv = ["infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune), "--device", "cpu"]
@@ -52,14 +48,6 @@ def report_of(path: Path) -> dict:
 
 def by_rel(report: dict, root: Path) -> dict[str, dict]:
     return {Path(f["input"]).relative_to(root).as_posix(): f for f in report["files"]}
-
-
-def partials(folder: Path) -> list[Path]:
-    return sorted(folder.rglob(f"*{PARTIAL_SUFFIX}"))
-
-
-def files_under(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
 def expected_samples(source: Path) -> int:
@@ -93,19 +81,19 @@ def write_mixed(root: Path, recordings: list[Path]) -> Path:
     src = root / "in"
     for rel in ("depth", "rates/deeper", "speech", "bad/deeper", "formats"):
         (src / rel).mkdir(parents=True, exist_ok=True)
-    left, right = tone(SAMPLE_RATE, 1.0, 300, seed=1), tone(SAMPLE_RATE, 1.0, 900, amp=0.2, seed=2)
+    left, right = sweep(SAMPLE_RATE, 1.0, 300, seed=1), sweep(SAMPLE_RATE, 1.0, 900, amp=0.2, seed=2)
     sf.write(src / "mono.wav", left, SAMPLE_RATE, subtype="PCM_16")
     sf.write(src / "stereo.wav", np.stack([left, right], 1), SAMPLE_RATE, subtype="PCM_16")
     for name, subtype, seconds in (("u8", "PCM_U8", 0.9), ("s16", "PCM_16", 0.7), ("s24", "PCM_24", 1.1),
                                    ("float", "FLOAT", 0.5)):
-        ch0 = tone(SAMPLE_RATE, seconds, 440, seed=3)
-        ch1 = tone(SAMPLE_RATE, seconds, 900, 0.2, seed=6)
+        ch0 = sweep(SAMPLE_RATE, seconds, 440, seed=3)
+        ch1 = sweep(SAMPLE_RATE, seconds, 900, 0.2, seed=6)
         sf.write(src / "depth" / f"{name}.wav", np.stack([ch0, ch1], 1), SAMPLE_RATE, subtype=subtype)
-    sf.write(src / "rates" / "r16k.wav", tone(16_000, 0.8, 250, seed=4), 16_000, subtype="PCM_16")
-    sf.write(src / "rates" / "deeper" / "r44k.flac", np.stack([tone(44_100, 0.6, 500, seed=5)] * 2, 1), 44_100)
-    sf.write(src / "formats" / "tone.mp3", tone(SAMPLE_RATE, 0.6, 350, seed=7), SAMPLE_RATE, format="MP3",
+    sf.write(src / "rates" / "r16k.wav", sweep(16_000, 0.8, 250, seed=4), 16_000, subtype="PCM_16")
+    sf.write(src / "rates" / "deeper" / "r44k.flac", np.stack([sweep(44_100, 0.6, 500, seed=5)] * 2, 1), 44_100)
+    sf.write(src / "formats" / "tone.mp3", sweep(SAMPLE_RATE, 0.6, 350, seed=7), SAMPLE_RATE, format="MP3",
              subtype="MPEG_LAYER_III")
-    sf.write(src / "formats" / "tone.ogg", tone(SAMPLE_RATE, 0.6, 350, seed=8), SAMPLE_RATE, format="OGG",
+    sf.write(src / "formats" / "tone.ogg", sweep(SAMPLE_RATE, 0.6, 350, seed=8), SAMPLE_RATE, format="OGG",
              subtype="VORBIS")
     for path in recordings:
         shutil.copy(path, src / "speech" / path.name)
@@ -116,7 +104,7 @@ def write_mixed(root: Path, recordings: list[Path]) -> Path:
     (src / "bad" / "deeper" / "text.wav").write_text("these are words, not audio\n" * 40)
     (src / "bad" / "empty.wav").write_bytes(b"")
     (src / "bad" / "header_only.wav").write_bytes(good[:30])
-    sf.write(src / "bad" / "short.wav", tone(SAMPLE_RATE, 0.05), SAMPLE_RATE, subtype="PCM_16")
+    sf.write(src / "bad" / "short.wav", sweep(SAMPLE_RATE, 0.05), SAMPLE_RATE, subtype="PCM_16")
     (src / "notes.txt").write_text("not an input")
     (src / "speech" / f"sample_00_chirp.wav.999999{PARTIAL_SUFFIX}").write_bytes(good[:100])  # never an input
     return src

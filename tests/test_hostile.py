@@ -25,8 +25,9 @@ from moshi_ttt.batch import REPORT_NAME, FileResult, Report
 from moshi_ttt.errors import AudioError
 from moshi_ttt.guard import LOCK_NAME
 from moshi_ttt_cli.app import app
+from helpers import files_under, partials, sweep
 from test_cli import (_check_outputs_complete, _cli_command, _start_and_wait_for_finished_files, assert_no_traceback,
-                      files_under, infer, long_recordings, partials, report_of, tone)
+                      infer, long_recordings, report_of)
 
 __all__ = ["long_recordings"]  # a fixture shared with test_cli
 
@@ -96,7 +97,7 @@ def test_2_an_output_or_report_that_is_a_source_is_refused(case, tiny_inplace, r
     (d / "rec").mkdir(parents=True)
     shutil.copy(recordings[0], d / "a.wav")
     shutil.copy(recordings[1], d / "b.wav")
-    sf.write(d / "x.flac", tone(SAMPLE_RATE, 0.5), SAMPLE_RATE)
+    sf.write(d / "x.flac", sweep(SAMPLE_RATE, 0.5), SAMPLE_RATE)
     shutil.copy(recordings[2], d / "rec" / "c.wav")
     args = {"out_is_in": [d, d, "--overwrite"],
             "out_is_in_spelled_differently": [d, tmp_path / "d" / "rec" / ".." / "", "--overwrite"],

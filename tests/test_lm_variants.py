@@ -27,7 +27,8 @@ from moshi_ttt.rope_scaling import (YarnConfig, YarnRotaryEmbedding, rotate_with
                                     yarn_attention_factor, yarn_inverse_frequencies)
 from moshi_ttt.runner import StreamingRunner
 from moshi_ttt.tiny import FINETUNE_STEP_DIR, TINY_LORA, TINY_YARN, TinyPaths, write_tiny_variant
-from test_checkpoints import check_counts, edit_json, edit_weights  # the same helpers, one home
+from helpers import edit_json, edit_weights
+from test_checkpoints import check_counts
 
 torch.set_num_threads(1)
 

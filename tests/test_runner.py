@@ -21,6 +21,8 @@ from moshi_ttt.runner import StreamingRunner
 from moshi_ttt.runtime import default_threads, resolve_dtype, set_threads
 from moshi_ttt_cli.app import app
 
+from helpers import block_hub
+
 
 def moshi_reference(base: Path, recording: Path, seed: int) -> tuple[np.ndarray, list[int]]:
     """moshi.run_inference's InferenceState on the same checkpoint, batch 1, float32, CPU."""
@@ -100,14 +102,7 @@ def test_thread_choice_is_deliberate_and_settable(monkeypatch) -> None:
 
 
 def test_demo_runs_offline(tmp_path: Path, monkeypatch) -> None:
-    import huggingface_hub
-    from moshi.models import loaders
-
-    def no_hub(*args, **kwargs):
-        raise AssertionError("the demo must not touch the hub")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
-    monkeypatch.setattr(loaders, "hf_hub_download", no_hub)
+    block_hub(monkeypatch)
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--threads", "1"])
     assert result.exit_code == 0, result.output
     outputs = sorted((tmp_path / "outputs").glob("*.wav"))

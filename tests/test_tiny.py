@@ -18,6 +18,8 @@ from moshi.models import loaders
 from moshi.run_inference import InferenceState
 from moshi_ttt import tiny
 
+from helpers import block_hub
+
 torch.set_num_threads(1)
 
 FILE_KEYS = {"moshi_name", "mimi_name", "tokenizer_name", "mimi_config_name", "model_type", "lm_gen_config"}
@@ -38,11 +40,7 @@ def _config(base: Path) -> dict:
 
 
 def _load(base: Path, monkeypatch: pytest.MonkeyPatch):
-    # Any attempt to reach the hub fails the test: everything must come from the folder.
-    def no_hub(*args, **kwargs):
-        raise AssertionError(f"hub download attempted: {args} {kwargs}")
-
-    monkeypatch.setattr(loaders, "hf_hub_download", no_hub)
+    block_hub(monkeypatch)  # everything must come from the folder
     cfg = _config(base)
     info = loaders.CheckpointInfo.from_hf_repo(
         "local",

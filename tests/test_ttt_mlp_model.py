@@ -29,6 +29,8 @@ from moshi_ttt.tiny import FINETUNE_STEP_DIR, TinyPaths
 from moshi_ttt.ttt.base import FastWeightModule, TTTController
 from moshi_ttt.ttt.mlp import TTTMLP, TTTMLPTransformerLayer
 
+from helpers import edit_json, stream_lm
+
 torch.set_num_threads(1)
 
 C = 8  # mini_batch_size of the tiny TTT-MLP checkpoint
@@ -55,32 +57,10 @@ def parallel(lm, seq: torch.Tensor) -> torch.Tensor:
     return lm.forward_text(seq)[0]
 
 
-@torch.no_grad()
-def streamed(lm, seq: torch.Tensor, inspect=None) -> torch.Tensor:
-    """One token per step, the controller driven as the runner drives it; `inspect(lm)` runs
-    inside the stream after the final flush."""
-    controller = TTTController(lm)
-    outs = []
-    with lm.streaming(1):
-        for t in range(seq.shape[-1]):
-            outs.append(lm.forward_text(seq[:, :, t:t + 1])[0])
-            controller.after_step()
-        controller.flush()
-        if inspect is not None:
-            inspect(lm)
-    return torch.cat(outs, dim=1)
-
-
 def copy_run(paths: TinyPaths, dest: Path) -> Path:
     """Copy the TTT-MLP run folder; return its consolidated folder (to edit)."""
     shutil.copytree(paths.finetune, dest)
     return dest / FINETUNE_STEP_DIR
-
-
-def edit_json(path: Path, fn) -> None:
-    data = json.loads(path.read_text())
-    fn(data)
-    path.write_text(json.dumps(data))
 
 
 def retarget_layers(weights: Path, sources: dict[int, int]) -> None:
@@ -159,7 +139,7 @@ def test_whole_model_parallel_matches_streaming(mlp_model, base_model, length: i
             final_stream[m.layer_index] = {k: v.clone() for k, v in m._streaming_state.fast.items()}
             reports[m.layer_index] = m.report()
 
-    out_stream = streamed(lm, seq, inspect=grab)
+    out_stream, _ = stream_lm(lm, seq, inspect=grab)
 
     assert out_stream.shape == out_parallel.shape == (1, length, lm.dim)
     torch.testing.assert_close(out_stream, out_parallel, atol=1e-5, rtol=0)
@@ -194,9 +174,9 @@ def test_zero_alpha_forward_is_plain_moshi(zero_alpha_model, base_model) -> None
     assert torch.equal(parallel(zero_alpha_model.lm, seq), parallel(base_model.lm, seq))
 
     drifts = []
-    out_zero = streamed(zero_alpha_model.lm, seq,
-                        inspect=lambda lm: drifts.extend(r.drift for r in TTTController(lm).reports()))
-    assert torch.equal(out_zero, streamed(base_model.lm, seq))
+    out_zero, _ = stream_lm(zero_alpha_model.lm, seq,
+                            inspect=lambda lm: drifts.extend(r.drift for r in TTTController(lm).reports()))
+    assert torch.equal(out_zero, stream_lm(base_model.lm, seq)[0])
     # The TTT layers did run and adapt; only their contribution was gated off.
     assert len(drifts) == 2 and min(drifts) > 0
 
@@ -388,4 +368,4 @@ def test_layer_contexts(tiny_ttt_mlp: TinyPaths, mlp_model, tmp_path: Path) -> N
     seq = token_sequence(model.lm, 21, seed=4)
     out = parallel(model.lm, seq)
     assert (out - parallel(mlp_model.lm, seq)).abs().max() > 1e-4
-    torch.testing.assert_close(streamed(model.lm, seq), out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stream_lm(model.lm, seq)[0], out, atol=1e-5, rtol=0)
