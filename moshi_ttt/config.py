@@ -107,10 +107,6 @@ def ttt_config_from_section(section: tp.Any, num_layers: int, layout: SectionLay
     return config
 
 
-def variant_of(config: TTTConfig) -> str:
-    return config.variant
-
-
 def chunk_size_of(config: TTTConfig) -> int:
     return family_of(config).chunk_size(config)
 
