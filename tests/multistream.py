@@ -24,7 +24,7 @@ class StreamRun:
 
 
 def run_streams(module: FastWeightModule, forward: Forward, sequences: list[tuple[torch.Tensor, ...]],
-                schedules: list[tp.Sequence[int]], resets: tp.Mapping[int, int] | None = None,
+                schedules: list[tp.Sequence[int]], resets: tp.Mapping[int, tp.Collection[int]] | None = None,
                 before_step: tp.Callable[[int], None] | None = None) -> list[StreamRun]:
     """Stream `sequences[b]` (the forward's inputs, each [1, T_b, ...]) as stream b of one
     streaming batch (the module must be streaming with len(sequences)), its tokens fed in order
@@ -32,7 +32,7 @@ def run_streams(module: FastWeightModule, forward: Forward, sequences: list[tupl
 
     At any other step a stream is masked out (exec_mask False, `active` False) and fed loud random
     filler, which must change nothing. A stream is flushed alone at its last step while the others
-    go on. `resets` {step: stream} resets that stream alone (`reset_streaming(reset_mask)`)
+    go on. `resets` {step: streams} resets those streams only (`reset_streaming(reset_mask)`)
     before that step; `before_step(step)` runs before each step. Outputs of masked steps are
     dropped.
     """
@@ -42,7 +42,7 @@ def run_streams(module: FastWeightModule, forward: Forward, sequences: list[tupl
     outputs: list[list[torch.Tensor]] = [[] for _ in sequences]
     for step in range(max(ends)):
         if resets and step in resets:
-            module.reset_streaming(torch.arange(len(sequences)) == resets[step])
+            module.reset_streaming(torch.tensor([b in resets[step] for b in range(len(sequences))]))
         if before_step is not None:
             before_step(step)
         active = [step in schedule for schedule in schedules]

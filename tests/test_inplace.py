@@ -195,7 +195,8 @@ def test_streams_of_different_lengths_each_run_as_if_alone(clip: float | None) -
     chunk-parallel computation."""
     module, transformer = make_module(clip=clip)
     sequences = [(torch.randn(1, n, DIM), torch.randn(1, n, DIM)) for n in (5, 11, 16)]
-    schedules = [span(3, 5), span(0, 11), span(1, 16)]
+    # Streams 0 and 2 fill a chunk at the same step (7): one update for both, 1 left alone.
+    schedules = [span(4, 5), span(1, 11), span(0, 16)]
     with torch.no_grad():
         with module.streaming(3):
             runs = run_streams(module, inplace_step(module, transformer), sequences, schedules)
@@ -207,18 +208,21 @@ def test_streams_of_different_lengths_each_run_as_if_alone(clip: float | None) -
         assert sum(run.report.clipped_updates for run in runs) > 0
 
 
-def test_resetting_one_stream_restarts_it_and_leaves_the_others_alone() -> None:
-    """Stream 1 streams 6 tokens of one file (a chunk applied, 2 tokens pending), is reset alone,
-    then streams its next file: that file runs as on a fresh state, the others as undisturbed."""
+@pytest.mark.parametrize("reset", [(1,), (0, 2)])
+def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tuple[int, ...]) -> None:
+    """The `reset` streams stream 6 tokens of one file (a chunk applied, 2 tokens pending), are
+    reset alone, then stream their next file: that file runs as on a fresh state, the other
+    streams as undisturbed."""
     module, transformer = make_module()
     sequences = [(torch.randn(1, n, DIM), torch.randn(1, n, DIM)) for n in (13, 14, 12)]
-    earlier_file = (torch.randn(1, 6, DIM), torch.randn(1, 6, DIM))
-    slot_1 = tuple(torch.cat(pair, dim=1) for pair in zip(earlier_file, sequences[1]))
+    slots = [tuple(torch.cat([torch.randn(1, 6, DIM), part], dim=1) for part in seq) if b in reset else seq
+             for b, seq in enumerate(sequences)]
     with torch.no_grad():
         with module.streaming(3):
-            runs = run_streams(module, inplace_step(module, transformer), [sequences[0], slot_1, sequences[2]],
-                               [span(0, 13), span(0, 20), span(1, 12)], resets={6: 1})
-        runs[1].outputs = runs[1].outputs[:, 6:]
+            runs = run_streams(module, inplace_step(module, transformer), slots,
+                               [span(0, slot[0].shape[1]) for slot in slots], resets={6: reset})
+        for b in reset:
+            runs[b].outputs = runs[b].outputs[:, 6:]
         for run, (x, x0) in zip(runs, sequences):
             assert_same_run(run, alone(module, transformer, x, x0))
 

@@ -401,25 +401,29 @@ def test_streams_of_different_lengths_each_run_as_if_alone(rope: bool) -> None:
     sequences = [(torch.randn(1, n, D),) for n in (5, 11, 16)]
     with torch.no_grad():
         with module.streaming(3):
-            runs = run_streams(module, module, sequences, [span(3, 5), span(0, 11), span(1, 16)])
+            # Streams 0 and 2 fill a mini-batch at the same step (7): one update for both.
+            runs = run_streams(module, module, sequences, [span(4, 5), span(1, 11), span(0, 16)])
         for run, (x,) in zip(runs, sequences):
             assert_same_run(run, alone(module, x))
             assert_same_run(run, parallel_run(module, x))
             assert (run.report.tokens, run.report.updates) == (x.shape[1], math.ceil(x.shape[1] / C))
 
 
-def test_resetting_one_stream_restarts_it_and_leaves_the_others_alone() -> None:
-    """Stream 1 streams 6 tokens of one file (a mini-batch applied, 2 tokens in the running sums),
-    is reset alone, then streams its next file: that file runs as on a fresh state, the others
-    as undisturbed."""
+@pytest.mark.parametrize("reset", [(1,), (0, 2)])
+def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tuple[int, ...]) -> None:
+    """The `reset` streams stream 6 tokens of one file (a mini-batch applied, 2 tokens in the
+    running sums), are reset alone, then stream their next file: that file runs as on a fresh
+    state, the other streams as undisturbed."""
     module = make_module(seed=14)
     sequences = [(torch.randn(1, n, D),) for n in (13, 14, 12)]
-    slot_1 = (torch.cat([torch.randn(1, 6, D), sequences[1][0]], dim=1),)
+    slots = [(torch.cat([torch.randn(1, 6, D), seq[0]], dim=1),) if b in reset else seq
+             for b, seq in enumerate(sequences)]
     with torch.no_grad():
         with module.streaming(3):
-            runs = run_streams(module, module, [sequences[0], slot_1, sequences[2]],
-                               [span(0, 13), span(0, 20), span(1, 12)], resets={6: 1})
-        runs[1].outputs = runs[1].outputs[:, 6:]
+            runs = run_streams(module, module, slots, [span(0, slot[0].shape[1]) for slot in slots],
+                               resets={6: reset})
+        for b in reset:
+            runs[b].outputs = runs[b].outputs[:, 6:]
         for run, (x,) in zip(runs, sequences):
             assert_same_run(run, alone(module, x))
 
