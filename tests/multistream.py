@@ -48,7 +48,8 @@ def run_streams(module: FastWeightModule, forward: Forward, sequences: list[tupl
         active = [step in schedule for schedule in schedules]
         batches = []
         for k in range(len(sequences[0])):
-            rows = [seq[k][:, i:i + 1] if on else 10 * torch.randn(seq[k][:, :1].shape, generator=filler)
+            rows = [seq[k][:, i:i + 1] if on
+                    else 10 * torch.randn(seq[k][:, :1].shape, generator=filler).to(seq[k].device)
                     for seq, i, on in zip(sequences, fed, active)]
             batches.append(torch.cat(rows))
         module.set_exec_mask(torch.tensor(active))

@@ -116,6 +116,13 @@ class StreamRows:
             tensor.index_fill_(0, self.index, value)
 
 
+def chunk_buffer(batch_size: int, chunk_size: int, width: int, device: torch.device) -> torch.Tensor:
+    """Zeroed per-stream token buffers [B, C, width], float32, with one spare row after them in
+    memory (see `FastWeightState.buffer_tokens`)."""
+    rows = torch.zeros(batch_size * chunk_size + 1, width, device=device)
+    return rows[:-1].view(batch_size, chunk_size, width)
+
+
 @dataclass
 class FastWeightState(State):
     """Streaming state of one TTT layer for a batch of independent streams.
@@ -179,21 +186,28 @@ class FastWeightState(State):
         if len(ids) == self.batch_size:
             self.unacked = 0
 
-    def buffer_token(self, buffer: torch.Tensor, value: torch.Tensor) -> None:
-        """Write each executing stream's `value[b]` at `buffer[b, write_pos[b]]`, in place.
+    def buffer_tokens(self, tokens: tp.Mapping[str, torch.Tensor]) -> None:
+        """Write each executing stream's token `tokens[name][b]` at `scratch[name][b, write_pos[b]]`.
 
-        buffer [B, C, ...], value [B, ...]. A stream masked out by `exec_mask` gets its slot's
-        own content back, so its buffer is unchanged. Fixed shapes, device-side positions, no
-        host sync: graph-capturable. A position past the chunk (a host that counted fewer tokens
-        than the device saw) fails the scatter instead of spilling into another stream's rows.
+        The buffers must come from `chunk_buffer` (one spare row past the B chunks): a stream
+        masked out by `exec_mask` writes to the spare row, so its own rows are unchanged, and a
+        step is one index_copy_ per buffer. A position past the chunk (a host that counted fewer
+        tokens than the device saw) also goes to the spare row rather than into another stream's.
+        Fixed shapes, device-side positions, no host sync: graph-capturable.
         """
-        index = self.write_pos.view(-1, 1, *([1] * (buffer.dim() - 2))).expand(-1, 1, *buffer.shape[2:])
-        keep = self.exec_mask.view(-1, 1, *([1] * (buffer.dim() - 2)))
-        buffer.scatter_(1, index, torch.where(keep, value.unsqueeze(1).to(buffer.dtype), buffer.gather(1, index)))
+        chunk = self.scratch[next(iter(tokens))].shape[1]
+        spare = self.batch_size * chunk
+        slot = torch.arange(0, spare, chunk, device=self.write_pos.device) + self.write_pos
+        slot = torch.where(self.exec_mask & (self.write_pos < chunk), slot, spare)
+        for name, value in tokens.items():
+            buffer = self.scratch[name]
+            width = buffer.shape[2]
+            rows = buffer.as_strided((spare + 1, width), (width, 1))  # the B chunks and the spare row
+            rows.index_copy_(0, slot, value.reshape(self.batch_size, width).to(buffer.dtype))
 
     def advance(self) -> None:
         """Move the executing streams' positions past the token just buffered (device-side)."""
-        self.write_pos.add_(self.exec_mask.to(self.write_pos.dtype))
+        self.write_pos.add_(self.exec_mask)  # bool promotes to 0 / 1
 
     def stream_index(self, stream: int | None) -> int:
         """`stream`, checked; None names the only stream of a batch of 1."""

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from ..config import number
 from ..errors import CheckpointError
 from ..families import SectionLayout, TTTFamily
-from .base import FastWeightModule, FastWeightState, StreamRows
+from .base import FastWeightModule, FastWeightState, StreamRows, chunk_buffer
 
 
 @dataclass
@@ -190,8 +190,8 @@ class InPlaceTTTGating(FastWeightModule):
         dim, hidden = self.w_down.shape
         device = self.w_down.device
         return {
-            "z": torch.zeros(batch_size, self.chunk_size, hidden, device=device),
-            "x0": torch.zeros(batch_size, self.chunk_size, dim, device=device),
+            "z": chunk_buffer(batch_size, self.chunk_size, hidden, device),
+            "x0": chunk_buffer(batch_size, self.chunk_size, dim, device),
         }
 
     @property
@@ -216,10 +216,9 @@ class InPlaceTTTGating(FastWeightModule):
             self.last_parallel_state = {"W": w_final}
             return out.to(x.dtype)
         self._begin_step(state, x.shape[1])
-        out = z.float() @ state.fast["W"].transpose(1, 2)  # each stream reads its own W: [B, 1, D]
+        out = torch.bmm(z.float(), state.fast["W"].transpose(1, 2))  # each stream reads its own W: [B, 1, D]
         # Fixed-shape writes at device-side positions: graph-capturable, no host sync.
-        state.buffer_token(state.scratch["z"], z[:, 0])
-        state.buffer_token(state.scratch["x0"], x0[:, 0])
+        state.buffer_tokens({"z": z[:, 0], "x0": x0[:, 0]})
         state.advance()
         return out.to(x.dtype)
 
