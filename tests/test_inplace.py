@@ -18,6 +18,8 @@ from moshi_ttt.runner import StreamingRunner
 from moshi_ttt.ttt.base import TTTController
 from moshi_ttt.ttt.inplace import InPlaceTTTConfig, InPlaceTTTGating, TokenEmbeddingTap, inplace_ttt_parallel
 
+from multistream import StreamRun, assert_same_run, assert_same_snapshot, run_streams, span, stream_snapshot
+
 DIM = 16
 
 
@@ -47,7 +49,7 @@ def stream(module: InPlaceTTTGating, transformer: Identity, x: torch.Tensor, x0:
             module.after_token()
         module.flush()
         state = module._streaming_state
-        return torch.cat(outs, 1), state.fast["W"].clone(), module.report()
+        return torch.cat(outs, 1), state.fast["W"][0].clone(), module.report()
 
 
 def naive_reference(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor, module: InPlaceTTTGating,
@@ -153,7 +155,7 @@ def test_last_chunk_target_does_not_see_past_the_stream() -> None:
                 module(x[:, t:t + 1])
                 module.after_token()
                 if t == 3:
-                    w_after_chunk = module._streaming_state.fast["W"].clone()
+                    w_after_chunk = module._streaming_state.fast["W"][0].clone()
     assert torch.equal(w_first, w_after_chunk)
 
 
@@ -166,11 +168,97 @@ def test_streaming_requires_the_controller_between_steps() -> None:
             module(torch.randn(1, 1, DIM))
 
 
-def test_streaming_batch_above_one_is_refused() -> None:
-    module, _ = make_module()
-    with pytest.raises(StreamingError, match="batch size must be 1"):
+# --- several streams at once (multi-slot runner) ---------------------------------------------------
+
+def inplace_step(module: InPlaceTTTGating, transformer: Identity):
+    def step(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        transformer(x0)
+        return module(x)
+    return step
+
+
+def alone(module: InPlaceTTTGating, transformer: Identity, x: torch.Tensor, x0: torch.Tensor) -> StreamRun:
+    out, w, report = stream(module, transformer, x, x0)
+    return StreamRun(out, {"W": w}, report)
+
+
+def parallel_run(module: InPlaceTTTGating, transformer: Identity, x: torch.Tensor, x0: torch.Tensor) -> StreamRun:
+    transformer(x0)
+    out = module(x)
+    return StreamRun(out, {"W": module.last_parallel_state["W"][0]})
+
+
+@pytest.mark.parametrize("clip", [None, 2e-3])
+def test_streams_of_different_lengths_each_run_as_if_alone(clip: float | None) -> None:
+    """3 streams of 5, 11 and 16 tokens, starting at different steps, masked before they start
+    and after they end, each flushed when it ends: each equals its own run at B=1 and the
+    chunk-parallel computation."""
+    module, transformer = make_module(clip=clip)
+    sequences = [(torch.randn(1, n, DIM), torch.randn(1, n, DIM)) for n in (5, 11, 16)]
+    # Streams 0 and 2 fill a chunk at the same step (7): one update for both, 1 left alone.
+    schedules = [span(4, 5), span(1, 11), span(0, 16)]
+    with torch.no_grad():
+        with module.streaming(3):
+            runs = run_streams(module, inplace_step(module, transformer), sequences, schedules)
+        for run, (x, x0) in zip(runs, sequences):
+            assert_same_run(run, alone(module, transformer, x, x0))
+            assert_same_run(run, parallel_run(module, transformer, x, x0))
+            assert (run.report.tokens, run.report.updates) == (x.shape[1], math.ceil(x.shape[1] / 4))
+    if clip is not None:
+        assert sum(run.report.clipped_updates for run in runs) > 0
+
+
+@pytest.mark.parametrize("reset", [(1,), (0, 2)])
+def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tuple[int, ...]) -> None:
+    """The `reset` streams stream 6 tokens of one file (a chunk applied, 2 tokens pending), are
+    reset alone, then stream their next file: that file runs as on a fresh state, the other
+    streams as undisturbed."""
+    module, transformer = make_module()
+    sequences = [(torch.randn(1, n, DIM), torch.randn(1, n, DIM)) for n in (13, 14, 12)]
+    slots = [tuple(torch.cat([torch.randn(1, 6, DIM), part], dim=1) for part in seq) if b in reset else seq
+             for b, seq in enumerate(sequences)]
+    with torch.no_grad():
+        with module.streaming(3):
+            runs = run_streams(module, inplace_step(module, transformer), slots,
+                               [span(0, slot[0].shape[1]) for slot in slots], resets={6: reset})
+        for b in reset:
+            runs[b].outputs = runs[b].outputs[:, 6:]
+        for run, (x, x0) in zip(runs, sequences):
+            assert_same_run(run, alone(module, transformer, x, x0))
+
+
+def test_masked_steps_leave_a_stream_untouched() -> None:
+    """Stream 0 pauses mid-chunk for 4 steps while stream 1 goes on (and commits): its weights,
+    buffers, position and counts stay bit for bit, and its later outputs are its own run's."""
+    module, transformer = make_module()
+    sequences = [(torch.randn(1, 10, DIM), torch.randn(1, 10, DIM)), (torch.randn(1, 14, DIM), torch.randn(1, 14, DIM))]
+    snapshots = {}
+
+    def snapshot(step: int) -> None:
+        if step in (2, 6):
+            snapshots[step] = stream_snapshot(module, 0)
+
+    with torch.no_grad():
         with module.streaming(2):
-            pass
+            runs = run_streams(module, inplace_step(module, transformer), sequences,
+                               [[0, 1, *range(6, 14)], span(0, 14)], before_step=snapshot)
+        assert_same_snapshot(snapshots[2], snapshots[6])
+        assert snapshots[2]["counters"]["pending"] == 2  # mid-chunk: the buffer holds tokens
+        for run, (x, x0) in zip(runs, sequences):
+            assert_same_run(run, alone(module, transformer, x, x0))
+
+
+def test_a_batch_of_streams_needs_the_stream_named() -> None:
+    module, transformer = make_module()
+    with torch.no_grad(), module.streaming(2):
+        with pytest.raises(StreamingError, match="say which one"):
+            module.report()
+        with pytest.raises(StreamingError, match="no stream 2"):
+            module.report(2)
+        transformer(torch.randn(2, 1, DIM))
+        module(torch.randn(2, 1, DIM))
+        with pytest.raises(StreamingError, match="1 stream flags for 2 streams"):
+            module.after_token([True])
 
 
 def test_fast_weight_stays_float32_in_a_bf16_model() -> None:
@@ -212,7 +300,7 @@ def stream_lm(lm, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor
             outs.append(out)
             controller.after_step()
         controller.flush()
-        weights = [layer._streaming_state.fast["W"].clone() for layer in controller.layers]
+        weights = [layer._streaming_state.fast["W"][0].clone() for layer in controller.layers]
     return torch.cat(outs, 1), weights
 
 

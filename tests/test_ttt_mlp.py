@@ -27,6 +27,8 @@ from moshi_ttt.ttt.mlp import (
     reconstruction_target,
 )
 
+from multistream import StreamRun, assert_same_run, assert_same_snapshot, run_streams, span, stream_snapshot
+
 torch.set_num_threads(1)
 
 D, H, C = 16, 2, 4
@@ -65,7 +67,7 @@ def stream(module: TTTMLP, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tor
     module.flush()
     state = module._streaming_state
     report = module.report()
-    return (torch.cat(outs, dim=1), {k: v.clone() for k, v in state.fast.items()},
+    return (torch.cat(outs, dim=1), {k: v[0].clone() for k, v in state.fast.items()},
             report.updates, report.pending_tokens)
 
 
@@ -318,12 +320,13 @@ def test_reset_restores_loaded_weights_and_outputs() -> None:
             module.reset_streaming()
             state = module._streaming_state
             for n in NAMES:
-                assert torch.equal(state.fast[n], loaded[n])
-            assert state.tokens == state.pending == state.updates == 0
+                assert torch.equal(state.fast[n][0], loaded[n])
+            counters = state.streams[0]
+            assert counters.tokens == counters.pending == counters.updates == 0
             second, _, _, _ = stream(module, x)
         with module.streaming(1):
             for n in NAMES:
-                assert torch.equal(module._streaming_state.fast[n], loaded[n])
+                assert torch.equal(module._streaming_state.fast[n][0], loaded[n])
             third, _, _, _ = stream(module, x)
     assert torch.equal(first, second)
     assert torch.equal(first, third)
@@ -370,13 +373,81 @@ def test_frozen_uses_loaded_weights_without_correction() -> None:
         assert not torch.allclose(module(x), parallel, atol=1e-4)
 
 
-# -- 8. batch size ------------------------------------------------------------------------------
+# -- 8. several streams at once (multi-slot runner) ------------------------------------------------
 
-def test_streaming_batch_size_two_raises() -> None:
-    module = make_module()
-    with pytest.raises(StreamingError):
+def alone(module: TTTMLP, x: torch.Tensor) -> StreamRun:
+    with module.streaming(1):
+        out, fast, _, _ = stream(module, x)
+        return StreamRun(out, fast, module.report())
+
+
+def parallel_run(module: TTTMLP, x: torch.Tensor) -> StreamRun:
+    out = module(x)
+    return StreamRun(out, {k: v[0] for k, v in module.last_parallel_state.items()})
+
+
+def roped_module(seed: int) -> TTTMLP:
+    module = TTTMLP(D, H, layer_index=3, mini_batch_size=C, base_lr=BASE_LR, use_rope=True)
+    module.load_state_dict(make_module(seed=seed).state_dict())
+    return module
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_streams_of_different_lengths_each_run_as_if_alone(rope: bool) -> None:
+    """3 streams of 5, 11 and 16 tokens, starting at different steps, masked before they start
+    and after they end, each flushed when it ends: each equals its own run at B=1 and the
+    mini-batch-parallel computation (with RoPE: positions are each stream's own)."""
+    module = roped_module(seed=13) if rope else make_module(seed=13)
+    sequences = [(torch.randn(1, n, D),) for n in (5, 11, 16)]
+    with torch.no_grad():
+        with module.streaming(3):
+            # Streams 0 and 2 fill a mini-batch at the same step (7): one update for both.
+            runs = run_streams(module, module, sequences, [span(4, 5), span(1, 11), span(0, 16)])
+        for run, (x,) in zip(runs, sequences):
+            assert_same_run(run, alone(module, x))
+            assert_same_run(run, parallel_run(module, x))
+            assert (run.report.tokens, run.report.updates) == (x.shape[1], math.ceil(x.shape[1] / C))
+
+
+@pytest.mark.parametrize("reset", [(1,), (0, 2)])
+def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tuple[int, ...]) -> None:
+    """The `reset` streams stream 6 tokens of one file (a mini-batch applied, 2 tokens in the
+    running sums), are reset alone, then stream their next file: that file runs as on a fresh
+    state, the other streams as undisturbed."""
+    module = make_module(seed=14)
+    sequences = [(torch.randn(1, n, D),) for n in (13, 14, 12)]
+    slots = [(torch.cat([torch.randn(1, 6, D), seq[0]], dim=1),) if b in reset else seq
+             for b, seq in enumerate(sequences)]
+    with torch.no_grad():
+        with module.streaming(3):
+            runs = run_streams(module, module, slots, [span(0, slot[0].shape[1]) for slot in slots],
+                               resets={6: reset})
+        for b in reset:
+            runs[b].outputs = runs[b].outputs[:, 6:]
+        for run, (x,) in zip(runs, sequences):
+            assert_same_run(run, alone(module, x))
+
+
+def test_masked_steps_leave_a_stream_untouched() -> None:
+    """Stream 0 pauses mid-mini-batch for 4 steps while stream 1 goes on (and commits): its
+    weights, running sums, position and counts stay bit for bit, and its later outputs are its
+    own run's."""
+    module = roped_module(seed=15)
+    sequences = [(torch.randn(1, 10, D),), (torch.randn(1, 14, D),)]
+    snapshots = {}
+
+    def snapshot(step: int) -> None:
+        if step in (2, 6):
+            snapshots[step] = stream_snapshot(module, 0)
+
+    with torch.no_grad():
         with module.streaming(2):
-            pass
+            runs = run_streams(module, module, sequences, [[0, 1, *range(6, 14)], span(0, 14)],
+                               before_step=snapshot)
+        assert_same_snapshot(snapshots[2], snapshots[6])
+        assert snapshots[2]["counters"]["pending"] == 2  # mid-mini-batch: the sums hold tokens
+        for run, (x,) in zip(runs, sequences):
+            assert_same_run(run, alone(module, x))
 
 
 # -- 9. fidelity to the moshi-finetune training code ----------------------------------------------
@@ -466,7 +537,7 @@ def stream_block(block: TTTMLPBlock, x: torch.Tensor) -> tuple[torch.Tensor, dic
             outs.append(block(x[:, t:t + 1]))
             block.ttt.after_token()
         block.ttt.flush()
-        fast = {k: v.clone() for k, v in block.ttt._streaming_state.fast.items()}
+        fast = {k: v[0].clone() for k, v in block.ttt._streaming_state.fast.items()}
     return torch.cat(outs, dim=1), fast
 
 

@@ -136,7 +136,7 @@ def test_whole_model_parallel_matches_streaming(mlp_model, base_model, length: i
 
     def grab(lm_) -> None:
         for m in modules:
-            final_stream[m.layer_index] = {k: v.clone() for k, v in m._streaming_state.fast.items()}
+            final_stream[m.layer_index] = {k: v[0].clone() for k, v in m._streaming_state.fast.items()}
             reports[m.layer_index] = m.report()
 
     out_stream, _ = stream_lm(lm, seq, inspect=grab)

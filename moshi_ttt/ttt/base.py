@@ -1,12 +1,33 @@
-"""What every TTT layer shares: fast weights, per-file reset, chunk bookkeeping, diagnostics.
+"""What every TTT layer shares: per-stream fast weights, reset, chunk bookkeeping, diagnostics.
 
 Streaming contract (the reason for this split): moshi replays `LMGen.step` from a CUDA graph
 on GPU, so Python inside a layer's forward runs only while the graph is captured. A layer's
 streaming forward therefore only does fixed-shape tensor work (write the token into a buffer
 at a device-side position, read the fast weights). Everything that depends on how many tokens
 have arrived -- committing a full chunk, flushing a partial one -- is driven from the host by
-`TTTController.after_step()` / `flush()`, which the runner calls between steps. Fast weights
-are updated in place, so a captured graph sees the new values.
+`TTTController`, which the runner calls between steps. Fast weights are updated in place, so a
+captured graph sees the new values.
+
+Several streams at once: a streaming batch of B holds B independent streams (recordings), each
+with its own fast weights (`[B, ...]`, float32), chunk buffers, device-side position
+`write_pos[b]` and host-side counters. moshi desynchronises streams with `exec_mask`: a stream
+whose mask is False for a step (an idle slot, or one waiting while another steps its first
+frame twice) does not buffer that token, keep its position and fast weights, and its output
+that step means nothing. The forward reads the mask on the device; the host, which sets the
+mask, says the same thing to the controller. The controller API, per step and per stream:
+
+    controller.after_step(active=None)   # after every LMGen.step; `active[b]`: stream b's
+                                         # exec_mask that step (None: every stream consumed it).
+                                         # Streams whose chunk became full commit, together.
+    controller.flush(streams=None)       # end of those streams' files (None: all): apply
+                                         # their partial chunks.
+    controller.reports(stream=None)      # one LayerReport per layer for that stream (None:
+                                         # the only stream of a batch of 1).
+
+Resetting a stream (a slot taking its next file) is moshi's own mechanism,
+`lm_gen.reset_streaming(reset_mask)`: it reaches every streaming module, so the TTT layers
+restart exactly the masked streams from the checkpoint's weights together with their KV caches.
+A batch of 1 uses `after_step()`, `flush()`, `reports()` as before.
 """
 
 from __future__ import annotations
@@ -14,6 +35,7 @@ from __future__ import annotations
 import abc
 import math
 import typing as tp
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -24,51 +46,172 @@ from ..results import LayerReport
 
 
 @dataclass
-class FastWeightState(State):
-    """Streaming state of one TTT layer for one stream.
+class StreamCounters:
+    """Host-side counts of one stream since its reset (known without reading the device)."""
 
-    `fast` are the adapting weights (float32), `initial` the checkpoint's values they reset to,
-    `scratch` chunk buffers and running sums that must start from zero. `write_pos` is the
-    device-side index of the next token in the chunk buffer (graph-safe); `tokens`, `pending`
-    and `updates` are host-side counters kept by the controller. `clipped_updates` and
-    `first_nonfinite` are device-side (read once per file, so commits never wait on the device).
+    tokens: int = 0  # tokens the stream consumed
+    pending: int = 0  # tokens buffered in its current chunk, not applied yet
+    updates: int = 0  # chunks applied to its fast weights
+
+
+class StreamRows:
+    """Some streams of a batched state, and in-place row operations on the state's tensors.
+
+    Contiguous streams (all of them, or one: the usual cases) are a slice, so reads are views and
+    writes land in place with plain kernels, exactly as without a batch dimension; any other set
+    is an index tensor (index_select / index_add_ / index_copy_ / index_fill_).
     """
 
-    fast: dict[str, torch.Tensor] = field(default_factory=dict)
-    initial: dict[str, torch.Tensor] = field(default_factory=dict)
-    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
-    write_pos: torch.Tensor | None = None
-    clipped_updates: torch.Tensor | None = None
-    first_nonfinite: torch.Tensor | None = None  # update index, -1 while all weights are finite
-    tokens: int = 0
-    pending: int = 0
-    updates: int = 0
+    def __init__(self, ids: tp.Sequence[int], device: torch.device):
+        if not ids:
+            raise ValueError("StreamRows needs at least one stream")
+        self.ids = tuple(ids)
+        contiguous = self.ids == tuple(range(self.ids[0], self.ids[0] + len(self.ids)))
+        self.index: slice | torch.Tensor = (
+            slice(self.ids[0], self.ids[-1] + 1) if contiguous
+            else torch.tensor(self.ids, dtype=torch.long).to(device, non_blocking=True))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        """These streams' rows, [S, ...] (a view for a slice)."""
+        if isinstance(self.index, slice):
+            return tensor[self.index]
+        return tensor.index_select(0, self.index)
+
+    def add_(self, tensor: torch.Tensor, value: torch.Tensor, alpha: float | int = 1) -> None:
+        """tensor[rows] += alpha * value, value [S, ...]."""
+        if isinstance(self.index, slice):
+            tensor[self.index].add_(value, alpha=alpha)
+        else:
+            tensor.index_add_(0, self.index, value, alpha=alpha)
+
+    def copy_(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """tensor[rows] = value, value [S, ...] or one row's shape (broadcast to every stream)."""
+        if isinstance(self.index, slice):
+            tensor[self.index].copy_(value)
+        else:
+            tensor.index_copy_(0, self.index, value.expand(len(self), *tensor.shape[1:]).contiguous())
+
+    def fill_(self, tensor: torch.Tensor, value: float) -> None:
+        if isinstance(self.index, slice):
+            tensor[self.index].fill_(value)
+        else:
+            tensor.index_fill_(0, self.index, value)
+
+
+def chunk_buffer(batch_size: int, chunk_size: int, width: int, device: torch.device) -> torch.Tensor:
+    """Zeroed per-stream token buffers [B, C, width], float32, with one spare row after them in
+    memory (see `FastWeightState.buffer_tokens`)."""
+    rows = torch.zeros(batch_size * chunk_size + 1, width, device=device)
+    return rows[:-1].view(batch_size, chunk_size, width)
+
+
+@dataclass
+class FastWeightState(State):
+    """Streaming state of one TTT layer for a batch of independent streams.
+
+    `fast` are the adapting weights, `[B, ...]` float32; `initial` the checkpoint's values (one
+    copy, no batch dim) a stream resets to; `scratch` chunk buffers and running sums `[B, ...]`
+    that start from zero. `write_pos[b]` is stream b's device-side index of its next token in the
+    chunk (graph-safe); `streams[b]` its host-side counters, kept by the module's schedule.
+    `clipped_updates` and `first_nonfinite` `[B]` are device-side (read once per file, so commits
+    never wait on the device).
+    """
+
+    fast: dict[str, torch.Tensor]
+    initial: dict[str, torch.Tensor]
+    scratch: dict[str, torch.Tensor]
+    write_pos: torch.Tensor
+    clipped_updates: torch.Tensor
+    first_nonfinite: torch.Tensor  # update number, -1 while the stream's weights are finite
+    streams: list[StreamCounters] = field(default_factory=list)
     # Streaming forwards whose Python ran but that after_token() has not acknowledged yet. Under
     # moshi's CUDAGraphed a step's Python runs at most once (warm-up, then capture; replays run
     # none), so anything above 0 at the next forward means the host stopped driving the layer.
     unacked: int = 0
 
+    @classmethod
+    def fresh(cls, batch_size: int, initial: dict[str, torch.Tensor],
+              scratch: dict[str, torch.Tensor]) -> FastWeightState:
+        device = next(iter(initial.values())).device
+        return cls(
+            batch_size, device,
+            # A copy per stream, never a view of `initial` (which may be the module's parameter).
+            fast={name: value.expand(batch_size, *value.shape).clone(memory_format=torch.contiguous_format)
+                  for name, value in initial.items()},
+            initial=initial,
+            scratch=scratch,
+            write_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
+            clipped_updates=torch.zeros(batch_size, dtype=torch.long, device=device),
+            first_nonfinite=torch.full((batch_size,), -1, dtype=torch.long, device=device),
+            streams=[StreamCounters() for _ in range(batch_size)],
+        )
+
     def reset(self, reset_mask: torch.Tensor) -> None:
+        """Restart the masked streams from the checkpoint's weights; the others are untouched.
+
+        Reads the mask on the host: resets happen between files, outside any graph.
+        """
         super().reset(reset_mask)
+        ids = [b for b, reset in enumerate(reset_mask.tolist()) if reset]
+        if not ids:
+            return
+        rows = StreamRows(ids, self.device)
         # In place, so tensors captured by a CUDA graph stay the ones we reset.
         for name, value in self.fast.items():
-            value.copy_(self.initial[name])
-        for value in self.scratch.values():
-            value.zero_()
-        for counter in (self.write_pos, self.clipped_updates):
-            if counter is not None:
-                counter.zero_()
-        if self.first_nonfinite is not None:
-            self.first_nonfinite.fill_(-1)
-        self.tokens = self.pending = self.updates = self.unacked = 0
+            rows.copy_(value, self.initial[name])
+        for value in (*self.scratch.values(), self.write_pos, self.clipped_updates):
+            rows.fill_(value, 0)
+        rows.fill_(self.first_nonfinite, -1)
+        for b in ids:
+            self.streams[b] = StreamCounters()
+        # An unacknowledged step belongs to every stream: it is void only when all restart.
+        if len(ids) == self.batch_size:
+            self.unacked = 0
+
+    def buffer_tokens(self, tokens: tp.Mapping[str, torch.Tensor]) -> None:
+        """Write each executing stream's token `tokens[name][b]` at `scratch[name][b, write_pos[b]]`.
+
+        The buffers must come from `chunk_buffer` (one spare row past the B chunks): a stream
+        masked out by `exec_mask` writes to the spare row, so its own rows are unchanged, and a
+        step is one index_copy_ per buffer. A position past the chunk (a host that counted fewer
+        tokens than the device saw) also goes to the spare row rather than into another stream's.
+        Fixed shapes, device-side positions, no host sync: graph-capturable.
+        """
+        chunk = self.scratch[next(iter(tokens))].shape[1]
+        spare = self.batch_size * chunk
+        slot = torch.arange(0, spare, chunk, device=self.write_pos.device) + self.write_pos
+        slot = torch.where(self.exec_mask & (self.write_pos < chunk), slot, spare)
+        for name, value in tokens.items():
+            buffer = self.scratch[name]
+            width = buffer.shape[2]
+            rows = buffer.as_strided((spare + 1, width), (width, 1))  # the B chunks and the spare row
+            rows.index_copy_(0, slot, value.reshape(self.batch_size, width).to(buffer.dtype))
+
+    def advance(self) -> None:
+        """Move the executing streams' positions past the token just buffered (device-side)."""
+        self.write_pos.add_(self.exec_mask)  # bool promotes to 0 / 1
+
+    def stream_index(self, stream: int | None) -> int:
+        """`stream`, checked; None names the only stream of a batch of 1."""
+        if stream is None:
+            if self.batch_size != 1:
+                raise StreamingError(f"{self.batch_size} streams are streaming: say which one")
+            return 0
+        if not 0 <= stream < self.batch_size:
+            raise StreamingError(f"no stream {stream} in a streaming batch of {self.batch_size}")
+        return stream
 
 
 class FastWeightModule(StreamingModule[FastWeightState]):
     """Base of TTT layers whose fast weights adapt in chunks of `chunk_size` tokens.
 
     Subclasses provide the initial fast weights, their chunk scratch buffers, the streaming and
-    parallel forwards, and `_apply_chunk(state, n)`, which folds the first `n` buffered tokens
-    into `state.fast`. This class owns reset, counting, commit/flush and the report.
+    parallel forwards, and `_apply_chunk(state, rows, n)`, which folds the first `n` buffered
+    tokens of the streams `rows` into their fast weights. This class owns reset, counting,
+    commit/flush and the report.
     """
 
     def __init__(self, layer_index: int, chunk_size: int):
@@ -86,36 +229,20 @@ class FastWeightModule(StreamingModule[FastWeightState]):
         """The checkpoint's fast weights, float32, on the module's device (not copied)."""
 
     @abc.abstractmethod
-    def _make_scratch(self) -> dict[str, torch.Tensor]:
-        """Fresh zeroed chunk buffers / running sums for one stream."""
+    def _make_scratch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """Fresh zeroed chunk buffers / running sums, `[batch_size, ...]`."""
 
     @abc.abstractmethod
-    def _apply_chunk(self, state: FastWeightState, n: int) -> torch.Tensor | None:
-        """Update `state.fast` in place from the first `n` tokens buffered in this chunk.
+    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> torch.Tensor | None:
+        """Update the fast weights of streams `rows` in place from their first `n` buffered tokens.
 
-        Returns a device-side bool telling whether the update was clipped, or None if this
-        family never clips.
+        Returns a device-side bool per stream of `rows` telling whether its update was clipped,
+        or None if this family never clips.
         """
 
     # -- streaming state --------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> FastWeightState:
-        if batch_size != 1:
-            raise StreamingError(
-                f"TTT layers keep one set of fast weights per stream; streaming batch size must be 1, "
-                f"got {batch_size}"
-            )
-        initial = self.initial_fast_weights()
-        device = next(iter(initial.values())).device
-        return FastWeightState(
-            batch_size,
-            device,
-            fast={name: value.clone() for name, value in initial.items()},
-            initial=initial,
-            scratch=self._make_scratch(),
-            write_pos=torch.zeros(1, dtype=torch.long, device=device),
-            clipped_updates=torch.zeros((), dtype=torch.long, device=device),
-            first_nonfinite=torch.full((), -1, dtype=torch.long, device=device),
-        )
+        return FastWeightState.fresh(batch_size, self.initial_fast_weights(), self._make_scratch(batch_size))
 
     def _streaming_state_or_raise(self) -> FastWeightState:
         state = self._streaming_state
@@ -139,49 +266,69 @@ class FastWeightModule(StreamingModule[FastWeightState]):
         state.unacked += 1
 
     # -- host-driven chunk schedule ----------------------------------------------------------
-    def after_token(self) -> None:
+    def after_token(self, active: tp.Sequence[bool] | None = None) -> None:
+        """The host's half of a step: `active[b]` says whether stream b consumed the token (its
+        exec_mask; None: all did). Streams whose chunk this filled commit together."""
         state = self._streaming_state_or_raise()
+        if active is not None and len(active) != state.batch_size:
+            raise StreamingError(f"after_step got {len(active)} stream flags for {state.batch_size} streams")
         state.unacked = 0
-        state.tokens += 1
-        state.pending += 1
-        if state.pending == self.chunk_size:
-            self._commit(state)
+        full = []
+        for b, counters in enumerate(state.streams):
+            if active is None or active[b]:
+                counters.tokens += 1
+                counters.pending += 1
+                if counters.pending == self.chunk_size:
+                    full.append(b)
+        if full:
+            self._commit(state, full)
 
-    def flush(self) -> None:
+    def flush(self, streams: tp.Iterable[int] | None = None) -> None:
+        """Apply the partial chunks of `streams` (None: all). Streams that buffered the same
+        number of tokens commit together."""
         state = self._streaming_state_or_raise()
-        if state.pending:
-            self._commit(state)
+        ids = range(state.batch_size) if streams is None else [state.stream_index(b) for b in streams]
+        by_pending: dict[int, list[int]] = defaultdict(list)
+        for b in ids:
+            if state.streams[b].pending:
+                by_pending[state.streams[b].pending].append(b)
+        for group in by_pending.values():
+            self._commit(state, group)
 
-    def _commit(self, state: FastWeightState) -> None:
+    def _commit(self, state: FastWeightState, ids: list[int]) -> None:
+        """Apply the chunks buffered by streams `ids`, which all hold the same number of tokens."""
+        rows = StreamRows(ids, state.device)
         if not self.frozen:
-            clipped = self._apply_chunk(state, state.pending)
-            state.updates += 1
-            assert state.clipped_updates is not None and state.first_nonfinite is not None
+            clipped = self._apply_chunk(state, rows, state.streams[ids[0]].pending)
+            for b in ids:
+                state.streams[b].updates += 1
             if clipped is not None:
-                state.clipped_updates.add_(clipped.to(torch.long))
-            # Remember the first update that broke the weights, without a host sync: the file
-            # must fail naming it, and later updates only spread the NaNs.
-            finite = torch.stack([torch.isfinite(v).all() for v in state.fast.values()]).all()
-            first_bad = (state.first_nonfinite < 0) & ~finite
-            state.first_nonfinite.copy_(torch.where(first_bad, state.updates, state.first_nonfinite))
-        state.pending = 0
-        for value in state.scratch.values():
-            value.zero_()
-        assert state.write_pos is not None
-        state.write_pos.zero_()
+                rows.add_(state.clipped_updates, clipped.to(torch.long))
+            # Remember each stream's first update that broke its weights, without a host sync: its
+            # file must fail naming it, and later updates only spread the NaNs.
+            finite = torch.stack([rows.read(v).flatten(1).isfinite().all(1) for v in state.fast.values()]).all(0)
+            first = rows.read(state.first_nonfinite)
+            update_numbers = torch.tensor([state.streams[b].updates for b in ids]).to(state.device, non_blocking=True)
+            rows.copy_(state.first_nonfinite, torch.where((first < 0) & ~finite, update_numbers, first))
+        for b in ids:
+            state.streams[b].pending = 0
+        for value in (*state.scratch.values(), state.write_pos):
+            rows.fill_(value, 0)
 
     # -- diagnostics ----------------------------------------------------------------------------
-    def report(self) -> LayerReport:
+    def report(self, stream: int | None = None) -> LayerReport:
+        """Stream `stream`'s numbers (None: the only stream); raises if an update left its fast
+        weights NaN/Inf (the outputs after it are garbage, so the file must fail, naming where)."""
         state = self._streaming_state_or_raise()
-        """This stream's numbers; raises if an update left a fast weight NaN/Inf (the outputs
-        after it are garbage, so the file must fail, naming where it broke)."""
-        assert state.clipped_updates is not None and state.first_nonfinite is not None
-        broken_at = int(state.first_nonfinite)
+        b = state.stream_index(stream)
+        counters = state.streams[b]
+        broken_at = int(state.first_nonfinite[b])
         if broken_at >= 0:
             raise StreamingError(f"TTT layer {self.layer_index}: fast weights became NaN/Inf at update "
-                                 f"{broken_at} of {state.updates}")
-        return fast_weight_report(self.layer_index, state.initial, state.fast, state.tokens,
-                                  state.updates, state.pending, clipped_updates=int(state.clipped_updates))
+                                 f"{broken_at} of {counters.updates}")
+        return fast_weight_report(self.layer_index, state.initial, {k: v[b] for k, v in state.fast.items()},
+                                  counters.tokens, counters.updates, counters.pending,
+                                  clipped_updates=int(state.clipped_updates[b]))
 
 
 def fast_weight_report(layer: int, initial: tp.Mapping[str, torch.Tensor],
@@ -216,15 +363,19 @@ class TTTController:
         for layer in self.layers:
             layer.frozen = frozen
 
-    def after_step(self) -> None:
-        """Call once after every `LMGen.step`: each step feeds one token to every TTT layer."""
+    def after_step(self, active: tp.Sequence[bool] | None = None) -> None:
+        """Call once after every `LMGen.step`, with the step's exec_mask as `active` (None: every
+        stream consumed the token)."""
         for layer in self.layers:
-            layer.after_token()
+            layer.after_token(active)
 
-    def flush(self) -> None:
-        """End of stream: apply every partially filled chunk so no token is left pending."""
+    def flush(self, streams: tp.Iterable[int] | None = None) -> None:
+        """End of those streams' files (None: all): apply every partially filled chunk so no
+        token is left pending."""
+        ids = None if streams is None else list(streams)
         for layer in self.layers:
-            layer.flush()
+            layer.flush(ids)
 
-    def reports(self) -> list[LayerReport]:
-        return [layer.report() for layer in self.layers]
+    def reports(self, stream: int | None = None) -> list[LayerReport]:
+        """Stream `stream`'s report from every layer (None: the only stream of a batch of 1)."""
+        return [layer.report(stream) for layer in self.layers]

@@ -15,7 +15,9 @@ no clipping.
 
 Streaming (one token per `LMGen.step`) buffers each token's Z and X0 and applies the update when
 the controller commits a full chunk (only then is the look-ahead available) or flushes a partial
-one. The parallel path computes the same thing over a whole sequence at once.
+one. Each stream of a streaming batch has its own W and chunk buffer, and streams that fill a
+chunk at the same step are updated together (see `base.py`). The parallel path computes the
+same thing over a whole sequence at once.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch.nn import functional as F
 from ..config import number
 from ..errors import CheckpointError
 from ..families import SectionLayout, TTTFamily
-from .base import FastWeightModule, FastWeightState
+from .base import FastWeightModule, FastWeightState, StreamRows, chunk_buffer
 
 
 @dataclass
@@ -184,12 +186,12 @@ class InPlaceTTTGating(FastWeightModule):
     def initial_fast_weights(self) -> dict[str, torch.Tensor]:
         return {"W": self.w_down}
 
-    def _make_scratch(self) -> dict[str, torch.Tensor]:
+    def _make_scratch(self, batch_size: int) -> dict[str, torch.Tensor]:
         dim, hidden = self.w_down.shape
         device = self.w_down.device
         return {
-            "z": torch.zeros(self.chunk_size, hidden, device=device),
-            "x0": torch.zeros(self.chunk_size, dim, device=device),
+            "z": chunk_buffer(batch_size, self.chunk_size, hidden, device),
+            "x0": chunk_buffer(batch_size, self.chunk_size, dim, device),
         }
 
     @property
@@ -214,21 +216,20 @@ class InPlaceTTTGating(FastWeightModule):
             self.last_parallel_state = {"W": w_final}
             return out.to(x.dtype)
         self._begin_step(state, x.shape[1])
-        out = F.linear(z.float(), state.fast["W"])
-        # Fixed-shape writes at a device-side position: graph-capturable, no host sync.
-        state.scratch["z"].index_copy_(0, state.write_pos, z[0].float())
-        state.scratch["x0"].index_copy_(0, state.write_pos, x0[0].float())
-        state.write_pos.add_(1)
+        out = torch.bmm(z.float(), state.fast["W"].transpose(1, 2))  # each stream reads its own W: [B, 1, D]
+        # Fixed-shape writes at device-side positions: graph-capturable, no host sync.
+        state.buffer_tokens({"z": z[:, 0], "x0": x0[:, 0]})
+        state.advance()
         return out.to(x.dtype)
 
-    def _apply_chunk(self, state: FastWeightState, n: int) -> torch.Tensor:
-        z = state.scratch["z"][:n]
-        v = self.target_generator(state.scratch["x0"][None, :n])[0]
-        delta = v.T @ z
+    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> torch.Tensor:
+        z = rows.read(state.scratch["z"])[:, :n]  # [S, n, H]
+        v = self.target_generator(rows.read(state.scratch["x0"])[:, :n])  # [S, n, D]
+        delta = v.transpose(1, 2) @ z  # [S, D, H]
         # torch ops only (no .item()): commits run outside the graph but need not sync.
         scale = clip_scale(torch.linalg.matrix_norm(delta), self.config.delta_clip,
                            self.config.delta_clip_epsilon)
-        state.fast["W"].add_(self.config.learning_rate * (delta * scale))
+        rows.add_(state.fast["W"], self.config.learning_rate * (delta * scale[:, None, None]))
         return scale < 1.0
 
 

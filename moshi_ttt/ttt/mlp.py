@@ -17,8 +17,8 @@ The TTT branch joins the residual stream through `tanh(clamp(alpha, -3, 3))`.
 
 Two paths give the same result:
 - parallel (not streaming): scan over mini-batches, dual form with lower-triangular masks;
-- streaming (one token per step): running gradient sums in scratch, committed by the host
-  through `after_token()` / `flush()` (see `base.py` for why commits are host-driven).
+- streaming (one token per step): running gradient sums in scratch, one set per stream, committed
+  by the host through `after_token()` / `flush()` (see `base.py` for why commits are host-driven).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from torch import nn
 from ..config import number
 from ..errors import CheckpointError, StreamingError
 from ..families import SectionLayout, TTTFamily
-from .base import FastWeightModule, FastWeightState
+from .base import FastWeightModule, FastWeightState, StreamRows
 
 # The training ops' LayerNorm (`ln_fwd`, `ln_fused_l2_bwd`) uses 1e-8, not torch's 1e-5 / 1e-6.
 INNER_LN_EPS = 1e-8
@@ -261,25 +261,26 @@ class TTTMLP(FastWeightModule):
         # construction are what the stream resets to. float32 params are shared, not copied.
         return {name: getattr(self, name).detach().to(torch.float32) for name in FAST_WEIGHT_NAMES}
 
-    def _make_scratch(self) -> dict[str, torch.Tensor]:
-        # Running eta-weighted gradient sums of the current mini-batch; fast - sum is the weight
-        # set the latest token reads, and committing is `fast -= sum`.
-        return {name: torch.zeros(getattr(self, name).shape, dtype=torch.float32,
+    def _make_scratch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        # Running eta-weighted gradient sums of each stream's current mini-batch; fast - sum is
+        # the weight set its latest token reads, and committing is `fast -= sum`.
+        return {name: torch.zeros(batch_size, *getattr(self, name).shape, dtype=torch.float32,
                                   device=getattr(self, name).device)
                 for name in FAST_WEIGHT_NAMES}
 
-    def _apply_chunk(self, state: FastWeightState, n: int) -> None:
+    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> None:
         # The sums hold exactly the tokens fed since the last commit (`n` of them), so they are
         # the whole mini-batch's step. TTT-MLP never clips.
         for name in FAST_WEIGHT_NAMES:
-            state.fast[name].sub_(state.scratch[name])
+            rows.add_(state.fast[name], rows.read(state.scratch[name]), alpha=-1.0)
         return None
 
     # -- forward --------------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, positions: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K (L2-normalised, then rotated), the inner target, all [B, H, T, HD] float32, and
-        eta [B, H, T]. `positions` [T] are the tokens' indices inside their mini-batch (RoPE)."""
+        eta [B, H, T]. `positions` [B or 1, T] are the tokens' indices inside their mini-batch
+        (RoPE): per stream when streaming, where streams sit at different places in theirs."""
         b, t, _ = x.shape
 
         def heads(y: torch.Tensor) -> torch.Tensor:
@@ -291,7 +292,7 @@ class TTTMLP(FastWeightModule):
         k = F.normalize(heads(self.wk(x)), dim=-1)
         if self.rope_frequencies is not None:
             # Training rotates right after the L2 norm, so the target below uses the rotated K.
-            angles = positions.float()[:, None] * self.rope_frequencies
+            angles = (positions.float()[..., None] * self.rope_frequencies).unsqueeze(1)  # [B|1, 1, T, HD/2]
             q, k = rotate_pairs(q, angles), rotate_pairs(k, angles)
         gamma, beta = self._norm_params()
         target = reconstruction_target(heads(self.wv(x)), k, gamma, beta)
@@ -321,7 +322,7 @@ class TTTMLP(FastWeightModule):
 
     def _forward_parallel(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, target, eta = self._project(x, torch.arange(t, device=x.device) % self.chunk_size)
+        q, k, target, eta = self._project(x, (torch.arange(t, device=x.device) % self.chunk_size)[None])
         gamma, beta = self._norm_params()
         weights = {name: w.unsqueeze(0).expand(b, *w.shape)
                    for name, w in self.initial_fast_weights().items()}
@@ -340,33 +341,35 @@ class TTTMLP(FastWeightModule):
         return self._merge(out, x.dtype)
 
     def _forward_step(self, x: torch.Tensor, state: FastWeightState) -> torch.Tensor:
-        """One token: fixed-shape, in-place tensor work only (graph-capturable)."""
+        """One token per stream: fixed-shape, in-place tensor work only (graph-capturable).
+
+        Every stream reads its own weights [B, H, ...]; a stream masked out by moshi's exec_mask
+        adds nothing to its running sums and keeps its position.
+        """
         self._begin_step(state, x.shape[1])
-        assert state.write_pos is not None
-        q, k, target, eta = self._project(x, state.write_pos)
-        state.write_pos.add_(1)  # device-side position inside the mini-batch (graph-safe)
+        q, k, target, eta = self._project(x, state.write_pos[:, None])
+        state.advance()  # device-side positions inside the mini-batches (graph-safe)
         gamma, beta = self._norm_params()
-        fast = {name: w.unsqueeze(0) for name, w in state.fast.items()}
+        fast = state.fast
         if self.frozen:
             return self._merge(mlp_output(fast, q, gamma, beta), x.dtype)
 
-        # A step the stream masks out (moshi's exec_mask) must leave the fast weights untouched.
-        eta = eta * state.exec_mask.to(eta.dtype).view(-1, 1, 1)
         g1, g2, x2 = inner_gradients(fast, k, target, gamma, beta)
-        eg1 = (eta.unsqueeze(-1) * g1)[0]  # [H, 1, F]
-        eg2 = (eta.unsqueeze(-1) * g2)[0]  # [H, 1, HD]
+        # A select rather than a product with the mask: nothing, not even a NaN, leaks in.
+        executing = state.exec_mask.view(-1, 1, 1, 1)
+        eg1 = torch.where(executing, eta.unsqueeze(-1) * g1, 0.0)  # [B, H, 1, F]
+        eg2 = torch.where(executing, eta.unsqueeze(-1) * g2, 0.0)  # [B, H, 1, HD]
         sums = state.scratch
-        sums["W1"].baddbmm_(k[0].transpose(-1, -2), eg1)
+        # One batched matmul over (stream, head) pairs: [B*H, HD, 1] @ [B*H, 1, F].
+        sums["W1"].flatten(0, 1).baddbmm_(k.flatten(0, 1).transpose(-1, -2), eg1.flatten(0, 1))
         sums["b1"].add_(eg1)
-        sums["W2"].baddbmm_(x2[0].transpose(-1, -2), eg2)
+        sums["W2"].flatten(0, 1).baddbmm_(x2.flatten(0, 1).transpose(-1, -2), eg2.flatten(0, 1))
         sums["b2"].add_(eg2)
 
         # q (W - S) as q W - q S: no per-step copy of the weights.
-        qh = q[0]
-        x2_bar = gelu_tanh(qh @ state.fast["W1"] - qh @ sums["W1"] + state.fast["b1"] - sums["b1"])
-        z2_bar = (x2_bar @ state.fast["W2"] - x2_bar @ sums["W2"]
-                  + state.fast["b2"] - sums["b2"])
-        out = q + head_layer_norm(z2_bar.unsqueeze(0), gamma, beta)
+        x2_bar = gelu_tanh(q @ fast["W1"] - q @ sums["W1"] + fast["b1"] - sums["b1"])
+        z2_bar = x2_bar @ fast["W2"] - x2_bar @ sums["W2"] + fast["b2"] - sums["b2"]
+        out = q + head_layer_norm(z2_bar, gamma, beta)
         return self._merge(out, x.dtype)
 
 
