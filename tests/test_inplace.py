@@ -18,6 +18,7 @@ from moshi_ttt.runner import StreamingRunner
 from moshi_ttt.ttt.base import TTTController
 from moshi_ttt.ttt.inplace import InPlaceTTTConfig, InPlaceTTTGating, TokenEmbeddingTap, inplace_ttt_parallel
 
+from helpers import stream_lm
 from multistream import StreamRun, assert_same_run, assert_same_snapshot, run_streams, span, stream_snapshot
 
 DIM = 16
@@ -291,17 +292,8 @@ def random_tokens(lm, length: int, seed: int) -> torch.Tensor:
     return torch.cat([text, audio], dim=1)
 
 
-def stream_lm(lm, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    controller = TTTController(lm)
-    outs = []
-    with lm.streaming(1):
-        for t in range(tokens.shape[2]):
-            out, _ = lm.forward_text(tokens[:, :, t:t + 1])
-            outs.append(out)
-            controller.after_step()
-        controller.flush()
-        weights = [layer._streaming_state.fast["W"][0].clone() for layer in controller.layers]
-    return torch.cat(outs, 1), weights
+def final_fast_weights(lm) -> list[torch.Tensor]:
+    return [layer._streaming_state.fast["W"][0].clone() for layer in TTTController(lm).layers]
 
 
 @pytest.mark.parametrize("length", [21, 27])
@@ -312,7 +304,7 @@ def test_whole_model_streaming_equals_parallel(ttt_model, length: int) -> None:
         parallel, _ = lm.forward_text(tokens)
         layers = TTTController(lm).layers
         parallel_weights = [layer.last_parallel_state["W"][0].clone() for layer in layers]
-        streamed, streamed_weights = stream_lm(lm, tokens)
+        streamed, streamed_weights = stream_lm(lm, tokens, inspect=final_fast_weights)
     assert [layer.layer_index for layer in layers] == [1, 3]
     assert (streamed - parallel).abs().max() <= 1e-5
     for w_stream, w_par, layer in zip(streamed_weights, parallel_weights, layers):
