@@ -516,11 +516,13 @@ class TinyPaths:
 
 
 def write_tiny_variant(root: str | Path, variant: str, seed: int = 0, *, yarn: dict | None = None,
-                       lora: bool = False, name: str | None = None) -> TinyPaths:
+                       lora: bool = False, name: str | None = None,
+                       ttt: tp.Mapping[str, tp.Any] | None = None) -> TinyPaths:
     """Write `root/base` and `root/<name or variant>`: a fine-tune of it in its family's research
     layout. `yarn` adds a `yarn_config` to the fine-tune's LM config; `lora` adds LoRA adapters
     (`lora_A`/`lora_B` for every linear layer, TTT layers' included, as moshi-finetune wraps
-    them) beside the TTT tensors, with `lora`, `lora_rank`, `lora_scaling` in config.json."""
+    them) beside the TTT tensors, with `lora`, `lora_rank`, `lora_scaling` in config.json. `ttt`
+    replaces keys of the family's TTT section (e.g. `{"use_rope": True}` for TTT-MLP)."""
     from .checkpoint import LOADER_KEYS
 
     ttt_family = family(variant)
@@ -530,7 +532,7 @@ def write_tiny_variant(root: str | Path, variant: str, seed: int = 0, *, yarn: d
     folder = run / FINETUNE_STEP_DIR
     folder.mkdir(parents=True, exist_ok=True)
     lm_config = {k: v for k, v in json.loads((base / CONFIG_NAME).read_text()).items() if k not in LOADER_KEYS}
-    section = dict(ttt_family.tiny_section)
+    section = {**ttt_family.tiny_section, **(ttt or {})}
     ttt_family.write_tiny_config(folder, lm_config, section, run, seed)
     if yarn is not None or lora:
         # Both are LM settings: they go into the fine-tune's LM config (config.json), whatever the family.

@@ -185,6 +185,19 @@ def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: st
     return outcome.exit_code
 
 
+def _key_value(item: str, option: str) -> tuple[str, tp.Any]:
+    """KEY=VALUE with VALUE read as JSON (true, 1e-5, "text", null); bare words stay strings."""
+    import json
+
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise MoshiTTTError(f"{option} expects KEY=VALUE, got {item!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 @app.command("make-tiny")
 def make_tiny(
     folder: Path = typer.Argument(..., metavar="DIR"),
@@ -193,20 +206,24 @@ def make_tiny(
                                     "DIR/base plus DIR/<variant> fine-tune."),
     yarn: bool = typer.Option(False, "--yarn", help="Fine-tune with YaRN RoPE scaling (yarn_config, scale 4)."),
     lora: bool = typer.Option(False, "--lora", help="Fine-tune carrying LoRA adapters beside the TTT tensors."),
+    ttt: tp.List[str] = typer.Option([], "--ttt", metavar="KEY=VALUE",
+                                     help="Set a key of the fine-tune's TTT section (VALUE as JSON), e.g. "
+                                          "use_rope=true or delta_clip_fro_norm=1e-5; repeatable."),
 ) -> None:
     """Write a tiny random-weight checkpoint in the real on-disk layout (offline)."""
     with user_errors():
         prepare_runtime("cpu")
         from moshi_ttt import tiny
 
+        section = dict(_key_value(item, "--ttt") for item in ttt)
         if variant.value == "base":
-            if yarn or lora:
-                raise MoshiTTTError("--yarn / --lora describe a fine-tune: pass --variant inplace or ttt-mlp")
+            if yarn or lora or section:
+                raise MoshiTTTError("--yarn / --lora / --ttt describe a fine-tune: pass --variant inplace or ttt-mlp")
             written = tiny.write_tiny_base(folder, seed=seed)
             out.print(f"wrote base checkpoint [bold]{written}[/]")
         else:
             paths = tiny.write_tiny_variant(folder, variant.value, seed=seed,
-                                            yarn=tiny.TINY_YARN if yarn else None, lora=lora)
+                                            yarn=tiny.TINY_YARN if yarn else None, lora=lora, ttt=section)
             out.print(f"wrote base checkpoint [bold]{paths.base}[/] and {variant.value} fine-tune "
                       f"[bold]{paths.finetune}[/]")
 

@@ -555,3 +555,17 @@ def test_ttt_mlp_use_rope_checkpoint_streams(tiny_ttt_mlp: TinyPaths, tmp_path: 
     plain = run_stream(load_model(str(tiny_ttt_mlp.base), str(tiny_ttt_mlp.finetune)), short_recording)
     assert roped.pcm.tobytes() != plain.pcm.tobytes()
     assert [r.drift for r in roped.ttt_layers] != [r.drift for r in plain.ttt_layers]
+
+
+def test_make_tiny_sets_ttt_section_keys(tmp_path: Path) -> None:
+    from moshi_ttt_cli.app import app
+
+    result = CliRunner().invoke(app, ["make-tiny", str(tmp_path / "t"), "--variant", "ttt-mlp",
+                                      "--ttt", "use_rope=true", "--ttt", "rope_theta=500"])
+    assert result.exit_code == 0, result.output
+    section = json.loads((_consolidated(tmp_path / "t" / "ttt-mlp") / "training_config.json").read_text())["ttt"]
+    assert section["use_rope"] is True and section["rope_theta"] == 500
+    model = load_model(str(tmp_path / "t" / "base"), str(tmp_path / "t" / "ttt-mlp"))
+    assert model.ttt.use_rope and model.ttt.rope_theta == 500.0
+    bad = CliRunner().invoke(app, ["make-tiny", str(tmp_path / "u"), "--variant", "ttt-mlp", "--ttt", "use_rope"])
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
