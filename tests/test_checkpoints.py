@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
+import json
 import math
 import shutil
 import typing as tp
