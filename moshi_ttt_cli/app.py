@@ -37,6 +37,12 @@ def _remembering_interrupts() -> tp.Iterator[None]:
         signal.signal(signal.SIGINT, _remember_sigint)
     try:
         yield
+    except Exception:
+        # An interrupt that landed inside an import can break a later import of the same
+        # module (numpy: "CPU dispatcher tracer already initialized"): it is still the interrupt.
+        if _start_up_signals:
+            raise KeyboardInterrupt from None
+        raise
     finally:
         if ours:
             signal.signal(signal.SIGINT, previous)
