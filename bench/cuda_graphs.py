@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--device", default="cuda", help="cpu only checks the script itself")
+    parser.add_argument("--only", nargs="*", help="setups to run (default: all)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="moshi-ttt-graphs-"))
     recordings = root / "rec"
@@ -59,6 +60,8 @@ def main() -> None:
     }
     failures = 0
     for name, (make_args, infer_args) in setups.items():
+        if args.only and name not in args.only:
+            continue
         folder = root / name
         made = subprocess.run([sys.executable, "-c", CLI, "make-tiny", str(folder), *make_args],
                               capture_output=True, text=True)
