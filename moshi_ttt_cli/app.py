@@ -179,6 +179,7 @@ def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: st
             started = True
             outcome = run_batch(source, target, options, events)
     except KeyboardInterrupt as exc:
+        _said_interrupted.append(True)
         err.print("interrupted: the current file was discarded; finished files and the report are kept" if started
                   else "interrupted before any file was processed", soft_wrap=True)
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
@@ -275,9 +276,19 @@ def default_cache_dir() -> Path:
     return Path(root) / "moshi-ttt"
 
 
+# Set once a command has said it was interrupted (see `main`).
+_said_interrupted: list[bool] = []
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        # Typer turns Ctrl-C during argument parsing into a silent exit 130: say it in one line.
+        if exc.code in (130, 143) and not _said_interrupted:
+            sys.stderr.write("interrupted during start-up\n")
+        raise
 
 
 if __name__ == "__main__":
