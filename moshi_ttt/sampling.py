@@ -22,19 +22,24 @@ import typing as tp
 import torch
 
 
-def _draw_rows(probs: torch.Tensor, generators: tp.Sequence[torch.Generator]) -> torch.Tensor:
+def _draw_rows(probs: torch.Tensor, generators: tp.Sequence[torch.Generator],
+               active: tp.Sequence[bool] | None = None) -> torch.Tensor:
     """One index per row of `probs` [B, ..., V] (rows along dim 0), row b drawn with generator b:
-    `argmax(p / q)`, `q ~ Exp(1)`, the exponential race moshi's `multinomial` uses."""
+    `argmax(p / q)`, `q ~ Exp(1)`, the exponential race moshi's `multinomial` uses. Rows not
+    `active` (streams masked this step, whose tokens are discarded) draw nothing, so a stream's
+    random sequence only advances on its own steps."""
     if probs.shape[0] != len(generators):
         raise ValueError(f"{probs.shape[0]} rows but {len(generators)} stream generators")
-    noise = torch.empty_like(probs)
+    noise = torch.ones_like(probs)
     for row, generator in enumerate(generators):
-        noise[row].exponential_(1, generator=generator)
+        if active is None or active[row]:
+            noise[row].exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
 def sample_token(logits: torch.Tensor, use_sampling: bool, temp: float, top_k: int, top_p: float,
-                 generators: tp.Sequence[torch.Generator]) -> torch.Tensor:
+                 generators: tp.Sequence[torch.Generator], active: tp.Sequence[bool] | None = None
+                 ) -> torch.Tensor:
     """moshi's `sample_token` (same arguments, same output [B, ...]) with per-row generators."""
     if not (use_sampling and temp > 0.0):
         return torch.argmax(logits, dim=-1, keepdim=True)[..., 0]
@@ -44,12 +49,12 @@ def sample_token(logits: torch.Tensor, use_sampling: bool, temp: float, top_k: i
         beyond = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > top_p
         sorted_probs = sorted_probs * (~beyond).float()
         sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-        token = torch.gather(order, -1, _draw_rows(sorted_probs, generators))
+        token = torch.gather(order, -1, _draw_rows(sorted_probs, generators, active))
     elif top_k > 0:
         top, indices = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1)
-        token = indices.gather(-1, _draw_rows(top, generators))
+        token = indices.gather(-1, _draw_rows(top, generators, active))
     else:
-        token = _draw_rows(probs, generators)
+        token = _draw_rows(probs, generators, active)
     return token[..., 0]
 
 
@@ -58,6 +63,8 @@ class StreamSampler:
 
     def __init__(self, batch_size: int, device: torch.device | str = "cpu"):
         self.generators = [torch.Generator(device=device) for _ in range(batch_size)]
+        # The streams the current step runs for (None: all); set by the runner before each step.
+        self.active: list[bool] | None = None
 
     def reseed(self, stream: int, seed: int) -> None:
         self.generators[stream].manual_seed(seed)
@@ -65,7 +72,7 @@ class StreamSampler:
     def sample_token(self, logits: torch.Tensor, use_sampling: bool = False, temp: float = 1.0,
                      top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
         # Under CFG moshi samples after folding the two halves back to B rows.
-        return sample_token(logits, use_sampling, temp, top_k, top_p, self.generators)
+        return sample_token(logits, use_sampling, temp, top_k, top_p, self.generators, self.active)
 
     @contextlib.contextmanager
     def installed(self) -> tp.Iterator[None]:
