@@ -1,0 +1,60 @@
+"""Files per hour with B recordings streamed at once (`BatchedRunner`), per TTT setup.
+
+    .venv/bin/python bench/throughput.py [--files 8] [--seconds 4] [--batch-sizes 1 2 4 8] [--threads 1]
+
+Tiny checkpoints on CPU (written to a temp folder, offline). Reports files per hour, the speed-up
+over B=1 and the real-time factor per stream. Timing goals live here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+import torch  # noqa: E402
+
+from moshi_ttt.audio import SAMPLE_RATE, read_audio  # noqa: E402
+from moshi_ttt.batched import BatchedRunner  # noqa: E402
+from moshi_ttt.model import load_model  # noqa: E402
+from moshi_ttt.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="moshi-ttt-throughput-"))
+    paths = {v: write_tiny_variant(root, v) for v in ("inplace", "ttt-mlp")}
+    recordings = write_sample_recordings(root / "rec", durations=[args.seconds] * args.files)
+    pcms = [(path.name, read_audio(path)) for path in recordings]
+    audio_s = sum(len(pcm) for _, pcm in pcms) / SAMPLE_RATE
+    setups = {"plain": (paths["inplace"].base, None), "inplace": (paths["inplace"].base, paths["inplace"].finetune),
+              "ttt-mlp": (paths["ttt-mlp"].base, paths["ttt-mlp"].finetune)}
+    print(f"{args.files} files x {args.seconds:.1f} s, {args.threads} thread(s), CPU, tiny checkpoints")
+    print("setup     B  files/hour  speed-up  RTF/stream")
+    for name, (base, finetune) in setups.items():
+        model = load_model(str(base), None if finetune is None else str(finetune))
+        first = None
+        for batch_size in args.batch_sizes:
+            runner = BatchedRunner(model, batch_size)
+            list(runner.run(pcms[:batch_size]))  # warm-up
+            start = time.perf_counter()
+            list(runner.run(pcms))
+            wall = time.perf_counter() - start
+            per_hour = 3600 * args.files / wall
+            first = first or per_hour
+            print(f"{name:8s} {batch_size:2d}  {per_hour:10.0f}  {per_hour / first:7.2f}x  "
+                  f"{wall * min(batch_size, args.files) / audio_s:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
