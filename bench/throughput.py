@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="moshi-ttt-throughput-"))
@@ -39,10 +40,10 @@ def main() -> None:
     audio_s = sum(len(pcm) for _, pcm in pcms) / SAMPLE_RATE
     setups = {"plain": (paths["inplace"].base, None), "inplace": (paths["inplace"].base, paths["inplace"].finetune),
               "ttt-mlp": (paths["ttt-mlp"].base, paths["ttt-mlp"].finetune)}
-    print(f"{args.files} files x {args.seconds:.1f} s, {args.threads} thread(s), CPU, tiny checkpoints")
+    print(f"{args.files} files x {args.seconds:.1f} s, {args.threads} thread(s), {args.device}, tiny checkpoints")
     print("setup     B  files/hour  speed-up  RTF/stream")
     for name, (base, finetune) in setups.items():
-        model = load_model(str(base), None if finetune is None else str(finetune))
+        model = load_model(str(base), None if finetune is None else str(finetune), device=args.device)
         first = None
         for batch_size in args.batch_sizes:
             runner = BatchedRunner(model, batch_size)

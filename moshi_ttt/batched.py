@@ -68,7 +68,7 @@ class BatchedRunner:
                             support_out_of_sync=True, **info.lm_gen_config)
         self.controller = model.controller()
         self.ttt_enabled = ttt_enabled
-        self.sampler = StreamSampler(batch_size)
+        self.sampler = StreamSampler(batch_size, model.device)
 
     def _frames(self, pcm: np.ndarray) -> list[torch.Tensor]:
         size = self.model.mimi.frame_size
