@@ -53,7 +53,9 @@ class _Slot(tp.Generic[Key]):
 class BatchedRunner:
     """Streams up to `batch_size` recordings at once through a loaded model."""
 
-    def __init__(self, model: LoadedModel, batch_size: int, seed: int = 4242, ttt_enabled: bool = True):
+    def __init__(self, model: LoadedModel, batch_size: int, seed: int = 4242, ttt_enabled: bool = True,
+                 counter_noise: bool | None = None):
+        """`counter_noise`: sample from the graph-safe counter hash (default: on CUDA only)."""
         from moshi.models import LMGen
         from moshi.run_inference import get_condition_tensors
 
@@ -68,7 +70,7 @@ class BatchedRunner:
                             support_out_of_sync=True, **info.lm_gen_config)
         self.controller = model.controller()
         self.ttt_enabled = ttt_enabled
-        self.sampler = StreamSampler(batch_size, model.device)
+        self.sampler = StreamSampler(batch_size, model.device, counter_noise)
 
     def _frames(self, pcm: np.ndarray) -> list[torch.Tensor]:
         size = self.model.mimi.frame_size

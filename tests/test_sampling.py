@@ -63,3 +63,17 @@ def test_installed_sampler_leaves_the_runner_bit_identical(tiny_inplace, recordi
         with sampler.installed():
             ours = runner.run(pcm)
         assert (ours.text_tokens == plain.text_tokens and ours.pcm.tobytes() == plain.pcm.tobytes()) is same
+
+
+def test_counter_noise_is_exponential_per_stream_and_advances_only_active_streams() -> None:
+    sampler = StreamSampler(3, counter=True)
+    for stream, seed in enumerate((7, 8, 7)):
+        sampler.reseed(stream, seed)
+    noise = sampler.counter.exponential(torch.Size([3, 20000]))
+    assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])  # seed decides
+    assert abs(float(noise.mean()) - 1.0) < 0.03 and abs(float(noise.var()) - 1.0) < 0.06  # Exp(1)
+    assert sampler.counter.draws.tolist() == [1, 1, 1]
+    sampler.active = [True, False, True]
+    again = sampler.counter.exponential(torch.Size([3, 4]))
+    assert sampler.counter.draws.tolist() == [2, 1, 2]
+    assert not torch.equal(again[0], noise[0, :4])  # a new draw, not the first one again
