@@ -99,22 +99,32 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def drawn_colours(path: Path) -> int:
-    """How many distinct colours the image holds (a blank canvas has one)."""
+def pixels_of(path: Path, colour: str, columns: int) -> list[int]:
+    """How many pixels of each of `columns` vertical strips of the image are (nearly) `colour`:
+    the layers' lines are drawn in matplotlib's tab10 colours, which axes, text and grid never use."""
+    import matplotlib.colors
     import matplotlib.image
 
-    pixels = matplotlib.image.imread(str(path))
-    return len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0))
+    pixels = matplotlib.image.imread(str(path))[..., :3]
+    close = np.abs(pixels - np.array(matplotlib.colors.to_rgb(colour))).max(-1) < 0.05
+    return [int(strip.sum()) for strip in np.array_split(close, columns, axis=1)]
 
 
-@pytest.mark.parametrize("compare", [False, True])
-def test_plot_draws_a_png_of_the_requested_size(reports: dict[str, Path], tmp_path: Path, compare: bool) -> None:
+@pytest.mark.parametrize("compare", [None, "timeline", "no-ttt"])
+def test_plot_draws_a_png_of_the_requested_size(reports: dict[str, Path], tmp_path: Path, compare: str | None) -> None:
+    """Both TTT layers' lines in the report's column; with --compare, the other report's in a
+    second column (none for a --no-ttt run, whose layers never updated)."""
     figure = tmp_path / "figure.png"
     args = ["plot", str(reports["timeline"]), "-o", str(figure), "--width", "900", "--height", "700"]
-    result = CliRunner().invoke(app, args + (["--compare", str(reports["no-ttt"])] if compare else []))
+    result = CliRunner().invoke(app, args + (["--compare", str(reports[compare])] if compare else []))
     assert result.exit_code == 0, result.output
     assert png_size(figure.read_bytes()) == (900, 700)
-    assert drawn_colours(figure) > 20
+    left, right = pixels_of(figure, "tab:blue", columns=2), pixels_of(figure, "tab:orange", columns=2)
+    assert min(left[0], right[0]) > 300  # both layers drawn in the first column
+    if compare == "timeline":
+        assert min(left[1], right[1]) > 300
+    elif compare == "no-ttt":
+        assert left[1] == right[1] == 0
 
 
 def test_plot_refuses_a_report_without_timeline_in_one_line(reports: dict[str, Path], tmp_path: Path) -> None:
