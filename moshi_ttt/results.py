@@ -68,12 +68,6 @@ class LayerReport:
                                   for record in values["timeline"]]
         return cls(**values)
 
-    def to_json(self) -> dict:
-        data = asdict(self)
-        if self.timeline is None:
-            del data["timeline"]  # additive: reports without --timeline keep their old shape
-        return data
-
 
 @dataclass
 class FileTTT:
@@ -159,10 +153,12 @@ class SilentEvents:
 
 
 def file_json(result: FileResult) -> dict:
-    """A file's report entry: its fields, each TTT layer as `LayerReport.to_json` writes it."""
+    """A file's report entry: its fields, without the layers' `timeline` where none was recorded
+    (additive: reports of runs without --timeline keep their old shape)."""
     data = asdict(result)
-    if result.ttt is not None:
-        data["ttt"]["layers"] = [layer.to_json() for layer in result.ttt.layers]
+    for layer in (data.get("ttt") or {}).get("layers", []):
+        if isinstance(layer, dict) and layer.get("timeline", ()) is None:
+            del layer["timeline"]
     return data
 
 
