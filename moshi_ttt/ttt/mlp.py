@@ -295,19 +295,24 @@ class TTTMLP(FastWeightModule):
         # The sums hold exactly the tokens fed since the last commit (`n` of them), so they are
         # the whole mini-batch's step. TTT-MLP never clips.
         steps = {name: rows.read(state.scratch[name]) for name in FAST_WEIGHT_NAMES}
-        if state.timeline is None:
-            for name in FAST_WEIGHT_NAMES:
-                rows.add_(state.fast[name], steps[name], alpha=-1.0)
-            return AppliedUpdate()
-        k, target = (rows.read(state.scratch[name])[:, :n].unflatten(-1, (self.num_heads, self.head_dim))
-                     .transpose(1, 2) for name in TIMELINE_INPUTS)  # [S, H, n, HD]
-        gamma, beta = self._norm_params()
-        before = inner_loss({name: rows.read(state.fast[name]) for name in FAST_WEIGHT_NAMES}, k, target, gamma, beta)
+        recording = state.timeline is not None
+        if recording:
+            k, target = (rows.read(state.scratch[name])[:, :n].unflatten(-1, (self.num_heads, self.head_dim))
+                         .transpose(1, 2) for name in TIMELINE_INPUTS)  # [S, H, n, HD]
+            before = self._inner_loss(state, rows, k, target)
         for name in FAST_WEIGHT_NAMES:
             rows.add_(state.fast[name], steps[name], alpha=-1.0)
-        after = inner_loss({name: rows.read(state.fast[name]) for name in FAST_WEIGHT_NAMES}, k, target, gamma, beta)
+        if not recording:
+            return AppliedUpdate()
+        after = self._inner_loss(state, rows, k, target)
         norm = torch.stack([step.square().flatten(1).sum(1) for step in steps.values()]).sum(0).sqrt()
         return AppliedUpdate(update_norm=norm, loss_before=before, loss_after=after)
+
+    def _inner_loss(self, state: FastWeightState, rows: StreamRows, k: torch.Tensor,
+                    target: torch.Tensor) -> torch.Tensor:
+        """`inner_loss` of streams `rows` at their current fast weights, [S]."""
+        gamma, beta = self._norm_params()
+        return inner_loss({name: rows.read(state.fast[name]) for name in FAST_WEIGHT_NAMES}, k, target, gamma, beta)
 
     # -- forward --------------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, positions: torch.Tensor
