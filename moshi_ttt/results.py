@@ -15,6 +15,32 @@ REPORT_SCHEMA = "moshi-ttt.report/1"
 REPORT_NAME = "moshi-ttt-report.json"
 
 
+# Moshi's frame rate: one token (LM step) per 80 ms of audio.
+SECONDS_PER_TOKEN = 0.08
+
+
+@dataclass
+class UpdateRecord:
+    """One fast-weight update of a layer during a file (`--timeline`).
+
+    Norms are Frobenius norms over all of the layer's fast weights taken together. `token` is the
+    number of tokens the stream had consumed when the update was applied, i.e. the index of the
+    first token that reads the updated weights (seconds: `token * SECONDS_PER_TOKEN`).
+    """
+
+    token: int
+    tokens: int  # tokens in the chunk (mini-batch) the update came from
+    update_norm: float | None  # ||W_after - W_before||, after any clipping
+    # In-Place: lr * ||V^T Z||, the update had it not been clipped; None for families that never clip.
+    update_norm_unclipped: float | None
+    clipped: bool
+    drift: float | None  # running ||W - W0|| right after this update
+    # TTT-MLP: the inner loss on the mini-batch at its start weights and at the updated weights
+    # (see `moshi_ttt.ttt.mlp.inner_loss`); None for other families.
+    loss_before: float | None = None
+    loss_after: float | None = None
+
+
 @dataclass
 class LayerReport:
     """Per-layer diagnostics after a file. Field names are the report schema's."""
@@ -29,6 +55,18 @@ class LayerReport:
     relative_drift: float | None
     # Updates whose delta was scaled down by a norm clip (In-Place `delta_clip`; 0 otherwise).
     clipped_updates: int = 0
+    # Every update in order, with `--timeline` (None: not recorded; absent from the JSON then).
+    timeline: list[UpdateRecord] | None = None
+
+    @classmethod
+    def from_json(cls, entry: dict) -> "LayerReport":
+        """Read back a report's layer entry (unknown keys ignored)."""
+        values = {k: v for k, v in entry.items() if k in {f.name for f in fields(cls)}}
+        if isinstance(values.get("timeline"), list):
+            record_keys = {f.name for f in fields(UpdateRecord)}
+            values["timeline"] = [UpdateRecord(**{k: v for k, v in record.items() if k in record_keys})
+                                  for record in values["timeline"]]
+        return cls(**values)
 
 
 @dataclass
@@ -69,11 +107,9 @@ class FileResult:
         values = {k: v for k, v in entry.items() if k in known}
         ttt = values.get("ttt")
         if isinstance(ttt, dict):
-            layer_keys = {f.name for f in fields(LayerReport)}
             values["ttt"] = FileTTT(
                 variant=ttt.get("variant", "?"), chunk_size=ttt.get("chunk_size", 0),
-                layers=[LayerReport(**{k: v for k, v in layer.items() if k in layer_keys})
-                        for layer in ttt.get("layers", [])])
+                layers=[LayerReport.from_json(layer) for layer in ttt.get("layers", [])])
         return cls(**values)
 
 
@@ -116,6 +152,16 @@ class SilentEvents:
         pass
 
 
+def file_json(result: FileResult) -> dict:
+    """A file's report entry: its fields, without the layers' `timeline` where none was recorded
+    (additive: reports of runs without --timeline keep their old shape)."""
+    data = asdict(result)
+    for layer in (data.get("ttt") or {}).get("layers", []):
+        if isinstance(layer, dict) and layer.get("timeline", ()) is None:
+            del layer["timeline"]
+    return data
+
+
 def strict_json(value: tp.Any) -> tp.Any:
     """`value` with every non-finite float as null: bare NaN is not JSON and strict parsers reject it."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -156,7 +202,7 @@ class Report:
 
     def to_json(self) -> dict:
         data = {"schema": REPORT_SCHEMA, "settings": self.settings,
-                "files": [asdict(f) for f in self.all_files()], "totals": self.totals()}
+                "files": [file_json(f) for f in self.all_files()], "totals": self.totals()}
         if self.interrupted:
             data["interrupted"] = True
         return strict_json(data)

@@ -48,6 +48,7 @@ class RunOptions:
     text: bool = False  # also write transcripts
     overwrite: bool = False
     report: Path | None = None  # default: OUT/moshi-ttt-report.json in folder mode
+    timeline: bool = False  # record every TTT update in the report (can be large)
 
 
 @dataclass
@@ -83,7 +84,8 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
         with events.loading(what):
             model = load_model(options.base, options.checkpoint, device=device, dtype=dtype,
                                ttt_overrides=options.ttt_overrides, step=options.step)
-        runner = StreamingRunner(model, seed=options.seed, ttt_enabled=options.ttt_enabled)
+        runner = StreamingRunner(model, seed=options.seed, ttt_enabled=options.ttt_enabled,
+                                 timeline=options.timeline)
         ttt = model.describe_ttt()
         settings = {"base": options.base, "checkpoint": options.checkpoint, "device": str(device),
                     "dtype": str(dtype).removeprefix("torch."), "seed": options.seed, "threads": threads,

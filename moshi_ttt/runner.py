@@ -43,7 +43,7 @@ class StreamResult:
 class StreamingRunner:
     """Runs recordings through a loaded model, one at a time, each independent of the others."""
 
-    def __init__(self, model: LoadedModel, seed: int = 4242, ttt_enabled: bool = True):
+    def __init__(self, model: LoadedModel, seed: int = 4242, ttt_enabled: bool = True, timeline: bool = False):
         from moshi.models import LMGen
         from moshi.run_inference import get_condition_tensors
 
@@ -54,6 +54,7 @@ class StreamingRunner:
         self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors, **info.lm_gen_config)
         self.controller = model.controller()
         self.ttt_enabled = ttt_enabled
+        self.timeline = timeline  # record every TTT update in the layer reports (--timeline)
 
     @torch.no_grad()
     def run(self, pcm: np.ndarray, progress: ProgressFn | None = None) -> StreamResult:
@@ -72,6 +73,7 @@ class StreamingRunner:
         seed_all(self.seed)
         # Per run, not per runner: several runners may share one loaded model.
         self.controller.set_frozen(not self.ttt_enabled)
+        self.controller.set_timeline(self.timeline)
         with mimi.streaming(1), lm_gen.streaming(1):
             for index, frame in enumerate(frames):
                 codes = mimi.encode(frame)

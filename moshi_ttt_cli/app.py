@@ -154,11 +154,13 @@ def infer(
     details: tp.Optional[bool] = typer.Option(None, "--details/--no-details",
                                               help="Per-layer TTT table after each file (default: single file only)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables; errors still print."),
+    timeline: bool = typer.Option(False, "--timeline",
+                                  help="Record every TTT update in the report (for `moshi-ttt plot`; can be large)."),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
     options = RunOptions(base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
                          dtype=dtype.value, threads=threads, seed=seed, pattern=glob, include_hidden=include_hidden,
-                         text=text, overwrite=overwrite, report=report)
+                         text=text, overwrite=overwrite, report=report, timeline=timeline)
     raise typer.Exit(_infer(source, target, options, delta_clip, details, quiet))
 
 
@@ -248,6 +250,23 @@ def inspect(
 
         info = inspect_finetune(checkpoint, base, step)
     render.inspection(out, info)
+
+
+@app.command()
+def plot(
+    report: Path = typer.Argument(..., metavar="REPORT", help="A report written by `infer --timeline`."),
+    output: tp.Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: REPORT with .png)."),
+    compare: tp.Optional[Path] = typer.Option(None, "--compare", metavar="OTHER_REPORT",
+                                              help="A second report drawn beside it (e.g. a --no-ttt run)."),
+    width: int = typer.Option(1400, help="Figure width in pixels."),
+    height: tp.Optional[int] = typer.Option(None, help="Figure height in pixels (default: grows with the files)."),
+) -> None:
+    """Plot what TTT did in each file: drift, update norms, clips, TTT-MLP inner losses."""
+    with user_errors():
+        from moshi_ttt.plot import plot_reports
+
+        written = plot_reports(report, output or report.with_suffix(".png"), compare, width, height)
+    out.print(f"wrote [bold]{escape(str(written))}[/]", highlight=False)
 
 
 @app.command()

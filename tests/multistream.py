@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moshi_ttt.results import UpdateRecord
 from moshi_ttt.ttt.base import FastWeightModule, LayerReport
 
 Forward = tp.Callable[..., torch.Tensor]  # one step: per-input [B, 1, ...] batches -> [B, 1, D]
@@ -77,6 +78,21 @@ def assert_same_run(got: StreamRun, expected: StreamRun, atol: float = 1e-5) -> 
     if got.report is not None and expected.report is not None:
         counts = ("tokens", "updates", "pending_tokens", "clipped_updates")
         assert [getattr(got.report, c) for c in counts] == [getattr(expected.report, c) for c in counts]
+        if got.report.timeline is not None or expected.report.timeline is not None:
+            assert_same_timeline(got.report.timeline, expected.report.timeline, atol)
+
+
+def assert_same_timeline(got: list[UpdateRecord] | None, expected: list[UpdateRecord] | None,
+                         atol: float = 1e-5) -> None:
+    """Same updates at the same tokens, same clips, numbers within `atol` (relative for large ones)."""
+    assert got is not None and expected is not None
+    assert [(r.token, r.tokens, r.clipped) for r in got] == [(r.token, r.tokens, r.clipped) for r in expected]
+    for g, e in zip(got, expected):
+        for name in ("update_norm", "update_norm_unclipped", "drift", "loss_before", "loss_after"):
+            mine, theirs = getattr(g, name), getattr(e, name)
+            assert (mine is None) == (theirs is None), name
+            if mine is not None:
+                assert abs(mine - theirs) <= atol * max(1.0, abs(theirs)), (name, mine, theirs)
 
 
 def span(start: int, length: int) -> range:

@@ -143,6 +143,41 @@ def test_clip_matches_the_research_rule(length: int) -> None:
     assert (w_old_rule - ref_w).abs().max() > 1e-4
 
 
+def test_timeline_replays_algorithm_1() -> None:
+    """With the timeline on, each update is recorded where it happened, with Algorithm 1's norms
+    (lr * ||D||_F before the clip, lr * min(||D||_F, ~tau) after), its clip flag and the running
+    drift of the literal per-chunk loop; the totals agree and the outputs are bit-identical."""
+    lr, length = 0.3, 14
+    module, transformer = make_module(chunk_size=4, lr=lr, seed=3)
+    x, x0 = torch.randn(1, length, DIM), torch.randn(1, length, DIM)
+    with torch.no_grad():
+        z = module._gate(x)
+        w0 = module.w_down.clone()
+        _, _, norms = naive_reference(z, x0, w0, module, 4, lr)
+        ranked = sorted(norms)
+        tau = (ranked[1] + ranked[2]) / 2  # two chunks clip, two do not
+        module.config.delta_clip = tau
+        plain, w_plain, plain_report = stream(module, transformer, x, x0)
+        module.record_timeline = True
+        out, w, report = stream(module, transformer, x, x0)
+        ends = [4, 8, 12, 14]
+        drifts = [float(torch.linalg.norm(naive_reference(z[:, :end], x0[:, :end], w0, module, 4, lr, clip=tau)[1] - w0))
+                  for end in ends]
+    assert plain_report.timeline is None
+    assert torch.equal(out, plain) and torch.equal(w, w_plain)
+    timeline = report.timeline
+    assert len(timeline) == report.updates == 4
+    assert [(r.token, r.tokens) for r in timeline] == [(4, 4), (8, 4), (12, 4), (14, 2)]
+    assert [r.clipped for r in timeline] == [n > tau for n in norms]
+    assert sum(r.clipped for r in timeline) == report.clipped_updates == 2
+    for record, norm, drift in zip(timeline, norms, drifts):
+        assert record.update_norm_unclipped == pytest.approx(lr * norm, rel=1e-5)
+        assert record.update_norm == pytest.approx(lr * min(norm, tau), rel=1e-5)
+        assert record.drift == pytest.approx(drift, rel=1e-5)
+        assert record.loss_before is None and record.loss_after is None
+    assert timeline[-1].drift == pytest.approx(report.drift, rel=1e-9)
+
+
 def test_last_chunk_target_does_not_see_past_the_stream() -> None:
     """The final partial chunk is updated from its own tokens only: appending tokens after a
     flush boundary must not change the updates that came before them."""
@@ -215,6 +250,7 @@ def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tupl
     reset alone, then stream their next file: that file runs as on a fresh state, the other
     streams as undisturbed."""
     module, transformer = make_module()
+    module.record_timeline = True  # each stream's timeline restarts with its next file
     sequences = [(torch.randn(1, n, DIM), torch.randn(1, n, DIM)) for n in (13, 14, 12)]
     slots = [tuple(torch.cat([torch.randn(1, 6, DIM), part], dim=1) for part in seq) if b in reset else seq
              for b, seq in enumerate(sequences)]
@@ -226,6 +262,7 @@ def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tupl
             runs[b].outputs = runs[b].outputs[:, 6:]
         for run, (x, x0) in zip(runs, sequences):
             assert_same_run(run, alone(module, transformer, x, x0))
+    assert all(run.report.timeline for run in runs)
 
 
 def test_masked_steps_leave_a_stream_untouched() -> None:

@@ -93,6 +93,14 @@ def _f(w: dict[str, torch.Tensor], h: int, x: torch.Tensor) -> torch.Tensor:
     return gelu_tanh(x @ w["W1"][h] + w["b1"][h, 0]) @ w["W2"][h] + w["b2"][h, 0]
 
 
+def _qkv(p: dict[str, torch.Tensor], xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sequence's Q, K (L2-normalised) and V, [T, H, HD]."""
+    t_len = xb.shape[0]
+    q = F.normalize(F.linear(xb, p["wq.weight"], p["wq.bias"]).view(t_len, H, HD), dim=-1)
+    k = F.normalize(F.linear(xb, p["wk.weight"], p["wk.bias"]).view(t_len, H, HD), dim=-1)
+    return q, k, F.linear(xb, p["wv.weight"], p["wv.bias"]).view(t_len, H, HD)
+
+
 def reference(module: TTTMLP, x: torch.Tensor, frozen: bool = False
               ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """The slow obvious way, one batch element and head at a time."""
@@ -102,9 +110,7 @@ def reference(module: TTTMLP, x: torch.Tensor, frozen: bool = False
     finals = []
     for b in range(b_size):
         xb = x[b]
-        q = F.normalize(F.linear(xb, p["wq.weight"], p["wq.bias"]).view(t_len, H, HD), dim=-1)
-        k = F.normalize(F.linear(xb, p["wk.weight"], p["wk.bias"]).view(t_len, H, HD), dim=-1)
-        v = F.linear(xb, p["wv.weight"], p["wv.bias"]).view(t_len, H, HD)
+        q, k, v = _qkv(p, xb)
         w = {n: p[n].clone() for n in NAMES}
         head_out = torch.zeros(t_len, H, HD)
         for h in range(H):
@@ -204,6 +210,57 @@ def test_streaming_matches_parallel(t_len: int) -> None:
         torch.testing.assert_close(fast[n], module.last_parallel_state[n][0], rtol=0, atol=1e-5)
     assert updates == math.ceil(t_len / C)
     assert pending == 0
+
+
+def reference_inner_loss(module: TTTMLP, x: torch.Tensor, w: dict[str, torch.Tensor], start: int, stop: int) -> float:
+    """0.5 * mean over heads h and tokens t in [start, stop) of ||LN(f_h(k_th)) - target_th||^2
+    at weights `w`, one head and token at a time (no autograd, none of the module's helpers)."""
+    p = {n: t.detach() for n, t in module.named_parameters()}
+    _, k, v = _qkv(p, x[0])
+    losses = []
+    for h in range(H):
+        gamma, beta = p["ttt_norm_weight"][h], p["ttt_norm_bias"][h]
+        for t in range(start, stop):
+            residual = _ln(_f(w, h, k[t, h]), gamma, beta) - _target(v[t, h], k[t, h], gamma, beta)
+            losses.append(0.5 * float(residual.square().sum()))
+    return sum(losses) / len(losses)
+
+
+def joint_norm(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b||_F over all fast weights together."""
+    return math.sqrt(sum(float((a[n] - b[n]).double().square().sum()) for n in NAMES))
+
+
+def test_timeline_replays_the_inner_steps() -> None:
+    """Each mini-batch's record matches the naive per-token reference: where it was applied, the
+    step's norm, the running drift, and the inner loss at the start and updated weights; the
+    inner model learns (loss after < before); totals agree; outputs are bit-identical."""
+    module = make_module(seed=5)
+    x = torch.randn(1, 10, D)
+    with torch.no_grad():
+        with module.streaming(1):
+            plain, plain_fast, _, _ = stream(module, x)
+            assert module.report().timeline is None
+        module.record_timeline = True
+        with module.streaming(1):
+            out, fast, _, _ = stream(module, x)
+            report = module.report()
+    assert torch.equal(out, plain)
+    assert all(torch.equal(fast[n], plain_fast[n]) for n in NAMES)
+    ends = [4, 8, 10]
+    weights = [loaded_weights(module)] + [reference(module, x[:, :end])[1][0] for end in ends]
+    timeline = report.timeline
+    assert len(timeline) == report.updates == 3
+    assert [(r.token, r.tokens) for r in timeline] == [(4, 4), (8, 4), (10, 2)]
+    for i, (record, start, stop) in enumerate(zip(timeline, [0, 4, 8], ends)):
+        assert record.update_norm == pytest.approx(joint_norm(weights[i + 1], weights[i]), rel=1e-4)
+        assert record.drift == pytest.approx(joint_norm(weights[i + 1], weights[0]), rel=1e-4)
+        assert record.loss_before == pytest.approx(reference_inner_loss(module, x, weights[i], start, stop), rel=1e-5)
+        assert record.loss_after == pytest.approx(reference_inner_loss(module, x, weights[i + 1], start, stop), rel=1e-5)
+        assert record.loss_after < record.loss_before
+        assert not record.clipped and record.update_norm_unclipped is None
+    assert report.clipped_updates == 0
+    assert timeline[-1].drift == pytest.approx(report.drift, rel=1e-9)
 
 
 # -- 4. streaming misuse -------------------------------------------------------------------------
@@ -415,6 +472,7 @@ def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tupl
     running sums), are reset alone, then stream their next file: that file runs as on a fresh
     state, the other streams as undisturbed."""
     module = make_module(seed=14)
+    module.record_timeline = True  # each stream's timeline restarts with its next file
     sequences = [(torch.randn(1, n, D),) for n in (13, 14, 12)]
     slots = [(torch.cat([torch.randn(1, 6, D), seq[0]], dim=1),) if b in reset else seq
              for b, seq in enumerate(sequences)]
@@ -426,6 +484,7 @@ def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tupl
             runs[b].outputs = runs[b].outputs[:, 6:]
         for run, (x,) in zip(runs, sequences):
             assert_same_run(run, alone(module, x))
+    assert all(run.report.timeline for run in runs)
 
 
 def test_masked_steps_leave_a_stream_untouched() -> None:

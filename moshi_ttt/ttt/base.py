@@ -28,6 +28,12 @@ Resetting a stream (a slot taking its next file) is moshi's own mechanism,
 `lm_gen.reset_streaming(reset_mask)`: it reaches every streaming module, so the TTT layers
 restart exactly the masked streams from the checkpoint's weights together with their KV caches.
 A batch of 1 uses `after_step()`, `flush()`, `reports()` as before.
+
+The timeline (`controller.set_timeline(True)` before streaming starts): every commit also
+appends one device-side row per stream (update norms, clip flag, running drift, family extras
+such as TTT-MLP's inner losses); `reports()` reads a stream's rows once, at the end of its file.
+Commits already run on the host between steps, so the streaming step is unchanged (TTT-MLP only
+buffers the mini-batch's inputs beside its running sums) and nothing waits on the device.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch
 from moshi.modules.streaming import State, StreamingModule
 
 from ..errors import StreamingError
-from ..results import LayerReport
+from ..results import LayerReport, UpdateRecord
 
 
 @dataclass
@@ -101,6 +107,60 @@ class StreamRows:
             tensor.index_fill_(0, self.index, value)
 
 
+@dataclass
+class AppliedUpdate:
+    """What `_apply_chunk` did to its streams: device-side tensors `[S]` (None: not applicable,
+    or not computed because no timeline is being recorded)."""
+
+    clipped: torch.Tensor | None = None  # bool: the delta was scaled down by a norm clip
+    update_norm: torch.Tensor | None = None  # ||W_after - W_before||_F, after any clipping
+    update_norm_unclipped: torch.Tensor | None = None  # the same had the delta not been clipped
+    loss_before: torch.Tensor | None = None  # the family's inner loss at the chunk's start weights
+    loss_after: torch.Tensor | None = None  # ... and at the updated weights
+
+
+# Columns of a timeline row, in order (all float64; NaN where a value does not apply).
+TIMELINE_COLUMNS = ("update_norm", "update_norm_unclipped", "clipped", "drift", "loss_before", "loss_after")
+
+
+@dataclass
+class TimelineEntry:
+    """One update of one stream, as recorded at commit time: host-side counts and a device-side
+    row of `TIMELINE_COLUMNS` (a view into the commit's [S, columns] tensor; read at report time)."""
+
+    token: int
+    tokens: int
+    values: torch.Tensor
+
+
+def timeline_rows(applied: AppliedUpdate, drift: torch.Tensor) -> torch.Tensor:
+    """The commit's timeline rows [S, len(TIMELINE_COLUMNS)], float64, without a host sync."""
+    missing = torch.full_like(drift, math.nan)
+    columns = {"drift": drift, **{name: getattr(applied, name) for name in TIMELINE_COLUMNS if name != "drift"}}
+    return torch.stack([missing if columns[name] is None else columns[name].to(torch.float64)
+                        for name in TIMELINE_COLUMNS], dim=1)
+
+
+def update_records(entries: tp.Sequence[TimelineEntry]) -> list[UpdateRecord]:
+    """A stream's timeline as typed records: one device read for all of its rows."""
+    if not entries:
+        return []
+    rows = torch.stack([entry.values for entry in entries]).tolist()
+
+    def optional(value: float) -> float | None:
+        return None if math.isnan(value) else value
+
+    records = []
+    for entry, row in zip(entries, rows):
+        values = dict(zip(TIMELINE_COLUMNS, row))
+        records.append(UpdateRecord(
+            token=entry.token, tokens=entry.tokens, update_norm=optional(values["update_norm"]),
+            update_norm_unclipped=optional(values["update_norm_unclipped"]),
+            clipped=values["clipped"] == 1.0, drift=optional(values["drift"]),
+            loss_before=optional(values["loss_before"]), loss_after=optional(values["loss_after"])))
+    return records
+
+
 def chunk_buffer(batch_size: int, chunk_size: int, width: int, device: torch.device) -> torch.Tensor:
     """Zeroed per-stream token buffers [B, C, width], float32, with one spare row after them in
     memory (see `FastWeightState.buffer_tokens`)."""
@@ -127,6 +187,8 @@ class FastWeightState(State):
     clipped_updates: torch.Tensor
     first_nonfinite: torch.Tensor  # update number, -1 while the stream's weights are finite
     streams: list[StreamCounters] = field(default_factory=list)
+    # Per stream, its updates since its reset (`--timeline`); None: no timeline is recorded.
+    timeline: list[list[TimelineEntry]] | None = None
     # Streaming forwards whose Python ran but that after_token() has not acknowledged yet. Under
     # moshi's CUDAGraphed a step's Python runs at most once (warm-up, then capture; replays run
     # none), so anything above 0 at the next forward means the host stopped driving the layer.
@@ -134,7 +196,7 @@ class FastWeightState(State):
 
     @classmethod
     def fresh(cls, batch_size: int, initial: dict[str, torch.Tensor],
-              scratch: dict[str, torch.Tensor]) -> FastWeightState:
+              scratch: dict[str, torch.Tensor], timeline: bool = False) -> FastWeightState:
         device = next(iter(initial.values())).device
         return cls(
             batch_size, device,
@@ -147,6 +209,7 @@ class FastWeightState(State):
             clipped_updates=torch.zeros(batch_size, dtype=torch.long, device=device),
             first_nonfinite=torch.full((batch_size,), -1, dtype=torch.long, device=device),
             streams=[StreamCounters() for _ in range(batch_size)],
+            timeline=[[] for _ in range(batch_size)] if timeline else None,
         )
 
     def reset(self, reset_mask: torch.Tensor) -> None:
@@ -167,6 +230,8 @@ class FastWeightState(State):
         rows.fill_(self.first_nonfinite, -1)
         for b in ids:
             self.streams[b] = StreamCounters()
+            if self.timeline is not None:
+                self.timeline[b] = []
         # An unacknowledged step belongs to every stream: it is void only when all restart.
         if len(ids) == self.batch_size:
             self.unacked = 0
@@ -222,6 +287,8 @@ class FastWeightModule(StreamingModule[FastWeightState]):
         self.chunk_size = chunk_size
         # The --no-ttt ablation: chunks are consumed on schedule but never applied.
         self.frozen = False
+        # --timeline: record every update (read when streaming starts, like the scratch buffers).
+        self.record_timeline = False
 
     # -- to implement ---------------------------------------------------------------------
     @abc.abstractmethod
@@ -233,16 +300,18 @@ class FastWeightModule(StreamingModule[FastWeightState]):
         """Fresh zeroed chunk buffers / running sums, `[batch_size, ...]`."""
 
     @abc.abstractmethod
-    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> torch.Tensor | None:
+    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> AppliedUpdate:
         """Update the fast weights of streams `rows` in place from their first `n` buffered tokens.
 
-        Returns a device-side bool per stream of `rows` telling whether its update was clipped,
-        or None if this family never clips.
+        Returns what it did, device-side: whether each update was clipped (None if this family
+        never clips) and, when `state.timeline` is recorded, the update's norms and the family's
+        inner losses. No host syncs.
         """
 
     # -- streaming state --------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> FastWeightState:
-        return FastWeightState.fresh(batch_size, self.initial_fast_weights(), self._make_scratch(batch_size))
+        return FastWeightState.fresh(batch_size, self.initial_fast_weights(), self._make_scratch(batch_size),
+                                     timeline=self.record_timeline)
 
     def _streaming_state_or_raise(self) -> FastWeightState:
         state = self._streaming_state
@@ -299,11 +368,16 @@ class FastWeightModule(StreamingModule[FastWeightState]):
         """Apply the chunks buffered by streams `ids`, which all hold the same number of tokens."""
         rows = StreamRows(ids, state.device)
         if not self.frozen:
-            clipped = self._apply_chunk(state, rows, state.streams[ids[0]].pending)
+            n = state.streams[ids[0]].pending
+            applied = self._apply_chunk(state, rows, n)
             for b in ids:
                 state.streams[b].updates += 1
-            if clipped is not None:
-                rows.add_(state.clipped_updates, clipped.to(torch.long))
+            if applied.clipped is not None:
+                rows.add_(state.clipped_updates, applied.clipped.to(torch.long))
+            if state.timeline is not None:
+                values = timeline_rows(applied, running_drift(state, rows))
+                for i, b in enumerate(ids):
+                    state.timeline[b].append(TimelineEntry(state.streams[b].tokens, n, values[i]))
             # Remember each stream's first update that broke its weights, without a host sync: its
             # file must fail naming it, and later updates only spread the NaNs.
             finite = torch.stack([rows.read(v).flatten(1).isfinite().all(1) for v in state.fast.values()]).all(0)
@@ -326,9 +400,19 @@ class FastWeightModule(StreamingModule[FastWeightState]):
         if broken_at >= 0:
             raise StreamingError(f"TTT layer {self.layer_index}: fast weights became NaN/Inf at update "
                                  f"{broken_at} of {counters.updates}")
-        return fast_weight_report(self.layer_index, state.initial, {k: v[b] for k, v in state.fast.items()},
-                                  counters.tokens, counters.updates, counters.pending,
-                                  clipped_updates=int(state.clipped_updates[b]))
+        report = fast_weight_report(self.layer_index, state.initial, {k: v[b] for k, v in state.fast.items()},
+                                    counters.tokens, counters.updates, counters.pending,
+                                    clipped_updates=int(state.clipped_updates[b]))
+        if state.timeline is not None:
+            report.timeline = update_records(state.timeline[b])
+        return report
+
+
+def running_drift(state: FastWeightState, rows: StreamRows) -> torch.Tensor:
+    """||W - W0||_F of streams `rows` over all fast weights together, [S] float64 (device-side)."""
+    squares = [(rows.read(value).double() - state.initial[name].double()).square().flatten(1).sum(1)
+               for name, value in state.fast.items()]
+    return torch.stack(squares).sum(0).sqrt()
 
 
 def fast_weight_report(layer: int, initial: tp.Mapping[str, torch.Tensor],
@@ -362,6 +446,11 @@ class TTTController:
     def set_frozen(self, frozen: bool) -> None:
         for layer in self.layers:
             layer.frozen = frozen
+
+    def set_timeline(self, record: bool) -> None:
+        """Record every update for `reports()` (`--timeline`); takes effect when streaming starts."""
+        for layer in self.layers:
+            layer.record_timeline = record
 
     def after_step(self, active: tp.Sequence[bool] | None = None) -> None:
         """Call once after every `LMGen.step`, with the step's exec_mask as `active` (None: every

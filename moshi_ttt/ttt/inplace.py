@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from ..config import number
 from ..errors import CheckpointError
 from ..families import SectionLayout, TTTFamily
-from .base import FastWeightModule, FastWeightState, StreamRows, chunk_buffer
+from .base import AppliedUpdate, FastWeightModule, FastWeightState, StreamRows, chunk_buffer
 
 
 @dataclass
@@ -222,15 +222,20 @@ class InPlaceTTTGating(FastWeightModule):
         state.advance()
         return out.to(x.dtype)
 
-    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> torch.Tensor:
+    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> AppliedUpdate:
         z = rows.read(state.scratch["z"])[:, :n]  # [S, n, H]
         v = self.target_generator(rows.read(state.scratch["x0"])[:, :n])  # [S, n, D]
         delta = v.transpose(1, 2) @ z  # [S, D, H]
         # torch ops only (no .item()): commits run outside the graph but need not sync.
-        scale = clip_scale(torch.linalg.matrix_norm(delta), self.config.delta_clip,
-                           self.config.delta_clip_epsilon)
-        rows.add_(state.fast["W"], self.config.learning_rate * (delta * scale[:, None, None]))
-        return scale < 1.0
+        norm = torch.linalg.matrix_norm(delta)
+        scale = clip_scale(norm, self.config.delta_clip, self.config.delta_clip_epsilon)
+        lr = self.config.learning_rate
+        rows.add_(state.fast["W"], lr * (delta * scale[:, None, None]))
+        if state.timeline is None:
+            return AppliedUpdate(clipped=scale < 1.0)
+        # The applied change is lr * scale * D, so its norm is |lr| * scale * ||D||_F.
+        return AppliedUpdate(clipped=scale < 1.0, update_norm=abs(lr) * scale * norm,
+                             update_norm_unclipped=abs(lr) * norm)
 
 
 # -- the family: config, attachment, checkpoint keys, tiny checkpoints ----------------------------

@@ -37,7 +37,7 @@ from torch import nn
 from ..config import number
 from ..errors import CheckpointError, StreamingError
 from ..families import SectionLayout, TTTFamily
-from .base import FastWeightModule, FastWeightState, StreamRows
+from .base import AppliedUpdate, FastWeightModule, FastWeightState, StreamRows, chunk_buffer
 
 # The training ops' LayerNorm (`ln_fwd`, `ln_fused_l2_bwd`) uses 1e-8, not torch's 1e-5 / 1e-6.
 INNER_LN_EPS = 1e-8
@@ -48,6 +48,8 @@ POST_NORM_EPS = 1e-6
 # `SSMGating` clamps alpha to [-3, 3] before the tanh (a stabilisation in the training code).
 GATE_ALPHA_BOUND = 3.0
 FAST_WEIGHT_NAMES = ("W1", "b1", "W2", "b2")
+# Scratch buffers [B, C, H * HD] kept only with --timeline: each mini-batch's K and target.
+TIMELINE_INPUTS = ("k", "target")
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
 
@@ -171,6 +173,22 @@ def inner_gradients(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, tar
     return g1, g2, x2
 
 
+def inner_loss(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, target: torch.Tensor,
+               gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The inner model's self-supervised loss on a mini-batch, averaged: [B].
+
+        loss = 0.5 * mean_{h, t} ||LN_h(f_h(K_{h,t})) - D_hat_{h,t}||^2
+
+    with f_h(x) = gelu_tanh(x W1_h + b1_h) W2_h + b2_h, LN_h the per-head LayerNorm
+    (`head_layer_norm`) and D_hat = `reconstruction_target(V, K)`: the per-token loss whose
+    gradients `inner_gradients` takes, averaged over the n tokens and H heads. Evaluated at a
+    mini-batch's start weights and at its updated weights, it shows whether the step learned
+    (the standard TTT diagnostic). weights [B, H, ...], k / target [B, H, n, HD].
+    """
+    z2 = gelu_tanh(k @ weights["W1"] + weights["b1"]) @ weights["W2"] + weights["b2"]
+    return 0.5 * (head_layer_norm(z2, gamma, beta) - target).square().sum(-1).mean((-2, -1))
+
+
 def mlp_output(weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor, gamma: torch.Tensor,
                beta: torch.Tensor) -> torch.Tensor:
     """Output with uncorrected weights: Q + LN(f(Q)). Used when the fast weights are frozen."""
@@ -264,16 +282,37 @@ class TTTMLP(FastWeightModule):
     def _make_scratch(self, batch_size: int) -> dict[str, torch.Tensor]:
         # Running eta-weighted gradient sums of each stream's current mini-batch; fast - sum is
         # the weight set its latest token reads, and committing is `fast -= sum`.
-        return {name: torch.zeros(batch_size, *getattr(self, name).shape, dtype=torch.float32,
-                                  device=getattr(self, name).device)
-                for name in FAST_WEIGHT_NAMES}
+        scratch = {name: torch.zeros(batch_size, *getattr(self, name).shape, dtype=torch.float32,
+                                     device=getattr(self, name).device)
+                   for name in FAST_WEIGHT_NAMES}
+        if self.record_timeline:
+            # --timeline: the mini-batch's K and target (heads flattened), for its inner losses.
+            for name in TIMELINE_INPUTS:
+                scratch[name] = chunk_buffer(batch_size, self.chunk_size, self.d_model, self.W1.device)
+        return scratch
 
-    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> None:
+    def _apply_chunk(self, state: FastWeightState, rows: StreamRows, n: int) -> AppliedUpdate:
         # The sums hold exactly the tokens fed since the last commit (`n` of them), so they are
         # the whole mini-batch's step. TTT-MLP never clips.
+        steps = {name: rows.read(state.scratch[name]) for name in FAST_WEIGHT_NAMES}
+        recording = state.timeline is not None
+        if recording:
+            k, target = (rows.read(state.scratch[name])[:, :n].unflatten(-1, (self.num_heads, self.head_dim))
+                         .transpose(1, 2) for name in TIMELINE_INPUTS)  # [S, H, n, HD]
+            before = self._inner_loss(state, rows, k, target)
         for name in FAST_WEIGHT_NAMES:
-            rows.add_(state.fast[name], rows.read(state.scratch[name]), alpha=-1.0)
-        return None
+            rows.add_(state.fast[name], steps[name], alpha=-1.0)
+        if not recording:
+            return AppliedUpdate()
+        after = self._inner_loss(state, rows, k, target)
+        norm = torch.stack([step.square().flatten(1).sum(1) for step in steps.values()]).sum(0).sqrt()
+        return AppliedUpdate(update_norm=norm, loss_before=before, loss_after=after)
+
+    def _inner_loss(self, state: FastWeightState, rows: StreamRows, k: torch.Tensor,
+                    target: torch.Tensor) -> torch.Tensor:
+        """`inner_loss` of streams `rows` at their current fast weights, [S]."""
+        gamma, beta = self._norm_params()
+        return inner_loss({name: rows.read(state.fast[name]) for name in FAST_WEIGHT_NAMES}, k, target, gamma, beta)
 
     # -- forward --------------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, positions: torch.Tensor
@@ -348,6 +387,8 @@ class TTTMLP(FastWeightModule):
         """
         self._begin_step(state, x.shape[1])
         q, k, target, eta = self._project(x, state.write_pos[:, None])
+        if TIMELINE_INPUTS[0] in state.scratch:  # --timeline: buffer the inputs of the inner losses
+            state.buffer_tokens({"k": k.transpose(1, 2), "target": target.transpose(1, 2)})
         state.advance()  # device-side positions inside the mini-batches (graph-safe)
         gamma, beta = self._norm_params()
         fast = state.fast

@@ -1,0 +1,140 @@
+"""`moshi-ttt plot`: what TTT did during each file of a report recorded with `--timeline`.
+
+One figure, a block of panels per file (rows) and one column per report (a second report with
+`--compare`, e.g. the same inputs with `--no-ttt`, goes side by side, on shared axes):
+
+- running drift ||W - W0|| of every TTT layer against time in the file (token * 0.08 s),
+  clipped updates marked;
+- each update's norm (In-Place: dashed, what it would have been without the clip);
+- TTT-MLP: the inner loss on each mini-batch before (dashed) and after (solid) its step.
+
+matplotlib (the `moshi-ttt[plot]` extra) is imported only when a figure is drawn, on the Agg
+backend: no display needed.
+"""
+
+from __future__ import annotations
+
+import json
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MoshiTTTError
+from .results import REPORT_SCHEMA, SECONDS_PER_TOKEN, FileResult, LayerReport, UpdateRecord
+
+DEFAULT_WIDTH, PANEL_HEIGHT = 1400, 260  # pixels; the default height grows with the panels
+DPI = 100
+LOSS_PANEL = "inner loss\n(dashed: before)"
+
+
+@dataclass
+class PlottedReport:
+    """A report's files that carry a timeline, and a label for its column."""
+
+    path: Path
+    label: str
+    files: list[FileResult]
+
+
+def load_timeline_report(path: Path) -> PlottedReport:
+    """Read a report and keep its files with TTT numbers; refuse one without any timeline."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MoshiTTTError(f"cannot read a moshi-ttt report ({type(exc).__name__})", path) from None
+    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA or not isinstance(data.get("files"), list):
+        raise MoshiTTTError("not a moshi-ttt report", path)
+    try:
+        files = [FileResult.from_json(entry) for entry in data["files"] if isinstance(entry, dict)]
+    except TypeError as exc:
+        raise MoshiTTTError(f"malformed report entry ({exc})", path) from None
+    files = [f for f in files if f.ttt is not None and f.ttt.layers]
+    if not any(layer.timeline is not None for f in files for layer in f.ttt.layers):  # type: ignore[union-attr]
+        raise MoshiTTTError("has no TTT timeline: rerun `moshi-ttt infer` with --timeline", path)
+    ttt = (data.get("settings") or {}).get("ttt") or {}
+    state = "" if not ttt else " (TTT on)" if ttt.get("enabled", True) else " (TTT off)"
+    name = Path(path).resolve()
+    return PlottedReport(Path(path), f"{name.parent.name}/{name.name}{state}", files)
+
+
+def seconds(records: tp.Sequence[UpdateRecord]) -> list[float]:
+    """When each update took effect, in seconds of the file (one token per 80 ms frame)."""
+    return [r.token * SECONDS_PER_TOKEN for r in records]
+
+
+def panels_of(files: tp.Sequence[FileResult]) -> list[str]:
+    """The quantities drawn for these files: drift and update norms, inner loss if any has one."""
+    has_loss = any(r.loss_before is not None for f in files for layer in f.ttt.layers  # type: ignore[union-attr]
+                   for r in layer.timeline or [])
+    return ["drift", "update norm", *([LOSS_PANEL] if has_loss else [])]
+
+
+def draw_layer(ax: tp.Any, panel: str, layer: LayerReport, color: tp.Any) -> None:
+    """One layer's line(s) on one panel."""
+    records = layer.timeline or []
+    x = seconds(records)
+    label = f"layer {layer.layer}"
+    clipped = [r for r in records if r.clipped]
+    if panel == "drift":
+        ax.plot([0.0, *x], [0.0, *[r.drift for r in records]], color=color, label=label)
+        ax.scatter(seconds(clipped), [r.drift for r in clipped], marker="x", color="red", zorder=3)
+    elif panel == "update norm":
+        ax.plot(x, [r.update_norm for r in records], color=color, marker=".", label=label)
+        if any(r.update_norm_unclipped is not None for r in records):
+            ax.plot(x, [r.update_norm_unclipped for r in records], color=color, linestyle="--", alpha=0.6)
+        ax.scatter(seconds(clipped), [r.update_norm for r in clipped], marker="x", color="red", zorder=3)
+    else:
+        ax.plot(x, [r.loss_before for r in records], color=color, linestyle="--", alpha=0.7)
+        ax.plot(x, [r.loss_after for r in records], color=color, label=label)
+
+
+def plot_reports(report: Path, output: Path, compare: Path | None = None,
+                 width: int = DEFAULT_WIDTH, height: int | None = None) -> Path:
+    """Draw `report` (and `compare` beside it) into the PNG `output`, `width` x `height` pixels
+    (height default: PANEL_HEIGHT per panel). Returns `output`."""
+    if width < 100 or (height is not None and height < 100):
+        raise MoshiTTTError(f"the figure must be at least 100 x 100 pixels, got {width} x {height}")
+    columns = [load_timeline_report(report)] + ([load_timeline_report(compare)] if compare is not None else [])
+    names = list(dict.fromkeys(f.input for column in columns for f in column.files))
+    panels = panels_of([f for column in columns for f in column.files])
+    rows = len(names) * len(panels)
+    height = height or max(PANEL_HEIGHT * rows + 80, 200)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MoshiTTTError("plotting needs matplotlib: pip install 'moshi-ttt[plot]'") from None
+
+    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+    axes = figure.subplots(rows, len(columns), squeeze=False, sharex="row", sharey="row")
+    colors = matplotlib.colormaps["tab10"]
+    for c, column in enumerate(columns):
+        by_input = {f.input: f for f in column.files}
+        axes[0][c].set_title(column.label, fontsize="medium")
+        for f_index, name in enumerate(names):
+            result = by_input.get(name)
+            for p_index, panel in enumerate(panels):
+                ax = axes[f_index * len(panels) + p_index][c]
+                ax.set_ylabel(panel, fontsize="small")
+                ax.grid(alpha=0.3)
+                if p_index == 0:
+                    ax.text(0.01, 0.97, Path(name).name, transform=ax.transAxes, va="top", fontsize="small")
+                if result is None or result.ttt is None:
+                    ax.text(0.5, 0.5, "not in this report", transform=ax.transAxes, ha="center", alpha=0.6)
+                    continue
+                for l_index, layer in enumerate(result.ttt.layers):
+                    draw_layer(ax, panel, layer, colors(l_index % 10))
+                if not any(layer.timeline for layer in result.ttt.layers):
+                    ax.text(0.5, 0.5, "no updates", transform=ax.transAxes, ha="center", alpha=0.6)
+                elif p_index == 0:
+                    ax.legend(fontsize="x-small", loc="lower right")
+                if p_index == len(panels) - 1:
+                    ax.set_xlabel("time in file (s)", fontsize="small")
+    output = Path(output)
+    try:
+        figure.savefig(output, format="png", dpi=DPI)
+    except OSError as exc:
+        raise MoshiTTTError(f"cannot write the figure ({exc.strerror or exc})", output) from None
+    return output
