@@ -6,7 +6,7 @@ streams: `set_exec_mask` (a masked stream's state does not move), `reset_streami
 (KV caches, Mimi state and, through LMGen's reset callback, the TTT fast weights of exactly the
 masked streams), and `LMGen(support_out_of_sync=True)` (every step returns tokens; rows still in
 their delay or masked are `ungenerated_token_id`). Per stream on top of that: sampling from the
-stream's own generator reseeded at file start (`sampling.StreamSampler`), and TTT commits and
+stream's own generator reseeded at file start (`stream_sampling.StreamSampler`), and TTT commits and
 flushes driven per stream (`TTTController.after_step(active)`, `flush([slot])`).
 
 The schedule per 80 ms step, as the single-file runner does it for one file:
@@ -29,7 +29,7 @@ import torch
 
 from .model import LoadedModel
 from .runner import StreamResult, check_seed
-from .sampling import StreamSampler
+from .stream_sampling import StreamSampler
 
 Key = tp.TypeVar("Key")
 
