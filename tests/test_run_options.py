@@ -18,7 +18,10 @@ from moshi_ttt.batch import REPORT_NAME, FileResult, Job
 from moshi_ttt.model import load_model
 from moshi_ttt.run import RunOptions, run_batch
 from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.errors import MoshiTTTError
 from moshi_ttt.results import SilentEvents
+from moshi_ttt.sampling import Sampling
+from moshi_ttt.transcripts import SRT_MAX_CHARS
 from moshi_ttt_cli import render
 
 from helpers import sweep
@@ -84,6 +87,13 @@ def test_jsonl_and_srt_times_match_the_steps(model, tiny_inplace, recordings, tm
             assert spans[0][0] == words[0][1] and spans[-1][1] == words[-1][2]
             assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
             assert all(round(s / FRAME_S, 6).is_integer() for span in spans for s in span)
+            # Readable lines: words grouped, each line short, a line broken only where it had to be
+            # (the next word would not fit, a pause, or a sentence's end).
+            lines = [c[2] for c in cues]
+            assert len(lines) < len(words) and all(len(line) <= SRT_MAX_CHARS for line in lines)
+            firsts = [line.split()[0] for line in lines[1:]]
+            for line, first, (end, start) in zip(lines, firsts, zip([e for _, e in spans], [s for s, _ in spans[1:]])):
+                assert len(line) + 1 + len(first) > SRT_MAX_CHARS or start - end > 1.0 or line.endswith(tuple(".?!"))
 
 
 # -- 4. stereo dialogues and manifests --------------------------------------------------------------
@@ -146,9 +156,15 @@ def test_bad_manifest_line_is_one_line_naming_it(line, reason, tiny_inplace, tmp
     assert f"{manifest}: {reason}" in result.output
 
 
-def test_bad_channel_is_refused_before_loading(tiny_inplace, recordings, tmp_path: Path) -> None:
-    result = infer(tiny_inplace, recordings[0], tmp_path / "o.wav", "--channel", "middle")
-    assert result.exit_code == 2 and "--channel must be" in result.output
+def test_bad_channel_is_refused_before_loading(tiny_inplace, recordings, tmp_path: Path, monkeypatch) -> None:
+    from moshi_ttt_cli import app as app_module
+
+    with monkeypatch.context() as patched:
+        patched.setattr(app_module, "_load_model_stack", lambda *a, **k: pytest.fail("imported the model stack"))
+        result = infer(tiny_inplace, recordings[0], tmp_path / "o.wav", "--channel", "middle")
+    assert result.exit_code == 2 and result.output.startswith("error: --channel must be")
+    with pytest.raises(MoshiTTTError, match="--channel must be"):
+        run_batch(recordings[0], tmp_path / "o.wav", RunOptions(base=str(tiny_inplace.base), channel=-1))
     result = infer(tiny_inplace, recordings[0], tmp_path / "o.wav", "--channel", "1")  # a mono file
     assert result.exit_code == 1 and "has 1 channel; --channel 1 needs at least 2" in result.output
 
@@ -177,8 +193,16 @@ def test_greedy_ignores_the_seed_and_temperature_matters(tiny_inplace, recording
 def test_bad_sampling_values_exit_2_before_loading(args, message, tiny_inplace, recordings, tmp_path: Path,
                                                    monkeypatch) -> None:
     from moshi_ttt import model as model_module
+    from moshi_ttt_cli import app as app_module
 
     monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    # The library refuses them before any model loads ...
+    flags = dict(zip([a.lstrip("-").replace("-", "_") for a in args[::2]], args[1::2]))
+    sampling = Sampling(**{k: (float if k.startswith("temp") else int)(v) for k, v in flags.items()})
+    with pytest.raises(MoshiTTTError, match=message):
+        run_batch(recordings[0], tmp_path / "o.wav", RunOptions(base=str(tiny_inplace.base), sampling=sampling))
+    # ... and the CLI before it even imports the model stack (seconds).
+    monkeypatch.setattr(app_module, "_load_model_stack", lambda *a, **k: pytest.fail("imported the model stack"))
     result = infer(tiny_inplace, recordings[0], tmp_path / "o.wav", *args)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert result.output.startswith(f"error: {message}")
