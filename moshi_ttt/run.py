@@ -99,9 +99,10 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
         ttt = model.describe_ttt()
         settings = {"base": options.base, "checkpoint": options.checkpoint, "device": str(device),
                     "dtype": str(dtype).removeprefix("torch."), "seed": options.seed, "threads": threads,
-                    "channel": 0 if channel is None else channel,
-                    "lm": model.describe_lm(), "sampling": runner.lm_gen_config,
-                    "sampling_overrides": options.sampling.overrides(), "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
+                    "channel": 0 if channel is None else channel, "lm": model.describe_lm(),
+                    # What LMGen sampled with, and which of it this run changed.
+                    "sampling": runner.lm_gen_config, "sampling_overrides": options.sampling.overrides(),
+                    "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
         batch = BatchRunner(runner, settings, report_path=plan.report_path, overwrite=options.overwrite,
                             events=events, earlier=plan.earlier, text_format=options.text_format,
                             channel=channel)

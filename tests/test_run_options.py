@@ -71,8 +71,7 @@ def test_jsonl_and_srt_times_match_the_steps(model, tiny_inplace, recordings, tm
     words = expected_words(runner, streamed)
     assert len(words) >= 3, "the tiny model should say something"
     for fmt in ("jsonl", "srt"):
-        result = infer(tiny_inplace, recordings[2], tmp_path / fmt / "out.wav", "--text", "--text-format", fmt,
-                       "--quiet")
+        result = infer(tiny_inplace, recordings[2], tmp_path / fmt / "out.wav", "--text-format", fmt, "--quiet")
         assert result.exit_code == 0, result.output
         text = (tmp_path / fmt / f"out.{fmt}").read_text()
         if fmt == "jsonl":
