@@ -57,12 +57,12 @@ try:
         from rich.markup import escape
 
         from moshi_ttt import __version__
+        from moshi_ttt.audio import FOLDER_AUDIO_FORMATS
         from moshi_ttt.errors import MoshiTTTError
         from moshi_ttt.families import FAMILY_NAMES
         from moshi_ttt.run import EXIT_CANNOT_START, RunOptions
         from moshi_ttt.runtime import DEFAULT_BASE, DTYPE_NAMES, prepare_runtime
         from moshi_ttt.sampling import Sampling
-        from moshi_ttt.audio import FOLDER_AUDIO_FORMATS
         from moshi_ttt.transcripts import TEXT_FORMATS
 
         from . import render
@@ -161,7 +161,7 @@ def infer(
                                         help="Also take hidden files and folders as inputs (never macOS ._ files)."),
     text: bool = typer.Option(False, "--text", help="Also write Moshi's text stream beside each output."),
     text_format: TextFormat = typer.Option(TextFormat.txt, "--text-format",
-                                           help="--text files: txt (words), jsonl (one timed word a line), srt."),
+                                           help="Transcripts as txt (words), jsonl (one timed word a line) or srt; jsonl/srt imply --text."),
     audio_format: tp.Optional[AudioFormat] = typer.Option(None, "--format",
                                                           help="Format of outputs written into a folder (default wav)."),
     temp: tp.Optional[float] = typer.Option(None, help="Audio sampling temperature (default: the checkpoint's)."),
@@ -180,7 +180,9 @@ def infer(
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
     options = RunOptions(base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
                          dtype=dtype.value, threads=threads, seed=seed, pattern=glob, include_hidden=include_hidden,
-                         text=text, overwrite=overwrite, report=report, text_format=text_format.value,
+                         # A transcript format other than the default asks for transcripts.
+                         text=text or text_format.value != "txt", overwrite=overwrite, report=report,
+                         text_format=text_format.value,
                          audio_format=audio_format.value if audio_format else None, channel=channel,
                          sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text,
                                            greedy=greedy))
