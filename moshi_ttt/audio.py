@@ -9,6 +9,7 @@ import re
 import stat
 import tempfile
 import typing as tp
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg"
                   ".oga": ("OGG", "VORBIS"), ".opus": ("OGG", "OPUS"), ".mp3": ("MP3", "MPEG_LAYER_III"),
                   ".aif": ("AIFF", "PCM_16"), ".aiff": ("AIFF", "PCM_16"), ".aifc": ("AIFF", "PCM_16"),
                   ".caf": ("CAF", "PCM_16"), ".au": ("AU", "PCM_16"), ".w64": ("W64", "PCM_16")}
+# What `--format` may name for outputs written into a folder (a single OUT file's extension may
+# name any of OUTPUT_FORMATS).
+FOLDER_AUDIO_FORMATS = ("wav", "flac", "ogg")
 PARTIAL_SUFFIX = ".partial"
 # Temporaries are `.<final name>.moshi-ttt-<pid>-<random>.partial`: hidden, beside the final name,
 # unpredictable, and recognisably ours (see `is_our_temporary`).
@@ -45,8 +49,78 @@ def _reason(exc: Exception, path: Path) -> str:
     return f"cannot decode audio ({text.splitlines()[0] if text else type(exc).__name__})"
 
 
-def read_audio(path: str | Path) -> np.ndarray:
-    """Channel 0 of any file sphn or soundfile reads, resampled to 24 kHz, as float32 [T].
+# --channel: an index, or a name. moshi-finetune's dialogues are stereo with Moshi on the left and
+# the user on the right.
+CHANNEL_NAMES = {"left": 0, "right": 1}
+MIX = "mix"
+# Channels "differ strongly" when their difference holds at least this share of the louder one's
+# RMS (two speakers on two tracks); a stereo recording of one scene stays far below.
+CHANNELS_DIFFER = 0.5
+SILENCE_RMS = 1e-4
+
+
+def parse_channel(text: str | int | None) -> int | str | None:
+    """--channel N|left|right|mix as an index or "mix"; None is the default (channel 0, with a
+    warning where that choice matters)."""
+    if text is None or isinstance(text, int) and not isinstance(text, bool):
+        if text is not None and text < 0:
+            raise MoshiTTTError(f"--channel must be N (0 or more), left, right or mix, got {text}")
+        return text
+    name = str(text).strip().lower()
+    if name in CHANNEL_NAMES:
+        return CHANNEL_NAMES[name]
+    if name == MIX:
+        return MIX
+    if name.isdigit():
+        return int(name)
+    raise MoshiTTTError(f"--channel must be N (0 or more), left, right or mix, got {text!r}")
+
+
+@dataclass
+class Recording:
+    pcm: np.ndarray  # 24 kHz mono float32 [T]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+
+
+def channels_differ(pcm: np.ndarray) -> bool:
+    """Whether some channel of `pcm` [C, T] differs strongly from channel 0 (see CHANNELS_DIFFER)."""
+    first = pcm[0]
+    for other in pcm[1:]:
+        loudest = max(_rms(first), _rms(other))
+        if loudest > SILENCE_RMS and _rms(first - other) >= CHANNELS_DIFFER * loudest:
+            return True
+    return False
+
+
+def pick_channel(pcm: np.ndarray, channel: int | str | None, path: Path) -> Recording:
+    """The mono signal `channel` names from `pcm` [C, T]; by default channel 0, with a warning
+    when the channels differ strongly (a two-track dialogue: pass --channel)."""
+    count = pcm.shape[0]
+    if channel == MIX:
+        return Recording(np.ascontiguousarray(pcm.mean(axis=0, dtype=np.float32)))
+    index = 0 if channel is None else int(channel)
+    if index >= count:
+        raise AudioError(f"has {count} channel{'s' if count != 1 else ''}; --channel {channel} needs "
+                         f"at least {index + 1}", path)
+    warnings = []
+    if channel is None and count > 1 and channels_differ(pcm):
+        warnings.append(f"its {count} channels differ strongly and channel 0 was taken by default; "
+                        "choose with --channel N|left|right|mix")
+    return Recording(np.ascontiguousarray(pcm[index]), warnings)
+
+
+def read_audio(path: str | Path, channel: int | str | None = None) -> np.ndarray:
+    """`read_recording`'s samples (its warnings dropped)."""
+    return read_recording(path, channel).pcm
+
+
+def read_recording(path: str | Path, channel: int | str | None = None) -> Recording:
+    """One channel (see `pick_channel`) of any file sphn or soundfile reads, resampled to 24 kHz,
+    as float32 [T].
 
     sphn first, as moshi's own `run_inference` reads files, so outputs stay comparable; soundfile
     for formats only libsndfile knows. Files shorter than one frame raise `AudioTooShortError`.
@@ -67,14 +141,28 @@ def read_audio(path: str | Path) -> np.ndarray:
     if rate < MIN_SAMPLE_RATE:
         raise AudioError(f"sample rate {rate} Hz is below the {MIN_SAMPLE_RATE} Hz minimum: too low to hold "
                          "speech, and resampling it to 24 kHz would only multiply the work", path)
-    mono = np.ascontiguousarray(pcm[0])
+    recording = pick_channel(pcm, channel, path)
+    mono = recording.pcm
     if not np.isfinite(mono).all():
         raise AudioError("audio holds NaN or infinite samples", path)
     if rate != SAMPLE_RATE:
         mono = resample(mono, rate)
     if mono.shape[0] < FRAME_SIZE:
         raise AudioTooShortError(f"shorter than one 80 ms frame ({mono.shape[0]} samples at 24 kHz)", path)
-    return mono
+    recording.pcm = mono
+    return recording
+
+
+def probe_duration(path: Path) -> float | None:
+    """Seconds of audio in `path` from its header alone (no decoding); None where the header does
+    not say (or the file cannot be read: the run reports that file later)."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except Exception:
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
 
 
 def _read_with_soundfile(path: Path, first: Exception) -> tuple[np.ndarray, int]:

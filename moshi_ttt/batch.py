@@ -18,12 +18,15 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audio import AUDIO_EXTENSIONS, SAMPLE_RATE, is_our_temporary, output_format, read_audio, write_audio, write_text
+from .audio import (AUDIO_EXTENSIONS, FOLDER_AUDIO_FORMATS, SAMPLE_RATE, is_our_temporary, output_format,
+                    probe_duration, read_recording, write_audio, write_text)
 from .errors import AudioTooShortError, MoshiTTTError
 from .guard import OutputLock, check_sources_untouched, check_writable
+from .manifest import is_manifest, read_manifest
 from .results import (REPORT_NAME, REPORT_SCHEMA, BatchEvents, FileResult, FileTTT, Job, Report, SilentEvents,
                       strict_json)
 from .runner import StreamingRunner
+from .transcripts import TEXT_FORMATS, render_transcript
 
 __all__ = ["REPORT_NAME", "REPORT_SCHEMA", "BatchEvents", "BatchPlan", "BatchRunner", "FileResult", "Job", "Report",
            "SilentEvents", "find_inputs", "plan_jobs", "prepare_batch", "strict_json"]
@@ -56,43 +59,57 @@ def find_inputs(folder: Path, pattern: str | None = None, exclude: Path | None =
             continue
         if exclude is not None and exclude in path.resolve().parents:
             continue
-        if pattern and not (fnmatch.fnmatch(rel.as_posix(), pattern) or fnmatch.fnmatch(path.name, pattern)):
+        if not matches(rel, pattern):
             continue
         found.append(path)
     return sorted(found)
 
 
+def matches(rel: Path, pattern: str | None) -> bool:
+    """`pattern` (a glob) matches the path relative to IN or the file name; no pattern matches all."""
+    return not pattern or fnmatch.fnmatch(rel.as_posix(), pattern) or fnmatch.fnmatch(rel.name, pattern)
+
+
 def plan_jobs(source: Path, target: Path | str, pattern: str | None = None, text: bool = False,
-              include_hidden: bool = False) -> list[Job]:
-    """Map inputs to outputs: a file to a file (or into a folder), a folder to a mirrored folder.
+              include_hidden: bool = False, text_format: str = "txt", audio_format: str | None = None) -> list[Job]:
+    """Map inputs to outputs: a file to a file (or into a folder), a folder or a `.jsonl` manifest
+    to a folder mirroring the recordings' relative paths.
 
     `target` ending in "/" is a folder even if it does not exist yet. A single output is written
-    in the format its extension names. Paths are made absolute, so reports and resumes do not
-    depend on the working folder.
+    in the format its extension names; outputs named here (into a folder) get `audio_format`'s
+    extension (default wav). Transcripts are beside their output, with `text_format`'s extension.
+    Paths are made absolute, so reports and resumes do not depend on the working folder.
     """
+    suffix = f".{audio_format or 'wav'}"
+    text_suffix = f".{text_format}"
     as_folder = str(target).endswith(("/", os.sep))
     source, target = Path(source).absolute(), Path(target).absolute()
-    if source.is_file():
-        output = target / f"{source.stem}.wav" if as_folder or target.is_dir() else target
+    if is_manifest(source):
+        root = source.parent
+        inputs = [(root / e.rel, e.rel, e.duration) for e in read_manifest(source) if matches(e.rel, pattern)]
+    elif source.is_file():
+        output = target / f"{source.stem}{suffix}" if as_folder or target.is_dir() else target
         output_format(output)
-        return [Job(source, output, output.with_suffix(".txt") if text else None)]
-    if not source.is_dir():
+        return [Job(source, output, output.with_suffix(text_suffix) if text else None)]
+    elif not source.is_dir():
         raise MoshiTTTError("no such file or folder", source)
+    else:
+        inside = target if is_inside(target, source) else None  # our outputs in IN are not inputs
+        inputs = [(path, path.relative_to(source), None)
+                  for path in find_inputs(source, pattern, exclude=inside, include_hidden=include_hidden)]
     if target.exists() and not target.is_dir():
-        raise MoshiTTTError("input is a folder, so the output must be a folder too", target)
+        raise MoshiTTTError("input is a folder or a manifest, so the output must be a folder too", target)
     if target.resolve() == source.resolve():
         raise MoshiTTTError("the output folder is the input folder: outputs would replace the recordings; "
                             "choose another output folder", target)
     jobs: list[Job] = []
     taken: set[Path] = set()
-    inside = target if is_inside(target, source) else None  # our outputs in IN are not inputs
-    for path in find_inputs(source, pattern, exclude=inside, include_hidden=include_hidden):
-        rel = path.relative_to(source)
-        output = target / rel.with_suffix(".wav")
+    for path, rel, duration in inputs:
+        output = target / rel.with_suffix(suffix)
         if output in taken:  # a.wav and a.flac side by side: keep both, name the second by its full name
-            output = target / rel.parent / f"{rel.name}.wav"
+            output = target / rel.parent / f"{rel.name}{suffix}"
         taken.add(output)
-        jobs.append(Job(path, output, output.with_suffix(".txt") if text else None))
+        jobs.append(Job(path, output, output.with_suffix(text_suffix) if text else None, duration))
     return jobs
 
 
@@ -165,8 +182,11 @@ class BatchRunner:
 
     def __init__(self, runner: StreamingRunner, settings: dict, report_path: Path | None = None,
                  overwrite: bool = False, events: BatchEvents | None = None,
-                 earlier: EarlierResults | None = None):
+                 earlier: EarlierResults | None = None, text_format: str = "txt",
+                 channel: int | str | None = None):
         self.runner = runner
+        self.text_format = text_format
+        self.channel = channel  # see audio.pick_channel
         self.report = Report(settings=settings)
         self.report_path = report_path
         self.overwrite = overwrite
@@ -178,6 +198,8 @@ class BatchRunner:
     def run(self, jobs: list[Job]) -> Report:
         start = time.perf_counter()
         self.report.earlier = self.earlier.others(jobs)
+        self.events.batch_started([job.duration_hint if job.duration_hint is not None else probe_duration(job.input)
+                                   for job in jobs])
         try:
             for index, job in enumerate(jobs):
                 result = self._run_one(index, len(jobs), job)
@@ -213,10 +235,10 @@ class BatchRunner:
         earlier = self.earlier.for_output(job.output)
         result = carried(earlier, "exists") if earlier else FileResult(str(job.input), str(job.output), "skipped", "exists")
         if job.text_output is not None and not job.text_output.exists():
-            if result.transcript is not None:
+            if result.transcript is not None and self.text_format == "txt":
                 write_text(job.text_output, result.transcript + "\n")
                 result.reason = "exists; transcript written from the earlier run's result"
-            else:
+            else:  # the report keeps the words, not their times
                 result.reason = "exists; its transcript needs recomputing: rerun with --overwrite"
         return result
 
@@ -228,18 +250,21 @@ class BatchRunner:
                 return FileResult(str(job.input), str(job.output), "failed", _os_reason(exc))
         begin = time.perf_counter()
         try:
-            pcm = read_audio(job.input)
+            recording = read_recording(job.input, self.channel)
         except AudioTooShortError as exc:
             return FileResult(str(job.input), None, "skipped", exc.reason)
         except MoshiTTTError as exc:
             return FileResult(str(job.input), None, "failed", exc.reason)
-        duration = len(pcm) / SAMPLE_RATE
+        duration = len(recording.pcm) / SAMPLE_RATE
         self.events.file_started(index, total, job, duration)
+        for warning in recording.warnings:
+            self.events.file_warning(job, warning)
         try:
-            streamed = self.runner.run(pcm, progress=self.events.frames_done)
+            streamed = self.runner.run(recording.pcm, progress=self.events.frames_done)
             transcript = self.runner.transcript(streamed.text_tokens)
             if job.text_output is not None:
-                write_text(job.text_output, transcript + "\n")
+                write_text(job.text_output, render_transcript(self.text_format, transcript,
+                                                              self.runner.timed_words(streamed)))
             write_audio(job.output, streamed.pcm)
             digest = sha256_of(job.output)
         except MoshiTTTError as exc:
@@ -254,7 +279,7 @@ class BatchRunner:
         return FileResult(str(job.input), str(job.output), "ok", None, duration_s=round(duration, 4),
                           frames=streamed.frames, steps=streamed.steps,
                           wall_s=round(time.perf_counter() - begin, 4), ttt=ttt, transcript=transcript,
-                          output_sha256=digest)
+                          output_sha256=digest, warnings=recording.warnings)
 
 
 def _os_reason(exc: Exception) -> str:
@@ -262,8 +287,8 @@ def _os_reason(exc: Exception) -> str:
 
 
 def default_report_path(source: Path, target: Path) -> Path | None:
-    """Directory mode writes a report by default; a single file only when asked."""
-    return Path(target).absolute() / REPORT_NAME if Path(source).is_dir() else None
+    """Folder and manifest runs write a report by default; a single file only when asked."""
+    return Path(target).absolute() / REPORT_NAME if Path(source).is_dir() or is_manifest(Path(source)) else None
 
 
 def stale_partials(folder: Path) -> list[Path]:
@@ -284,6 +309,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_formats(text_format: str, audio_format: str | None) -> None:
+    if text_format not in TEXT_FORMATS:
+        raise MoshiTTTError(f"unknown transcript format {text_format!r}: use one of {', '.join(TEXT_FORMATS)}")
+    if audio_format is not None and audio_format not in FOLDER_AUDIO_FORMATS:
+        raise MoshiTTTError(f"unknown output format {audio_format!r}: use one of {', '.join(FOLDER_AUDIO_FORMATS)}")
+
+
 @dataclass
 class BatchPlan:
     """Everything a run settles before it loads a model; `lock` is held from `prepare_batch` on."""
@@ -296,7 +328,8 @@ class BatchPlan:
 
 
 def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = None, text: bool = False,
-                  report: Path | None = None, include_hidden: bool = False) -> BatchPlan:
+                  report: Path | None = None, include_hidden: bool = False, text_format: str = "txt",
+                  audio_format: str | None = None) -> BatchPlan:
     """Plan the jobs and check, before any model loads, that the run can do what it promises:
     no source is ever written (outputs, transcripts and the report are checked against every file
     of IN), OUT and the report can be written, the report path holds our report or nothing, and no
@@ -305,11 +338,15 @@ def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = Non
     Stale temporaries of a killed run into OUT are removed once the lock is held.
     """
     source = Path(source).absolute()
-    jobs = plan_jobs(source, target, pattern, text, include_hidden)
+    check_formats(text_format, audio_format)
+    jobs = plan_jobs(source, target, pattern, text, include_hidden, text_format, audio_format)
+    if audio_format is not None and jobs[0:1] and jobs[0].output.suffix.lower() != f".{audio_format}":
+        raise MoshiTTTError(f"--format {audio_format} names outputs written into a folder, but OUT is a file "
+                            f"with another extension (end OUT with / for a folder)", jobs[0].output)
     if not jobs:
         raise MoshiTTTError("no audio files found" + (f" matching {pattern!r}" if pattern else ""), source)
     report_path = Path(report).absolute() if report is not None else default_report_path(source, Path(target))
-    folder_mode = source.is_dir()
+    folder_mode = source.is_dir() or is_manifest(source)
     out_root = Path(target).absolute() if folder_mode else jobs[0].output.parent
     outputs = [p for job in jobs for p in (job.output, job.text_output) if p is not None]
     if report_path is not None:
@@ -320,8 +357,12 @@ def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = Non
     # Every file of IN is a source (not only the selected recordings), except our own outputs
     # when OUT lies inside IN.
     outputs_inside = folder_mode and is_inside(out_root, source)
-    sources = [p for p in source.rglob("*") if p.is_file() and not (outputs_inside and is_inside(p, out_root))] \
-        if folder_mode else [source]
+    if is_manifest(source):  # the manifest and every recording it lists
+        sources = [source, *(job.input for job in jobs)]
+    elif folder_mode:
+        sources = [p for p in source.rglob("*") if p.is_file() and not (outputs_inside and is_inside(p, out_root))]
+    else:
+        sources = [source]
     check_sources_untouched(sources, [*outputs, *([report_path] if report_path else [])])
     check_writable(out_root, "outputs")
     if report_path is not None:

@@ -29,6 +29,7 @@ import torch
 
 from .model import LoadedModel
 from .runner import StreamResult, check_seed
+from .sampling import Sampling
 from .stream_sampling import StreamSampler
 
 Key = tp.TypeVar("Key")
@@ -44,6 +45,7 @@ class _Slot(tp.Generic[Key]):
     steps: int = 0
     pcm: list[np.ndarray] = field(default_factory=list)
     text_tokens: list[int] = field(default_factory=list)
+    text_steps: list[int] = field(default_factory=list)  # the slot's step count when each came back
 
     @property
     def busy(self) -> bool:
@@ -54,8 +56,9 @@ class BatchedRunner:
     """Streams up to `batch_size` recordings at once through a loaded model."""
 
     def __init__(self, model: LoadedModel, batch_size: int, seed: int = 4242, ttt_enabled: bool = True,
-                 counter_noise: bool | None = None):
-        """`counter_noise`: sample from the graph-safe counter hash (default: on CUDA only)."""
+                 timeline: bool = False, sampling: Sampling | None = None, counter_noise: bool | None = None):
+        """As `StreamingRunner`'s arguments; `counter_noise`: sample from the graph-safe counter hash
+        (default: on CUDA only)."""
         from moshi.models import LMGen
         from moshi.run_inference import get_condition_tensors
 
@@ -67,9 +70,10 @@ class BatchedRunner:
         info = model.checkpoint_info
         condition_tensors = get_condition_tensors(info.model_type, model.lm, batch_size, 1.0)
         self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors,
-                            support_out_of_sync=True, **info.lm_gen_config)
+                            support_out_of_sync=True, **(sampling or Sampling()).apply(info.lm_gen_config))
         self.controller = model.controller()
         self.ttt_enabled = ttt_enabled
+        self.timeline = timeline
         self.sampler = StreamSampler(batch_size, model.device, counter_noise)
 
     def _frames(self, pcm: np.ndarray) -> list[torch.Tensor]:
@@ -89,6 +93,7 @@ class BatchedRunner:
         size = mimi.frame_size
         ungenerated = lm.ungenerated_token_id
         self.controller.set_frozen(not self.ttt_enabled)
+        self.controller.set_timeline(self.timeline)
         with mimi.streaming(self.batch_size), lm_gen.streaming(self.batch_size), self.sampler.installed():
             exhausted = False
             while True:
@@ -140,6 +145,7 @@ class BatchedRunner:
                     for index in np.flatnonzero(ready):
                         slots[index].pcm.append(pcm[index, 0])
                         slots[index].text_tokens.append(int(text[index]))
+                        slots[index].text_steps.append(slots[index].steps)
                 for index, slot in enumerate(slots):
                     if not slot.busy:
                         continue
@@ -160,5 +166,6 @@ class BatchedRunner:
         self.controller.flush([index])
         reports = self.controller.reports(index) if self.controller else []
         audio = np.concatenate(slot.pcm) if slot.pcm else np.zeros(0, dtype=np.float32)
-        return StreamResult(pcm=audio, text_tokens=slot.text_tokens, frames=len(slot.frames), steps=slot.steps,
+        return StreamResult(pcm=audio, text_tokens=slot.text_tokens, text_steps=slot.text_steps,
+                            max_delay=int(self.lm_gen.max_delay), frames=len(slot.frames), steps=slot.steps,
                             ttt_layers=reports)

@@ -83,6 +83,7 @@ class Job:
     input: Path
     output: Path
     text_output: Path | None = None
+    duration_hint: float | None = None  # seconds, as a manifest says (for progress before reading)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class FileResult:
     transcript: str | None = None  # kept so a later --text run can write it without recomputing
     output_sha256: str | None = None  # ties these numbers to the output file they describe
     from_earlier_run: bool = False  # numbers carried over from the run that wrote the output
+    warnings: list[str] = field(default_factory=list)  # e.g. which channel was taken of a dialogue
 
     @classmethod
     def from_json(cls, entry: dict) -> "FileResult":
@@ -119,8 +121,11 @@ class BatchEvents(tp.Protocol):
     def __enter__(self) -> tp.Any: ...
     def __exit__(self, *exc: tp.Any) -> None: ...
     def loading(self, what: str) -> tp.ContextManager[tp.Any]: ...
+    # Seconds of audio per job, from headers or the manifest (None where unknown before reading).
+    def batch_started(self, durations: list[float | None]) -> None: ...
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None: ...
     def frames_done(self, done: int, total: int) -> None: ...
+    def file_warning(self, job: Job, message: str) -> None: ...
     def file_finished(self, index: int, total: int, result: FileResult) -> None: ...
     def report_failed(self, path: Path, reason: str) -> None: ...
 
@@ -139,7 +144,13 @@ class SilentEvents:
 
         return contextlib.nullcontext()
 
+    def batch_started(self, durations: list[float | None]) -> None:
+        pass
+
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
+        pass
+
+    def file_warning(self, job: Job, message: str) -> None:
         pass
 
     def frames_done(self, done: int, total: int) -> None:

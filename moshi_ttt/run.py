@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .results import BatchEvents, Report, SilentEvents
 from .runtime import DEFAULT_BASE, prepare_runtime
+from .sampling import Sampling
 
 # Exit codes of a run (the CLI's): all files ok or skipped; some file failed; the run could not
 # start (bad arguments, checkpoint, paths); the report could not be written (outputs are complete).
@@ -46,6 +47,12 @@ class RunOptions:
     pattern: str | None = None  # only inputs whose relative path or name matches this glob
     include_hidden: bool = False
     text: bool = False  # also write transcripts
+    text_format: str = "txt"  # txt (words) | jsonl (timed words) | srt (subtitles); see transcripts.py
+    # --channel: an index, left, right, mix, or None: channel 0, with a warning on two-track dialogues.
+    channel: int | str | None = None
+    audio_format: str | None = None  # wav | flac | ogg for outputs named into a folder (default wav)
+    # Overrides of the checkpoint's lm_gen_config (temperatures, top-k, greedy).
+    sampling: Sampling = field(default_factory=Sampling)
     overwrite: bool = False
     report: Path | None = None  # default: OUT/moshi-ttt-report.json in folder mode
     timeline: bool = False  # record every TTT update in the report (can be large)
@@ -71,13 +78,17 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
     options = options or RunOptions()
     events = events or SilentEvents()
     device, dtype, threads = prepare_runtime(options.device, options.dtype, options.threads)
+    from .audio import parse_channel
     from .batch import BatchRunner, prepare_batch
     from .model import load_model, resolve_checkpoints
     from .runner import StreamingRunner, check_seed
 
     check_seed(options.seed)
+    options.sampling.check()
+    channel = parse_channel(options.channel)
     plan = prepare_batch(Path(source), target, pattern=options.pattern, text=options.text,
-                         report=options.report, include_hidden=options.include_hidden)
+                         report=options.report, include_hidden=options.include_hidden,
+                         text_format=options.text_format, audio_format=options.audio_format)
     try:
         resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides, options.step)
         what = options.base + (f" + {options.checkpoint}" if options.checkpoint else "")
@@ -85,13 +96,17 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
             model = load_model(options.base, options.checkpoint, device=device, dtype=dtype,
                                ttt_overrides=options.ttt_overrides, step=options.step)
         runner = StreamingRunner(model, seed=options.seed, ttt_enabled=options.ttt_enabled,
-                                 timeline=options.timeline)
+                                 timeline=options.timeline, sampling=options.sampling)
         ttt = model.describe_ttt()
         settings = {"base": options.base, "checkpoint": options.checkpoint, "device": str(device),
                     "dtype": str(dtype).removeprefix("torch."), "seed": options.seed, "threads": threads,
-                    "lm": model.describe_lm(), "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
+                    "channel": 0 if channel is None else channel, "lm": model.describe_lm(),
+                    # What LMGen sampled with, and which of it this run changed.
+                    "sampling": runner.lm_gen_config, "sampling_overrides": options.sampling.overrides(),
+                    "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
         batch = BatchRunner(runner, settings, report_path=plan.report_path, overwrite=options.overwrite,
-                            events=events, earlier=plan.earlier)
+                            events=events, earlier=plan.earlier, text_format=options.text_format,
+                            channel=channel)
         with events:
             report = batch.run(plan.jobs)
     finally:

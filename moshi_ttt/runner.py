@@ -18,6 +18,8 @@ import torch
 from .errors import MoshiTTTError
 from .model import LoadedModel
 from .results import LayerReport
+from .sampling import Sampling
+from .transcripts import TimedWord, timed_words
 
 ProgressFn = tp.Callable[[int, int], None]  # (frames done, frames total)
 # numpy's seed must fit in 32 bits; torch's and random's take that range too.
@@ -35,6 +37,9 @@ def check_seed(seed: int) -> int:
 class StreamResult:
     pcm: np.ndarray  # 24 kHz mono float32
     text_tokens: list[int]
+    # For each text token, the LMGen step (1-based count of steps so far) that returned it.
+    text_steps: list[int]
+    max_delay: int  # LMGen's max(delays): steps that returned None before the first token
     frames: int  # input frames streamed
     steps: int  # LMGen steps = tokens seen by every TTT layer
     ttt_layers: list[LayerReport] = field(default_factory=list)
@@ -43,7 +48,8 @@ class StreamResult:
 class StreamingRunner:
     """Runs recordings through a loaded model, one at a time, each independent of the others."""
 
-    def __init__(self, model: LoadedModel, seed: int = 4242, ttt_enabled: bool = True, timeline: bool = False):
+    def __init__(self, model: LoadedModel, seed: int = 4242, ttt_enabled: bool = True, timeline: bool = False,
+                 sampling: Sampling | None = None):
         from moshi.models import LMGen
         from moshi.run_inference import get_condition_tensors
 
@@ -51,7 +57,9 @@ class StreamingRunner:
         self.seed = check_seed(seed)
         info = model.checkpoint_info
         condition_tensors = get_condition_tensors(info.model_type, model.lm, 1, 1.0)
-        self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors, **info.lm_gen_config)
+        # The run's sampling controls override the checkpoint's lm_gen_config key by key.
+        self.lm_gen_config = (sampling or Sampling()).apply(info.lm_gen_config)
+        self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors, **self.lm_gen_config)
         self.controller = model.controller()
         self.ttt_enabled = ttt_enabled
         self.timeline = timeline  # record every TTT update in the layer reports (--timeline)
@@ -67,6 +75,7 @@ class StreamingRunner:
                   for i in range(0, len(pcm) - size + 1, size)]
         out_pcm: list[np.ndarray] = []
         text_tokens: list[int] = []
+        text_steps: list[int] = []
         steps = 0
         # Seed after loading and right before streaming, so a file's output does not depend on
         # anything that ran before it.
@@ -84,19 +93,28 @@ class StreamingRunner:
                 if tokens is not None:
                     out_pcm.append(mimi.decode(tokens[:, 1:]).float().cpu().numpy()[0, 0])
                     text_tokens.append(int(tokens[0, 0].item()))
+                    text_steps.append(steps)
                 if progress is not None:
                     progress(index + 1, len(frames))
             self.controller.flush()
             reports = self.controller.reports()
         audio = np.concatenate(out_pcm) if out_pcm else np.zeros(0, dtype=np.float32)
-        return StreamResult(pcm=audio, text_tokens=text_tokens, frames=len(frames), steps=steps,
+        return StreamResult(pcm=audio, text_tokens=text_tokens, text_steps=text_steps,
+                            max_delay=int(lm_gen.max_delay), frames=len(frames), steps=steps,
                             ttt_layers=reports)
 
-    def transcript(self, text_tokens: tp.Iterable[int]) -> str:
-        """Moshi's text stream as words, padding tokens dropped (as run_inference prints it)."""
+    def pieces(self, text_tokens: tp.Iterable[int]) -> list[str | None]:
+        """Each text token's sentencepiece piece; None for padding and control tokens."""
         lm = self.model.lm
         skip = {lm.text_padding_token_id, lm.end_of_text_padding_id}
         tokenizer = self.model.text_tokenizer
-        pieces = [tokenizer.id_to_piece(t) for t in text_tokens
-                  if t not in skip and t < tokenizer.vocab_size() and not tokenizer.is_control(t)]
-        return "".join(pieces).replace("\u2581", " ").strip()
+        return [tokenizer.id_to_piece(t) if t not in skip and t < tokenizer.vocab_size()
+                and not tokenizer.is_control(t) else None for t in text_tokens]
+
+    def transcript(self, text_tokens: tp.Iterable[int]) -> str:
+        """Moshi's text stream as words, padding tokens dropped (as run_inference prints it)."""
+        return "".join(p for p in self.pieces(text_tokens) if p).replace("\u2581", " ").strip()
+
+    def timed_words(self, streamed: StreamResult) -> list[TimedWord]:
+        """The words of `streamed`'s text stream with their times (see `transcripts`)."""
+        return timed_words(self.pieces(streamed.text_tokens), streamed.text_steps, streamed.max_delay)

@@ -57,10 +57,13 @@ try:
         from rich.markup import escape
 
         from moshi_ttt import __version__
+        from moshi_ttt.audio import FOLDER_AUDIO_FORMATS
         from moshi_ttt.errors import MoshiTTTError
         from moshi_ttt.families import FAMILY_NAMES
         from moshi_ttt.run import EXIT_CANNOT_START, RunOptions
         from moshi_ttt.runtime import DEFAULT_BASE, DTYPE_NAMES, prepare_runtime
+        from moshi_ttt.sampling import Sampling
+        from moshi_ttt.transcripts import TEXT_FORMATS
 
         from . import render
 except KeyboardInterrupt:
@@ -80,6 +83,10 @@ class Device(str, Enum):
 
 
 DType = Enum("DType", {name: name for name in ("auto", *DTYPE_NAMES)}, type=str)
+
+
+TextFormat = Enum("TextFormat", {name: name for name in TEXT_FORMATS}, type=str)
+AudioFormat = Enum("AudioFormat", {name: name for name in FOLDER_AUDIO_FORMATS}, type=str)
 
 
 # make-tiny's --variant: a base checkpoint alone, or one fine-tune per registered TTT family.
@@ -130,7 +137,8 @@ def _load_model_stack(device: str, dtype: str, threads: int | None) -> None:
 
 @app.command()
 def infer(
-    source: Path = typer.Argument(..., metavar="IN", help="A recording, or a folder searched recursively."),
+    source: Path = typer.Argument(..., metavar="IN", help="A recording, a folder searched recursively, or a "
+                                  ".jsonl manifest of {\"path\", \"duration\"} lines (paths relative to it)."),
     target: str = typer.Argument(..., metavar="OUT", help="Output file (format by extension), or folder "
                                  "mirroring IN's layout (end it with / to create one for a single file)."),
     base: str = typer.Option(DEFAULT_BASE, help="Base Moshi: Hugging Face repo id or local folder."),
@@ -145,10 +153,22 @@ def infer(
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on GPU, float32 on CPU."),
     seed: int = typer.Option(4242, help="RNG seed (0 to 2^32-1), reapplied at the start of every file."),
     threads: tp.Optional[int] = typer.Option(None, help="CPU intra-op threads (default: chosen for this machine)."),
+    channel: tp.Optional[str] = typer.Option(None, metavar="N|left|right|mix",
+                                             help="Input channel to stream (default 0; moshi-finetune dialogues: "
+                                                  "Moshi left, user right)."),
     glob: tp.Optional[str] = typer.Option(None, help="Only inputs whose relative path or name matches."),
     include_hidden: bool = typer.Option(False, "--include-hidden",
                                         help="Also take hidden files and folders as inputs (never macOS ._ files)."),
-    text: bool = typer.Option(False, "--text", help="Also write Moshi's text stream as OUT .txt files."),
+    text: bool = typer.Option(False, "--text", help="Also write Moshi's text stream beside each output."),
+    text_format: TextFormat = typer.Option(TextFormat.txt, "--text-format",
+                                           help="Transcripts as txt (words), jsonl (one timed word a line) or srt; jsonl/srt imply --text."),
+    audio_format: tp.Optional[AudioFormat] = typer.Option(None, "--format",
+                                                          help="Format of outputs written into a folder (default wav)."),
+    temp: tp.Optional[float] = typer.Option(None, help="Audio sampling temperature (default: the checkpoint's)."),
+    temp_text: tp.Optional[float] = typer.Option(None, help="Text sampling temperature (default: the checkpoint's)."),
+    top_k: tp.Optional[int] = typer.Option(None, help="Audio top-k (default: the checkpoint's)."),
+    top_k_text: tp.Optional[int] = typer.Option(None, help="Text top-k (default: the checkpoint's)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Argmax instead of sampling (seed-independent output)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo files whose output exists."),
     report: tp.Optional[Path] = typer.Option(None, help="JSON report (default in folder mode: OUT/moshi-ttt-report.json)."),
     details: tp.Optional[bool] = typer.Option(None, "--details/--no-details",
@@ -156,25 +176,37 @@ def infer(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables; errors still print."),
     timeline: bool = typer.Option(False, "--timeline",
                                   help="Record every TTT update in the report (for `moshi-ttt plot`; can be large)."),
+    json_summary: bool = typer.Option(False, "--json", help="Print one JSON summary line to stdout (totals, "
+                                      "report path) and nothing else there; progress goes to stderr."),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
     options = RunOptions(base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
                          dtype=dtype.value, threads=threads, seed=seed, pattern=glob, include_hidden=include_hidden,
-                         text=text, overwrite=overwrite, report=report, timeline=timeline)
-    raise typer.Exit(_infer(source, target, options, delta_clip, details, quiet))
+                         # A transcript format other than the default asks for transcripts.
+                         text=text or text_format.value != "txt", overwrite=overwrite, report=report,
+                         text_format=text_format.value, timeline=timeline,
+                         audio_format=audio_format.value if audio_format else None, channel=channel,
+                         sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text,
+                                           greedy=greedy))
+    raise typer.Exit(_infer(source, target, options, delta_clip, details, quiet, json_summary))
 
 
 def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: str | None, details: bool | None,
-           quiet: bool) -> int:
-    """Run a batch through the library and render it; returns the exit code."""
+           quiet: bool, json_summary: bool = False) -> int:
+    """Run a batch through the library and render it; returns the exit code. With `json_summary`,
+    stdout gets the one JSON line and everything for people goes to stderr."""
+    from moshi_ttt.audio import parse_channel
     from moshi_ttt.config import parse_delta_clip
 
-    events = render.make_events(out, err, quiet=quiet, details=details)
+    people = err if json_summary else out
+    events = render.make_events(people, err, quiet=quiet, details=details)
     started = False  # whether the plan was made (the lock taken) before an interrupt
     try:
         with user_errors():
             if delta_clip is not None:
                 options.ttt_overrides = {"delta_clip": parse_delta_clip(delta_clip), "delta_clip_origin": "--delta-clip"}
+            options.sampling.check()  # before the model stack loads (seconds)
+            parse_channel(options.channel)
             _load_model_stack(options.device, options.dtype, options.threads)
             from moshi_ttt.run import run_batch
 
@@ -187,7 +219,9 @@ def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: st
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     report_path = outcome.report_path if outcome.report_error is None else None
     if not quiet:
-        render.summary(out, outcome.report, report_path)
+        render.summary(people, outcome.report, report_path)
+    if json_summary:
+        render.json_summary(out, outcome.report, report_path, outcome.exit_code)
     if outcome.report_error is not None:
         err.print(f"[bold red]error:[/] {render.shown(outcome.report_path)}: {escape(outcome.report_error)}",
                   highlight=False, soft_wrap=True)

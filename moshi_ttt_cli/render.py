@@ -48,9 +48,20 @@ def _clipped(clipped: int, updates: int) -> str:
     return f"[bold yellow]{text}[/]" if updates and clipped * 2 > updates else text
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+EXISTS = "exists"  # the reason a file is skipped when its output is there (batch._skip_existing)
+
+
 def _line(result: FileResult) -> str:
     text = f"[{STATUS_STYLE[result.status]}]{result.status}[/] {shown(result.input)}"
-    if result.reason:
+    if result.status == "skipped" and result.output and (result.reason or "").startswith(EXISTS):
+        # Say which output, and how to redo it.
+        rest = tp.cast(str, result.reason)[len(EXISTS):]
+        text += f": {shown(result.output)} exists{shown(rest)} (--overwrite redoes it)"
+    elif result.reason:
         text += f": {shown(result.reason)}"
     elif result.status == "ok":
         text += f" -> {shown(result.output)} ({result.duration_s:.1f} s audio in {result.wall_s:.2f} s)"
@@ -71,8 +82,11 @@ class RichEvents:
                                  console=console, transient=True, disable=not self.live)
         self.files_task = self.progress.add_task("files", total=None)
         self.audio_task = self.progress.add_task("audio s", total=None)
-        self._audio_base = 0.0
+        self._audio_base = 0.0  # seconds of audio streamed in finished files
         self._audio_file = 0.0
+        # Each job's seconds as planned (headers, manifest), corrected as files are read: the
+        # audio bar's total, so it shows an ETA from the audio processed so far.
+        self._planned: list[float | None] = []
 
     def __enter__(self) -> "RichEvents":
         self.progress.__enter__()
@@ -84,10 +98,23 @@ class RichEvents:
     def loading(self, what: str) -> tp.ContextManager[tp.Any]:
         return self.errors.status(f"loading {shown(what)}")
 
+    def batch_started(self, durations: list[float | None]) -> None:
+        self._planned = list(durations)
+        self.progress.update(self.audio_task, total=round(self._audio_total(), 1))
+
+    def _audio_total(self) -> float:
+        return sum(d for d in self._planned if d is not None)
+
+    def _set_planned(self, index: int, seconds: float) -> None:
+        if index < len(self._planned):
+            self._planned[index] = seconds
+            self.progress.update(self.audio_task, total=round(self._audio_total(), 1))
+
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
         if self.details is None:
             self.details = total == 1
         self._audio_file = audio_s
+        self._set_planned(index, audio_s)  # the header's estimate, or unknown until read
         self.progress.update(self.files_task, total=total, completed=index, description=f"files: {shown(job.input.name)}")
         if not self.live:
             self.console.print(f"[{index + 1}/{total}] {shown(job.input)} ({audio_s:.1f} s)", highlight=False,
@@ -97,8 +124,16 @@ class RichEvents:
         if self.live:
             self.progress.update(self.audio_task, completed=round(self._audio_base + self._audio_file * done / max(total, 1), 1))
 
+    def file_warning(self, job: Job, message: str) -> None:
+        _warn(self.errors, job, message)
+
     def file_finished(self, index: int, total: int, result: FileResult) -> None:
-        self._audio_base += result.duration_s
+        if result.status == "ok" and not result.from_earlier_run:
+            self._audio_base += result.duration_s
+        else:  # nothing streamed: out of the total, so the ETA counts only audio to process
+            self._set_planned(index, 0.0)
+        if self.live:
+            self.progress.update(self.audio_task, completed=round(self._audio_base, 1))
         self.progress.update(self.files_task, total=total, completed=index + 1)
         # Without a terminal, one log line per file however long its paths (no wrapping at 80 columns).
         self.console.print(_line(result), highlight=False, soft_wrap=not self.live)
@@ -107,6 +142,10 @@ class RichEvents:
 
     def report_failed(self, path: Path, reason: str) -> None:
         _report_failed(self.errors, path, reason)
+
+
+def _warn(errors: Console, job: Job, message: str) -> None:
+    errors.print(f"[yellow]warning:[/] {shown(job.input)}: {shown(message)}", highlight=False, soft_wrap=True)
 
 
 def _report_failed(errors: Console, path: Path, reason: str) -> None:
@@ -123,6 +162,9 @@ class QuietEvents(SilentEvents):
     def file_finished(self, index: int, total: int, result: FileResult) -> None:
         if result.status == "failed":
             self.errors.print(_line(result), highlight=False, soft_wrap=True)
+
+    def file_warning(self, job: Job, message: str) -> None:
+        _warn(self.errors, job, message)
 
     def report_failed(self, path: Path, reason: str) -> None:
         _report_failed(self.errors, path, reason)
@@ -149,11 +191,21 @@ def summary(console: Console, report: Report, report_path: Path | None) -> None:
                       f"{result.duration_s:.1f}", updates, clipped, drift, shown(note))
     console.print(table)
     t = report.totals()
-    console.print(f"{t['files']} files: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
+    console.print(f"{plural(t['files'], 'file')}: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
                   f"[yellow]{t['skipped']} skipped[/]; {t['audio_s']:.1f} s of audio in {t['wall_s']:.1f} s "
                   f"(real-time factor {t['real_time_factor']:.3f})", highlight=False)
     if report_path is not None:
         console.print(f"report: {shown(report_path)}", highlight=False, soft_wrap=True)
+
+
+def json_summary(console: Console, report: Report, report_path: Path | None, exit_code: int) -> None:
+    """`--json`: the run's totals, report path and exit code as one JSON line on stdout."""
+    import json
+
+    line = json.dumps({"totals": report.totals(), "report": None if report_path is None else str(report_path),
+                       "exit_code": exit_code, "interrupted": report.interrupted}, allow_nan=False)
+    console.file.write(line + "\n")
+    console.file.flush()
 
 
 def inspection(console: Console, info: tp.Any) -> None:

@@ -29,7 +29,7 @@ from moshi_ttt.runner import StreamingRunner
 from helpers import partials, tone
 
 FILE_KEYS = {"input", "output", "status", "reason", "duration_s", "frames", "steps", "wall_s", "ttt", "transcript",
-             "output_sha256", "from_earlier_run"}
+             "output_sha256", "from_earlier_run", "warnings"}
 LAYER_KEYS = {"layer", "tokens", "updates", "pending_tokens", "norm_initial", "norm_final", "drift",
               "relative_drift", "clipped_updates"}
 TOTAL_KEYS = {"files", "ok", "failed", "skipped", "audio_s", "wall_s", "real_time_factor"}

@@ -51,6 +51,7 @@ def test_one_slot_is_the_single_file_runner_bit_for_bit(model, files) -> None:
     expected, got = alone(model, files), batched(model, files, 1)
     for name in files:
         assert got[name].text_tokens == expected[name].text_tokens, name
+        assert got[name].text_steps == expected[name].text_steps, name  # timed transcripts line up
         assert got[name].pcm.tobytes() == expected[name].pcm.tobytes(), name
         assert (got[name].frames, got[name].steps) == (expected[name].frames, expected[name].steps)
         assert got[name].ttt_layers == expected[name].ttt_layers, name
