@@ -36,7 +36,8 @@ def run(args: list[str], graphs: bool) -> tuple[float, subprocess.CompletedProce
 def numbers(report: Path) -> list:
     data = json.loads(report.read_text())
     return [(Path(f["input"]).name, f["status"], f["steps"], f.get("transcript"), f.get("output_sha256"),
-             [(layer["layer"], layer["updates"], layer["clipped_updates"], round(layer["drift"], 4))
+             [(layer["layer"], layer["updates"], layer["clipped_updates"], round(layer["drift"], 4),
+               [round(u["drift"], 4) for u in layer.get("timeline") or []])
               for layer in (f["ttt"] or {}).get("layers", [])]) for f in data["files"]]
 
 
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--device", default="cuda", help="cpu only checks the script itself")
     parser.add_argument("--only", nargs="*", help="setups to run (default: all)")
+    parser.add_argument("--timeline", action="store_true", help="record (and compare) the per-update timeline too")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="moshi-ttt-graphs-"))
     recordings = root / "rec"
@@ -80,7 +82,7 @@ def main() -> None:
             out = root / f"out-{name}-{'graphs' if graphs else 'eager'}"
             seconds, done = run(["infer", str(recordings), str(out), "--base", str(folder / "base"),
                                  "--checkpoint", str(folder / variant), "--device", args.device, "--dtype", args.dtype,
-                                 "--text", "--quiet", *infer_args], graphs)
+                                 "--text", "--quiet", *(["--timeline"] if args.timeline else []), *infer_args], graphs)
             if done.returncode:
                 print(f"{name} graphs={graphs}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
                 failures += 1
