@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .model import LoadedModel
-from .runner import StreamResult, check_seed
+from .runner import StreamResult, check_seed, make_lm_gen, split_frames
 from .sampling import Sampling
 from .stream_sampling import StreamSampler
 
@@ -59,27 +59,16 @@ class BatchedRunner:
                  timeline: bool = False, sampling: Sampling | None = None, counter_noise: bool | None = None):
         """As `StreamingRunner`'s arguments; `counter_noise`: sample from the graph-safe counter hash
         (default: on CUDA only)."""
-        from moshi.models import LMGen
-        from moshi.run_inference import get_condition_tensors
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.batch_size = batch_size
         self.seed = check_seed(seed)
-        info = model.checkpoint_info
-        condition_tensors = get_condition_tensors(info.model_type, model.lm, batch_size, 1.0)
-        self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors,
-                            support_out_of_sync=True, **(sampling or Sampling()).apply(info.lm_gen_config))
+        self.lm_gen, self.lm_gen_config = make_lm_gen(model, batch_size, sampling, support_out_of_sync=True)
         self.controller = model.controller()
         self.ttt_enabled = ttt_enabled
         self.timeline = timeline
         self.sampler = StreamSampler(batch_size, model.device, counter_noise)
-
-    def _frames(self, pcm: np.ndarray) -> list[torch.Tensor]:
-        size = self.model.mimi.frame_size
-        return [torch.from_numpy(np.ascontiguousarray(pcm[i:i + size])).to(self.model.device)
-                for i in range(0, len(pcm) - size + 1, size)]
 
     def _mask(self, rows: tp.Iterable[bool]) -> torch.Tensor:
         return torch.tensor(list(rows), dtype=torch.bool, device=self.model.device)
@@ -105,7 +94,7 @@ class BatchedRunner:
                         if item is None:
                             exhausted = True
                             continue
-                        slots[index] = _Slot(key=item[0], frames=self._frames(item[1]))
+                        slots[index] = _Slot(key=item[0], frames=split_frames(item[1], mimi.frame_size, self.model.device))
                         starting[index] = True
                 if any(starting):
                     mask = self._mask(starting)

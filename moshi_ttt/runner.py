@@ -45,21 +45,34 @@ class StreamResult:
     ttt_layers: list[LayerReport] = field(default_factory=list)
 
 
+def split_frames(pcm: np.ndarray, frame_size: int, device: torch.device) -> list[torch.Tensor]:
+    """The full frames of `pcm`, [frame_size] each; a trailing partial frame is dropped, as moshi's
+    `run_inference` does."""
+    return [torch.from_numpy(np.ascontiguousarray(pcm[i:i + frame_size])).to(device)
+            for i in range(0, len(pcm) - frame_size + 1, frame_size)]
+
+
+def make_lm_gen(model: LoadedModel, batch_size: int, sampling: Sampling | None,
+                **kwargs: tp.Any) -> tuple[tp.Any, dict]:
+    """moshi's `LMGen` for `batch_size` streams, and the sampling settings it uses: the run's
+    controls over the checkpoint's `lm_gen_config`, key by key."""
+    from moshi.models import LMGen
+    from moshi.run_inference import get_condition_tensors
+
+    info = model.checkpoint_info
+    config = (sampling or Sampling()).apply(info.lm_gen_config)
+    condition_tensors = get_condition_tensors(info.model_type, model.lm, batch_size, 1.0)
+    return LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors, **config, **kwargs), config
+
+
 class StreamingRunner:
     """Runs recordings through a loaded model, one at a time, each independent of the others."""
 
     def __init__(self, model: LoadedModel, seed: int = 4242, ttt_enabled: bool = True, timeline: bool = False,
                  sampling: Sampling | None = None):
-        from moshi.models import LMGen
-        from moshi.run_inference import get_condition_tensors
-
         self.model = model
         self.seed = check_seed(seed)
-        info = model.checkpoint_info
-        condition_tensors = get_condition_tensors(info.model_type, model.lm, 1, 1.0)
-        # The run's sampling controls override the checkpoint's lm_gen_config key by key.
-        self.lm_gen_config = (sampling or Sampling()).apply(info.lm_gen_config)
-        self.lm_gen = LMGen(model.lm, cfg_coef=1.0, condition_tensors=condition_tensors, **self.lm_gen_config)
+        self.lm_gen, self.lm_gen_config = make_lm_gen(model, 1, sampling)
         self.controller = model.controller()
         self.ttt_enabled = ttt_enabled
         self.timeline = timeline  # record every TTT update in the layer reports (--timeline)
@@ -69,10 +82,8 @@ class StreamingRunner:
         from moshi.run_inference import seed_all
 
         mimi, lm_gen = self.model.mimi, self.lm_gen
-        device = self.model.device
-        size = mimi.frame_size  # samples per LM step (1920 at 24 kHz / 12.5 Hz)
-        frames = [torch.from_numpy(np.ascontiguousarray(pcm[i:i + size])).to(device)[None, None]
-                  for i in range(0, len(pcm) - size + 1, size)]
+        # Samples per LM step: 1920 at 24 kHz / 12.5 Hz.
+        frames = [frame[None, None] for frame in split_frames(pcm, mimi.frame_size, self.model.device)]
         out_pcm: list[np.ndarray] = []
         text_tokens: list[int] = []
         text_steps: list[int] = []
