@@ -232,44 +232,125 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> tp.Iterator[Path]:
-    """Yield a temporary path to write; rename it to `path` only if the block completes.
+class AtomicFile:
+    """A temporary beside `path`, renamed to `path` by `commit()` and removed by `abort()`.
 
     An interrupted or failed write leaves nothing under the final name, so a rerun can trust
     that every existing output is complete. The temporary is created exclusively (O_EXCL, never
     through a link) under an unpredictable name in the same folder, so nobody can plant a link
     there to redirect the write, and the rename stays atomic.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}{os.getpid()}-",
-                                suffix=PARTIAL_SUFFIX)
-    tmp = Path(name)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
-        os.close(fd)
-        yield tmp
-        os.replace(tmp, path)
-    finally:
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}{TEMP_MARK}{os.getpid()}-",
+                                    suffix=PARTIAL_SUFFIX)
+        self.tmp = Path(name)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
+        finally:
+            os.close(fd)
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            self.tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> tp.Iterator[Path]:
+    """Yield a temporary path to write; it becomes `path` only if the block completes (`AtomicFile`)."""
+    target = AtomicFile(path)
+    try:
+        yield target.tmp
+        target.commit()
+    finally:
+        target.abort()
+
+
+def to_pcm16(pcm: np.ndarray) -> np.ndarray:
+    """Float samples to 16-bit as sphn's WAV writer (hence moshi) converts them: clipped to
+    [-1, 1], scaled by 32767 and truncated toward zero; NaN becomes 0."""
+    clipped = np.clip(np.nan_to_num(np.asarray(pcm, dtype=np.float32), nan=0.0), -1.0, 1.0)
+    return (clipped * np.float32(32767)).astype(np.int16)
+
+
+class AudioWriter:
+    """An output written block by block as it is produced, so memory stays flat however long the
+    recording, and renamed into place only by `commit()` (see `AtomicFile`).
+
+    WAV is 16-bit PCM with the very bytes `sphn.write_wav` gives for the whole signal (header
+    from the standard library's `wave`, samples through `to_pcm16`); other formats go through
+    libsndfile, which encodes a stream block by block as it does a whole file.
+    """
+
+    def __init__(self, path: str | Path, sample_rate: int = SAMPLE_RATE):
+        fmt = output_format(Path(path))
+        self.samples = 0
+        self._file = AtomicFile(path)
+        try:
+            if fmt[0] == "WAV":
+                import wave
+
+                self._wav: tp.Any = wave.open(str(self._file.tmp), "wb")
+                self._wav.setnchannels(1)
+                self._wav.setsampwidth(2)
+                self._wav.setframerate(sample_rate)
+                self._sound: tp.Any = None
+            else:
+                import soundfile
+
+                self._wav = None
+                self._sound = soundfile.SoundFile(str(self._file.tmp), "w", samplerate=sample_rate, channels=1,
+                                                  format=fmt[0], subtype=fmt[1])
+        except BaseException:
+            self._file.abort()
+            raise
+
+    @property
+    def path(self) -> Path:
+        return self._file.path
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float32).reshape(-1)
+        if self._wav is not None:
+            self._wav.writeframesraw(to_pcm16(block).astype("<i2").tobytes())
+        else:  # libsndfile clips floats itself, but a NaN stops its encoders
+            self._sound.write(np.nan_to_num(block, nan=0.0))
+        self.samples += len(block)
+
+    def _close(self) -> None:
+        handle, self._wav, self._sound = self._wav or self._sound, None, None
+        if handle is not None:
+            handle.close()  # wave patches the header's sizes here
+
+    def commit(self) -> None:
+        """Finish the file and rename it to its final name."""
+        try:
+            self._close()
+            self._file.commit()
+        finally:
+            self._file.abort()
+
+    def abort(self) -> None:
+        """Drop what was written; nothing appears under the final name."""
+        with contextlib.suppress(Exception):
+            self._close()
+        self._file.abort()
 
 
 def write_audio(path: str | Path, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write in the format `path`'s extension names (see `OUTPUT_FORMATS`), atomically. WAV is
-    16-bit PCM through sphn, as moshi writes its outputs."""
-    path = Path(path)
-    fmt = output_format(path)
-    pcm = np.asarray(pcm, dtype=np.float32)
-    with atomic_output(path) as tmp:
-        if fmt[0] == "WAV":
-            sphn.write_wav(str(tmp), pcm, sample_rate=sample_rate)
-        else:
-            import soundfile
-
-            soundfile.write(str(tmp), pcm, sample_rate, format=fmt[0], subtype=fmt[1])
-
+    """Write a whole signal in the format `path`'s extension names (see `OUTPUT_FORMATS`), atomically."""
+    writer = AudioWriter(path, sample_rate)
+    try:
+        writer.write(pcm)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def write_text(path: str | Path, text: str) -> None:

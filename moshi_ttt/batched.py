@@ -13,10 +13,21 @@ The schedule per 80 ms step, as the single-file runner does it for one file:
 1. encode the next frame of every slot that has one (idle slots are masked);
 2. one LM step for those slots; slots on their file's first frame step it a second time, with
    only them active (moshi's `run_inference` steps the first frame twice);
-3. decode the tokens of the slots past their delay, with only them active in Mimi;
-4. a slot whose last frame this was flushes its TTT chunk, reports and frees itself.
+3. decode the tokens of the slots past their delay, with only them active in Mimi (or, with
+   `decode_chunk` N > 1, buffer them and decode N frames per call: the LM never reads decoded
+   audio, so decoding later changes nothing upstream);
+4. a slot whose last frame this was decodes what it buffered, flushes its TTT chunk, reports and
+   frees itself.
 So each file's tokens, audio and TTT numbers are what the single-file runner gives it, whatever
 runs beside it (tested to be equal on CPU float32).
+
+Decoded audio goes to `on_audio(key, block)` as it is produced when the caller gives one (a file
+writer: memory stays flat however long the recording); otherwise it is joined into the result.
+Chunked decoding keeps Mimi's decoder streaming, so the audio is the frame-by-frame audio up to
+float rounding (within one 16-bit step; measured in `bench/throughput.py --decode-chunk`). Slots
+are decoded together: when any slot has `decode_chunk` frames buffered, every slot with frames
+buffered is decoded, grouped by how many it holds (one call per group), so after its first chunk
+a slot decodes in step with the others.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ from .sampling import Sampling
 from .stream_sampling import StreamSampler
 
 Key = tp.TypeVar("Key")
+AudioFn = tp.Callable[[tp.Any, np.ndarray], None]  # (key, decoded 24 kHz float32 block)
+FrameProgressFn = tp.Callable[[tp.Any, int, int], None]  # (key, frames done, frames total)
 
 
 @dataclass
@@ -44,6 +57,8 @@ class _Slot(tp.Generic[Key]):
     next_frame: int = 0
     steps: int = 0
     pcm: list[np.ndarray] = field(default_factory=list)
+    samples: int = 0  # decoded so far
+    pending_codes: list[torch.Tensor] = field(default_factory=list)  # [K, 1] each, not yet decoded
     text_tokens: list[int] = field(default_factory=list)
     text_steps: list[int] = field(default_factory=list)  # the slot's step count when each came back
 
@@ -56,11 +71,15 @@ class BatchedRunner:
     """Streams up to `batch_size` recordings at once through a loaded model."""
 
     def __init__(self, model: LoadedModel, batch_size: int, seed: int = 4242, ttt_enabled: bool = True,
-                 timeline: bool = False, sampling: Sampling | None = None, counter_noise: bool | None = None):
+                 timeline: bool = False, sampling: Sampling | None = None, counter_noise: bool | None = None,
+                 decode_chunk: int = 1):
         """As `StreamingRunner`'s arguments; `counter_noise`: sample from the graph-safe counter hash
-        (default: on CUDA only)."""
+        (default: on CUDA only); `decode_chunk`: frames of tokens per Mimi decode call."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if decode_chunk < 1:
+            raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+        self.decode_chunk = decode_chunk
         self.model = model
         self.batch_size = batch_size
         self.seed = check_seed(seed)
@@ -74,13 +93,19 @@ class BatchedRunner:
         return torch.tensor(list(rows), dtype=torch.bool, device=self.model.device)
 
     @torch.no_grad()
-    def run(self, recordings: tp.Iterable[tuple[Key, np.ndarray]]) -> tp.Iterator[tuple[Key, StreamResult]]:
-        """Yield `(key, result)` for every recording as soon as it is done (completion order)."""
+    def run(self, recordings: tp.Iterable[tuple[Key, np.ndarray]], on_audio: AudioFn | None = None,
+            progress: FrameProgressFn | None = None) -> tp.Iterator[tuple[Key, StreamResult]]:
+        """Yield `(key, result)` for every recording as soon as it is done (completion order).
+
+        Recordings are pulled from `recordings` only when a slot frees, so at most `batch_size`
+        are held at once. With `on_audio`, decoded audio goes there block by block and results
+        carry none (`pcm` empty, `samples` counted); `progress` hears each slot's frames.
+        """
+        self._on_audio = on_audio
         mimi, lm_gen, lm = self.model.mimi, self.lm_gen, self.model.lm
         pending = iter(recordings)
         slots: list[_Slot] = [_Slot() for _ in range(self.batch_size)]
         size = mimi.frame_size
-        ungenerated = lm.ungenerated_token_id
         self.controller.set_frozen(not self.ttt_enabled)
         self.controller.set_timeline(self.timeline)
         with mimi.streaming(self.batch_size), lm_gen.streaming(self.batch_size), self.sampler.installed():
@@ -127,21 +152,47 @@ class BatchedRunner:
                     slot.steps += on + (slot.busy and slot.next_frame == 0)
                 ready = [slot.busy and slot.steps > lm_gen.max_delay for slot in slots]
                 if any(ready):
-                    mimi.set_exec_mask(self._mask(ready))
-                    audio_codes = torch.where(tokens[:, 1:] == ungenerated, 0, tokens[:, 1:])
-                    pcm = mimi.decode(audio_codes).float().cpu().numpy()
                     text = tokens[:, 0, 0].tolist()
                     for index in np.flatnonzero(ready):
-                        slots[index].pcm.append(pcm[index, 0])
-                        slots[index].text_tokens.append(int(text[index]))
-                        slots[index].text_steps.append(slots[index].steps)
+                        slot = slots[index]
+                        slot.pending_codes.append(tokens[index, 1:].clone())  # a graph may reuse `tokens`
+                        slot.text_tokens.append(int(text[index]))
+                        slot.text_steps.append(slot.steps)
+                for slot in slots:
+                    if slot.busy:
+                        slot.next_frame += 1
+                ending = [slot.busy and slot.next_frame == len(slot.frames) for slot in slots]
+                if any(ending) or any(len(slot.pending_codes) >= self.decode_chunk for slot in slots):
+                    self._decode(slots)
                 for index, slot in enumerate(slots):
-                    if not slot.busy:
-                        continue
-                    slot.next_frame += 1
-                    if slot.next_frame == len(slot.frames):
+                    if slot.busy and progress is not None:
+                        progress(slot.key, slot.next_frame, len(slot.frames))
+                    if ending[index]:
                         yield slot.key, self._finish(index, slot)
                         slots[index] = _Slot()
+
+    def _decode(self, slots: list[_Slot]) -> None:
+        """Decode every slot's buffered tokens, one Mimi call per group of slots holding as many
+        frames (the others masked; their rows are zeros and their state does not move)."""
+        mimi, lm = self.model.mimi, self.model.lm
+        lengths = sorted({len(slot.pending_codes) for slot in slots if slot.pending_codes})
+        for length in lengths:
+            group = [len(slot.pending_codes) == length for slot in slots]
+            codes = torch.zeros(self.batch_size, lm.dep_q, length, dtype=torch.long, device=self.model.device)
+            for index in np.flatnonzero(group):
+                codes[index] = torch.cat(slots[index].pending_codes, dim=-1)
+                slots[index].pending_codes = []
+            # Rows still in their delay are `ungenerated`: never decoded, but keep Mimi's lookup in range.
+            codes = torch.where(codes == lm.ungenerated_token_id, 0, codes)
+            mimi.set_exec_mask(self._mask(group))
+            pcm = mimi.decode(codes).float().cpu().numpy()
+            for index in np.flatnonzero(group):
+                slot = slots[index]
+                slot.samples += pcm.shape[-1]
+                if self._on_audio is not None:
+                    self._on_audio(slot.key, pcm[index, 0])
+                else:
+                    slot.pcm.append(pcm[index, 0])
 
     def _step(self, codes: torch.Tensor, active: list[bool]) -> torch.Tensor:
         """One LM step for the `active` streams; the TTT layers hear which ones consumed a token."""
@@ -155,6 +206,6 @@ class BatchedRunner:
         self.controller.flush([index])
         reports = self.controller.reports(index) if self.controller else []
         audio = np.concatenate(slot.pcm) if slot.pcm else np.zeros(0, dtype=np.float32)
-        return StreamResult(pcm=audio, text_tokens=slot.text_tokens, text_steps=slot.text_steps,
+        return StreamResult(pcm=audio, samples=slot.samples, text_tokens=slot.text_tokens, text_steps=slot.text_steps,
                             max_delay=int(self.lm_gen.max_delay), frames=len(slot.frames), steps=slot.steps,
                             ttt_layers=reports)

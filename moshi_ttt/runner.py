@@ -43,6 +43,12 @@ class StreamResult:
     frames: int  # input frames streamed
     steps: int  # LMGen steps = tokens seen by every TTT layer
     ttt_layers: list[LayerReport] = field(default_factory=list)
+    # Decoded samples; equals len(pcm) unless the audio went to a writer as it was decoded.
+    samples: int = -1
+
+    def __post_init__(self) -> None:
+        if self.samples < 0:
+            self.samples = len(self.pcm)
 
 
 def split_frames(pcm: np.ndarray, frame_size: int, device: torch.device) -> list[torch.Tensor]:
