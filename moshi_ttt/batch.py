@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import os
 import time
@@ -18,14 +17,15 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audio import (AUDIO_EXTENSIONS, FOLDER_AUDIO_FORMATS, SAMPLE_RATE, is_our_temporary, output_format,
+from .audio import (AUDIO_EXTENSIONS, FOLDER_AUDIO_FORMATS, SAMPLE_RATE, TEMP_MARK, is_our_temporary, output_format,
                     probe_duration, read_recording, write_audio, write_text)
 from .errors import AudioTooShortError, MoshiTTTError
-from .guard import OutputLock, check_sources_untouched, check_writable
+from .guard import LOCK_NAME, OutputLock, check_sources_untouched, check_writable
 from .manifest import is_manifest, read_manifest
 from .results import (REPORT_NAME, REPORT_SCHEMA, BatchEvents, FileResult, FileTTT, Job, Report, SilentEvents,
-                      strict_json)
+                      sha256_of, strict_json)
 from .runner import StreamingRunner
+from .shards import Shard, find_parts, holder_of, lock_is_held, read_report_file, running_shards
 from .transcripts import TEXT_FORMATS, render_transcript
 
 __all__ = ["REPORT_NAME", "REPORT_SCHEMA", "BatchEvents", "BatchPlan", "BatchRunner", "FileResult", "Job", "Report",
@@ -113,14 +113,6 @@ def plan_jobs(source: Path, target: Path | str, pattern: str | None = None, text
     return jobs
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_report(path: Path) -> dict | None:
     """The report an earlier run left at `path` (None if there is none). Anything else there is
     refused rather than replaced: `--report` may name a user's file by mistake."""
@@ -136,35 +128,41 @@ def read_report(path: Path) -> dict | None:
 
 
 class EarlierResults:
-    """Results an earlier run recorded, by output file, trusted only while that output is the
-    very file they describe (same SHA-256): a replaced output gets no borrowed numbers."""
+    """Results earlier runs recorded, by output file, trusted only while that output is the
+    very file they describe (same SHA-256): a replaced output gets no borrowed numbers.
 
-    def __init__(self, report: dict | None = None):
-        self._by_output: dict[str, FileResult] = {}
-        for entry in (report or {}).get("files", []):
-            if isinstance(entry, dict) and entry.get("output"):
-                result = FileResult.from_json(entry)
-                self._by_output[self._key(Path(tp.cast(str, result.output)))] = result
+    Several reports may describe one output (the main report and shard parts, see `shards.py`):
+    they are given newest first, and the first whose SHA-256 matches the file wins."""
+
+    def __init__(self, *reports: dict | None):
+        self._by_output: dict[str, list[FileResult]] = {}
+        for report in reports:
+            for entry in (report or {}).get("files", []):
+                if isinstance(entry, dict) and entry.get("output"):
+                    result = FileResult.from_json(entry)
+                    self._by_output.setdefault(self._key(Path(tp.cast(str, result.output))), []).append(result)
 
     @staticmethod
     def _key(path: Path) -> str:
         return str(path.resolve())
 
     def for_output(self, output: Path) -> FileResult | None:
-        earlier = self._by_output.get(self._key(output))
-        if earlier is None or earlier.output_sha256 is None or not output.is_file() \
-                or sha256_of(output) != earlier.output_sha256:
+        candidates = [e for e in self._by_output.get(self._key(output), []) if e.output_sha256 is not None]
+        if not candidates or not output.is_file():
             return None
-        return earlier
+        digest = sha256_of(output)
+        return next((e for e in candidates if e.output_sha256 == digest), None)
 
-    def others(self, jobs: list[Job]) -> list[FileResult]:
+    def others(self, jobs: list[Job], keep: tp.Callable[[FileResult], bool] | None = None) -> list[FileResult]:
         """Entries for the outputs this run does not plan (e.g. outside its --glob) that still
-        exist: with the earlier numbers where they still describe the file."""
+        exist: with the earlier numbers where they still describe the file. `keep` narrows them
+        (a shard keeps only its own files)."""
         planned = {self._key(job.output) for job in jobs}
         kept = []
-        for key, entry in self._by_output.items():
+        for key, entries in self._by_output.items():
+            entry = entries[0]
             output = Path(tp.cast(str, entry.output))
-            if key in planned or not output.is_file():
+            if key in planned or not output.is_file() or (keep is not None and not keep(entry)):
                 continue
             earlier = self.for_output(output)
             kept.append(carried(earlier, "not selected in this run") if earlier else
@@ -195,9 +193,10 @@ class BatchRunner:
         # Why the last report write failed; None once a write succeeds again.
         self.report_error: str | None = None
 
-    def run(self, jobs: list[Job]) -> Report:
+    def run(self, jobs: list[Job], keep: tp.Callable[[FileResult], bool] | None = None) -> Report:
+        """`keep`: which earlier entries of files this run does not plan the report lists (all)."""
         start = time.perf_counter()
-        self.report.earlier = self.earlier.others(jobs)
+        self.report.earlier = self.earlier.others(jobs, keep)
         self.events.batch_started([job.duration_hint if job.duration_hint is not None else probe_duration(job.input)
                                    for job in jobs])
         try:
@@ -291,12 +290,23 @@ def default_report_path(source: Path, target: Path) -> Path | None:
     return Path(target).absolute() / REPORT_NAME if Path(source).is_dir() or is_manifest(Path(source)) else None
 
 
-def stale_partials(folder: Path) -> list[Path]:
+def stale_partials(folder: Path, finals: set[Path] | None = None) -> list[Path]:
     """Temporaries left by a killed run (kill -9 skips cleanup): only files this tool created
-    (see `audio.is_our_temporary`) whose process is gone; never outputs, never a user's files."""
+    (see `audio.is_our_temporary`) whose process is gone; never outputs, never a user's files.
+    With `finals`, only temporaries of those final paths (a shard's own outputs: pids are
+    host-local, so another machine's live temporary looks dead here)."""
     if not folder.is_dir():
         return []
-    return [p for p in folder.rglob(".*") if (pid := is_our_temporary(p)) is not None and not _pid_alive(pid)]
+    found = [p for p in folder.rglob(".*") if (pid := is_our_temporary(p)) is not None and not _pid_alive(pid)]
+    if finals is not None:
+        names = {(f.parent.absolute(), f.name) for f in finals}
+        found = [p for p in found if (p.parent.absolute(), temporary_of(p)) in names]
+    return found
+
+
+def temporary_of(path: Path) -> str:
+    """The final name a temporary of ours stands for (`.NAME.moshi-ttt-PID-RANDOM.partial`)."""
+    return path.name[1:path.name.rindex(TEMP_MARK)]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -325,17 +335,33 @@ class BatchPlan:
     report_path: Path | None
     earlier: EarlierResults
     lock: OutputLock
+    shard: Shard | None = None
+    # Inputs' paths are relative to this folder (IN, or a manifest's folder); it decides shards.
+    root: Path | None = None
+
+    def keeps(self, entry: FileResult) -> bool:
+        """Whether an earlier entry of a file this run does not plan belongs in its report: all of
+        them, or for a shard those of its own files (the other shards report theirs)."""
+        if self.shard is None:
+            return True
+        if self.root is None or not Path(entry.input).is_relative_to(self.root):
+            return False
+        return self.shard.holds(Path(entry.input).relative_to(self.root))
 
 
 def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = None, text: bool = False,
                   report: Path | None = None, include_hidden: bool = False, text_format: str = "txt",
-                  audio_format: str | None = None) -> BatchPlan:
+                  audio_format: str | None = None, shard: Shard | None = None) -> BatchPlan:
     """Plan the jobs and check, before any model loads, that the run can do what it promises:
     no source is ever written (outputs, transcripts and the report are checked against every file
     of IN), OUT and the report can be written, the report path holds our report or nothing, and no
     other run uses OUT (its lock is taken here; release it with `plan.lock.release()`).
 
     Stale temporaries of a killed run into OUT are removed once the lock is held.
+
+    With `shard`, only the inputs of that shard are planned (see `shards.py`), the report is the
+    shard's part, the lock is the shard's own, and only this shard's stale temporaries go; an
+    unsharded run and a shard never share OUT at the same time.
     """
     source = Path(source).absolute()
     check_formats(text_format, audio_format)
@@ -347,6 +373,15 @@ def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = Non
         raise MoshiTTTError("no audio files found" + (f" matching {pattern!r}" if pattern else ""), source)
     report_path = Path(report).absolute() if report is not None else default_report_path(source, Path(target))
     folder_mode = source.is_dir() or is_manifest(source)
+    root = source if source.is_dir() else source.parent
+    if shard is not None:
+        if not folder_mode or report_path is None:
+            raise MoshiTTTError("--shard splits a folder or a manifest; IN is a single file", source)
+        # The partition is of the whole plan: a shard with no file is complete, not an error.
+        jobs = [job for job in jobs if shard.holds(job.input.relative_to(root))]
+    main_report = report_path
+    if shard is not None and report_path is not None:
+        report_path = shard.part_path(report_path)
     out_root = Path(target).absolute() if folder_mode else jobs[0].output.parent
     outputs = [p for job in jobs for p in (job.output, job.text_output) if p is not None]
     if report_path is not None:
@@ -367,14 +402,65 @@ def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = Non
     check_writable(out_root, "outputs")
     if report_path is not None:
         check_writable(report_path.parent, "report")
-        earlier = EarlierResults(read_report(report_path))
+        earlier = earlier_results(tp.cast(Path, main_report), report_path, read_report(report_path))
     else:
         earlier = EarlierResults()
-    # One lock per output folder; a single output locks only its own name in its folder.
-    lock = OutputLock(out_root) if folder_mode else OutputLock(out_root, f".{jobs[0].output.name}.moshi-ttt.lock")
+    # One lock per output folder (per shard of it); a single output locks only its own name.
+    if shard is not None:
+        lock = OutputLock(out_root, shard.lock_name)
+    else:
+        lock = OutputLock(out_root) if folder_mode else OutputLock(out_root, f".{jobs[0].output.name}.moshi-ttt.lock")
     lock.acquire()
+    try:
+        if folder_mode:
+            check_no_other_kind(out_root, shard)
+    except MoshiTTTError:
+        lock.release()
+        raise
     if folder_mode:  # with the lock held, no run of ours is writing these
-        for path in stale_partials(out_root):
+        finals = None if shard is None else \
+            {p for job in jobs for p in (job.output, job.text_output) if p is not None} | {tp.cast(Path, report_path)}
+        for path in stale_partials(out_root, finals):
             with contextlib.suppress(OSError):
                 path.unlink()
-    return BatchPlan(source=source, jobs=jobs, report_path=report_path, earlier=earlier, lock=lock)
+    return BatchPlan(source=source, jobs=jobs, report_path=report_path, earlier=earlier, lock=lock, shard=shard,
+                     root=root)
+
+
+def check_no_other_kind(out_root: Path, shard: Shard | None) -> None:
+    """Shards of one OUT run side by side, each under its own lock; an unsharded run (or a report
+    merge) takes the main lock. Each kind probes the other's locks after taking its own, so of two
+    that start together at least one sees the other and refuses: never both run."""
+    if shard is not None:
+        main = out_root / LOCK_NAME
+        if lock_is_held(main):
+            raise MoshiTTTError(f"in use by an unsharded moshi-ttt run or a report merge ({holder_of(main)}); "
+                                "wait for it to end", out_root)
+        return
+    running = running_shards(out_root)
+    if running:
+        names = ", ".join(f"{s} ({holder})" for s, holder in running[:3]) + (" ..." if len(running) > 3 else "")
+        raise MoshiTTTError(f"shards of a --shard run are writing here: {names}; wait for them to end, "
+                            "or run with --shard too", out_root)
+
+
+def earlier_results(main_report: Path, own_path: Path, own: dict | None) -> EarlierResults:
+    """What earlier runs recorded about OUT's files: this run's own report (or shard part), and
+    the other reports beside it: the main report and every shard part (so an unsharded run after
+    shards, or shards after a merge, keep their numbers: the automatic merge). Newest first; a
+    report that cannot be read is passed over (it is only read here, never replaced)."""
+    others = []
+    for path, part in [(main_report, None), *((p, s) for s, p in find_parts(main_report).items())]:
+        if path == own_path:
+            continue
+        try:
+            found = read_report_file(path, part)
+        except MoshiTTTError:
+            continue
+        if found is not None:
+            others.append(found)
+    reports = sorted(others, key=lambda r: r.mtime_ns, reverse=True)
+    own_time = own_path.stat().st_mtime_ns if own is not None else -1
+    ordered = [r.data for r in reports if r.mtime_ns > own_time] + [own] + \
+        [r.data for r in reports if r.mtime_ns <= own_time]
+    return EarlierResults(*ordered)

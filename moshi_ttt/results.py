@@ -163,6 +163,17 @@ class SilentEvents:
         pass
 
 
+def sha256_of(path: Path) -> str:
+    """An output's SHA-256: what ties a report entry to the very file it describes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_json(result: FileResult) -> dict:
     """A file's report entry: its fields, without the layers' `timeline` where none was recorded
     (additive: reports of runs without --timeline keep their old shape)."""
@@ -192,6 +203,9 @@ class Report:
     interrupted: bool = False
     # Files of the output folder this run did not plan, described by the runs that wrote them.
     earlier: list[FileResult] = field(default_factory=list)
+    # `--shard I/N`: {"index", "count", "planned"} (files this shard planned); the JSON adds "done",
+    # how many of them are finished, so a merge can tell a shard that was killed half way.
+    shard: dict | None = None
 
     def all_files(self) -> list[FileResult]:
         return [*self.files, *self.earlier]
@@ -216,6 +230,8 @@ class Report:
                 "files": [file_json(f) for f in self.all_files()], "totals": self.totals()}
         if self.interrupted:
             data["interrupted"] = True
+        if self.shard is not None:
+            data["shard"] = {**self.shard, "done": len(self.files)}
         return strict_json(data)
 
     def write(self, path: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from .results import BatchEvents, Report, SilentEvents
 from .runtime import DEFAULT_BASE, prepare_runtime
 from .sampling import Sampling
+from .shards import Shard
 
 # Exit codes of a run (the CLI's): all files ok or skipped; some file failed; the run could not
 # start (bad arguments, checkpoint, paths); the report could not be written (outputs are complete).
@@ -56,6 +57,7 @@ class RunOptions:
     overwrite: bool = False
     report: Path | None = None  # default: OUT/moshi-ttt-report.json in folder mode
     timeline: bool = False  # record every TTT update in the report (can be large)
+    shard: Shard | None = None  # --shard I/N: only this shard's inputs, into its own report part
 
 
 @dataclass
@@ -88,7 +90,8 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
     channel = parse_channel(options.channel)
     plan = prepare_batch(Path(source), target, pattern=options.pattern, text=options.text,
                          report=options.report, include_hidden=options.include_hidden,
-                         text_format=options.text_format, audio_format=options.audio_format)
+                         text_format=options.text_format, audio_format=options.audio_format,
+                         shard=options.shard)
     try:
         resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides, options.step)
         what = options.base + (f" + {options.checkpoint}" if options.checkpoint else "")
@@ -107,8 +110,10 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
         batch = BatchRunner(runner, settings, report_path=plan.report_path, overwrite=options.overwrite,
                             events=events, earlier=plan.earlier, text_format=options.text_format,
                             channel=channel)
+        if plan.shard is not None:
+            batch.report.shard = {"index": plan.shard.index, "count": plan.shard.count, "planned": len(plan.jobs)}
         with events:
-            report = batch.run(plan.jobs)
+            report = batch.run(plan.jobs, keep=plan.keeps)
     finally:
         plan.lock.release()
     return RunOutcome(report, plan.report_path, batch.report_error)

@@ -63,6 +63,7 @@ try:
         from moshi_ttt.run import EXIT_CANNOT_START, RunOptions
         from moshi_ttt.runtime import DEFAULT_BASE, DTYPE_NAMES, prepare_runtime
         from moshi_ttt.sampling import Sampling
+        from moshi_ttt.shards import parse_shard
         from moshi_ttt.transcripts import TEXT_FORMATS
 
         from . import render
@@ -178,6 +179,10 @@ def infer(
                                   help="Record every TTT update in the report (for `moshi-ttt plot`; can be large)."),
     json_summary: bool = typer.Option(False, "--json", help="Print one JSON summary line to stdout (totals, "
                                       "report path) and nothing else there; progress goes to stderr."),
+    shard: tp.Optional[str] = typer.Option(None, "--shard", metavar="I/N",
+                                           help="Process only shard I of N (by a hash of each file's relative "
+                                                "path) into OUT/moshi-ttt-report.shard-I-of-N.json; "
+                                                "`moshi-ttt report merge OUT` joins the parts."),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
     options = RunOptions(base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
@@ -188,6 +193,8 @@ def infer(
                          audio_format=audio_format.value if audio_format else None, channel=channel,
                          sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text,
                                            greedy=greedy))
+    with user_errors():
+        options.shard = parse_shard(shard) if shard is not None else None
     raise typer.Exit(_infer(source, target, options, delta_clip, details, quiet, json_summary))
 
 
@@ -239,6 +246,29 @@ def _key_value(item: str, option: str) -> tuple[str, tp.Any]:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
+
+
+report_app = typer.Typer(no_args_is_help=True, help="Work with run reports (merging shards' parts).")
+app.add_typer(report_app, name="report")
+
+
+@report_app.command("merge")
+def report_merge(
+    folder: Path = typer.Argument(..., metavar="OUT", help="The output folder the shards wrote into."),
+    report: tp.Optional[Path] = typer.Option(None, help="The report the shards were given with --report "
+                                             "(default: OUT/moshi-ttt-report.json)."),
+) -> None:
+    """Merge the report parts of `infer --shard I/N` runs (and any earlier report) into one report.
+
+    Exit code 0 when every shard is complete, 1 when some shard is missing, still running or
+    stopped short (the merged report is written all the same), 2 when there is nothing to merge."""
+    from moshi_ttt.shards import default_report_of, merge_reports
+
+    with user_errors():
+        outcome = merge_reports(Path(report) if report is not None else default_report_of(folder),
+                                lock_folder=Path(folder).absolute())
+    render.merge_summary(out, err, outcome)
+    raise typer.Exit(1 if outcome.incomplete else 0)
 
 
 @app.command("make-tiny")

@@ -198,6 +198,38 @@ def summary(console: Console, report: Report, report_path: Path | None) -> None:
         console.print(f"report: {shown(report_path)}", highlight=False, soft_wrap=True)
 
 
+SHARD_STATE_STYLE = {"complete": "green", "missing": "bold red", "running": "yellow", "interrupted": "bold red",
+                     "unfinished": "bold red"}
+SHARD_STATE_NOTE = {"missing": "no report part: this shard never ran (or wrote elsewhere)",
+                    "running": "its run holds the shard's lock now: merge again when it ends",
+                    "interrupted": "stopped by a signal: rerun this shard to finish it",
+                    "unfinished": "stopped short of its files (killed?): rerun this shard to finish it"}
+
+
+def merge_summary(console: Console, errors: Console, outcome: tp.Any) -> None:
+    """`report merge`: one row per shard, then the merged totals; what to rerun on stderr."""
+    table = Table(title="shards", title_justify="left")
+    for column, justify in (("shard", "left"), ("state", "left"), ("files", "right"), ("planned", "right"),
+                            ("part", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for state in outcome.shards:
+        table.add_row(str(state.shard), f"[{SHARD_STATE_STYLE[state.state]}]{state.state}[/]", str(state.files),
+                      "-" if state.planned is None else str(state.planned),
+                      "-" if state.path is None else shown(state.path.name))
+    console.print(table)
+    t = outcome.report.totals()
+    console.print(f"merged {plural(t['files'], 'file')}: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
+                  f"[yellow]{t['skipped']} skipped[/]; {t['audio_s']:.1f} s of audio in {t['wall_s']:.1f} s of "
+                  f"processing", highlight=False)
+    console.print(f"report: {shown(outcome.path)}", highlight=False, soft_wrap=True)
+    for key in outcome.differing_settings:
+        errors.print(f"[yellow]warning:[/] the shards ran with different settings.{shown(key)}; the report keeps "
+                     "the newest part's", highlight=False, soft_wrap=True)
+    for state in outcome.incomplete:
+        errors.print(f"[yellow]warning:[/] shard {state.shard} {state.state}: {SHARD_STATE_NOTE[state.state]}",
+                     highlight=False, soft_wrap=True)
+
+
 def json_summary(console: Console, report: Report, report_path: Path | None, exit_code: int) -> None:
     """`--json`: the run's totals, report path and exit code as one JSON line on stdout."""
     import json

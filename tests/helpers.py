@@ -105,3 +105,31 @@ def stream_lm(lm: tp.Any, tokens: torch.Tensor, inspect: tp.Callable[[tp.Any], t
         controller.flush()
         inspected = inspect(lm) if inspect is not None else None
     return torch.cat(outs, dim=1), inspected
+
+
+# -- a small corpus for distributed runs -----------------------------------------------------------
+
+def write_corpus(folder: Path, seconds: float = 1.0) -> dict[str, str]:
+    """A nested folder of short good recordings and bad ones, as a corpus run over many workers
+    meets them. Returns {relative path: expected status}."""
+    import soundfile as sf
+
+    from moshi_ttt.tiny import write_sample_recordings
+
+    expected = {}
+    for sub, seed in (("", 0), ("talks", 1), ("talks/day2", 2)):
+        for path in write_sample_recordings(folder / sub, seed=seed, durations=[seconds, seconds * 0.8]):
+            target = path.with_name(f"s{seed}_{path.name}")
+            path.rename(target)
+            expected[target.relative_to(folder).as_posix()] = "ok"
+    (folder / "bad").mkdir()
+    (folder / "bad" / "text.wav").write_text("these are words, not audio\n" * 40)
+    expected["bad/text.wav"] = "failed"
+    sf.write(folder / "bad" / "short.wav", sweep(24_000, 0.05), 24_000, subtype="PCM_16")
+    expected["bad/short.wav"] = "skipped"
+    return expected
+
+
+def comparable(entry: dict) -> dict:
+    """A report entry without what differs between runs of the same work (timings)."""
+    return {k: v for k, v in entry.items() if k not in ("wall_s",)}
