@@ -226,6 +226,11 @@ def is_our_temporary(path: Path) -> int | None:
     return int(match.group(1))
 
 
+def temporary_of(path: Path) -> str:
+    """The final name a temporary of ours stands for (`.NAME.moshi-ttt-PID-RANDOM.partial`)."""
+    return path.name[1:path.name.rindex(TEMP_MARK)]
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -17,8 +17,8 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audio import (AUDIO_EXTENSIONS, FOLDER_AUDIO_FORMATS, SAMPLE_RATE, TEMP_MARK, is_our_temporary, output_format,
-                    probe_duration, read_recording, write_audio, write_text)
+from .audio import (AUDIO_EXTENSIONS, FOLDER_AUDIO_FORMATS, SAMPLE_RATE, is_our_temporary, output_format,
+                    probe_duration, read_recording, temporary_of, write_audio, write_text)
 from .errors import AudioTooShortError, MoshiTTTError
 from .guard import LOCK_NAME, OutputLock, check_sources_untouched, check_writable
 from .manifest import is_manifest, read_manifest
@@ -302,11 +302,6 @@ def stale_partials(folder: Path, finals: set[Path] | None = None) -> list[Path]:
         names = {(f.parent.absolute(), f.name) for f in finals}
         found = [p for p in found if (p.parent.absolute(), temporary_of(p)) in names]
     return found
-
-
-def temporary_of(path: Path) -> str:
-    """The final name a temporary of ours stands for (`.NAME.moshi-ttt-PID-RANDOM.partial`)."""
-    return path.name[1:path.name.rindex(TEMP_MARK)]
 
 
 def _pid_alive(pid: int) -> bool:

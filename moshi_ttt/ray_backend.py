@@ -66,6 +66,24 @@ class RayOptions:
     files_per_task: int | None = None  # files an actor gets at once; None: its batch size
 
 
+def check_backend(options: "RunOptions") -> None:
+    """Before anything loads: Ray's options only with `--backend ray`, in range, and Ray there."""
+    ray_options = options.ray
+    if options.backend != "ray":
+        given = [name for name, value in (("--ray-address", ray_options.address), ("--workers", ray_options.workers),
+                                          ("--gpus-per-worker", ray_options.gpus_per_worker)) if value is not None]
+        if given:
+            raise MoshiTTTError(f"{', '.join(given)} only apply with --backend ray")
+        return
+    if ray_options.workers is not None and ray_options.workers < 1:
+        raise MoshiTTTError(f"--workers must be at least 1, got {ray_options.workers}")
+    if ray_options.gpus_per_worker is not None and not 0 <= ray_options.gpus_per_worker < 1e6:
+        raise MoshiTTTError(f"--gpus-per-worker must be 0 or more, got {ray_options.gpus_per_worker:g}")
+    if ray_options.gpus_per_worker and options.device == "cpu":
+        raise MoshiTTTError("--gpus-per-worker with --device cpu: the actors would hold GPUs they never use")
+    require_ray()
+
+
 @dataclass
 class Resolved:
     """RayOptions with every default decided."""
@@ -203,8 +221,10 @@ class RayBackend:
             error = _first_line(exc)
         finally:
             context.max_errored_blocks, context.enable_progress_bars = saved
+        retries = self.ray_options.max_task_retries
         reason = (f"its Ray worker failed ({error})" if error else
-                  f"its Ray worker died {self.ray_options.max_task_retries + 1} times while streaming it")
+                  f"its Ray worker died while streaming it, and again on each of {retries} retries" if retries else
+                  "its Ray worker died while streaming it (no retries)")
         for index, job in jobs:
             if index not in seen:
                 yield index, FileResult(str(job.input), None, "failed", reason)
@@ -226,8 +246,7 @@ class RayBackend:
 def discard_temporaries(jobs: list[Job]) -> None:
     """Once the pool is done no actor writes these outputs any more: temporaries of them left by
     an actor that died are removed, whatever machine wrote them (its pid means nothing here)."""
-    from .audio import is_our_temporary
-    from .batch import temporary_of
+    from .audio import is_our_temporary, temporary_of
 
     finals: dict[Path, set[str]] = {}
     for job in jobs:

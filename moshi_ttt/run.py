@@ -24,6 +24,7 @@ from pathlib import Path
 from .results import BatchEvents, Report, SilentEvents
 from .runtime import DEFAULT_BASE, prepare_runtime
 from .sampling import Sampling
+from .ray_backend import RayOptions
 from .shards import Shard
 
 # Exit codes of a run (the CLI's): all files ok or skipped; some file failed; the run could not
@@ -58,6 +59,8 @@ class RunOptions:
     report: Path | None = None  # default: OUT/moshi-ttt-report.json in folder mode
     timeline: bool = False  # record every TTT update in the report (can be large)
     shard: Shard | None = None  # --shard I/N: only this shard's inputs, into its own report part
+    backend: str = "local"  # "local": stream in this process; "ray": on a Ray actor pool (ray_backend.py)
+    ray: RayOptions = field(default_factory=RayOptions)
 
 
 @dataclass

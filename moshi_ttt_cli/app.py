@@ -63,6 +63,7 @@ try:
         from moshi_ttt.run import EXIT_CANNOT_START, RunOptions
         from moshi_ttt.runtime import DEFAULT_BASE, DTYPE_NAMES, prepare_runtime
         from moshi_ttt.sampling import Sampling
+        from moshi_ttt.ray_backend import RayOptions, check_backend
         from moshi_ttt.shards import parse_shard
         from moshi_ttt.transcripts import TEXT_FORMATS
 
@@ -75,6 +76,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Offline inference for Moshi fine-tuned with Test-Time Training layers.")
 out = Console()
 err = Console(stderr=True)
+
+
+class BackendName(str, Enum):
+    local = "local"
+    ray = "ray"
 
 
 class Device(str, Enum):
@@ -183,6 +189,15 @@ def infer(
                                            help="Process only shard I of N (by a hash of each file's relative "
                                                 "path) into OUT/moshi-ttt-report.shard-I-of-N.json; "
                                                 "`moshi-ttt report merge OUT` joins the parts."),
+    backend: BackendName = typer.Option(BackendName.local, help="local: stream in this process; ray: on a Ray "
+                                        "actor pool (pip install 'moshi-ttt[ray]'), outputs and report as local."),
+    ray_address: tp.Optional[str] = typer.Option(None, "--ray-address", metavar="ADDR",
+                                                 help="--backend ray: a running cluster (e.g. auto, "
+                                                      "ray://head:10001); default: start a local Ray instance."),
+    workers: tp.Optional[int] = typer.Option(None, help="--backend ray: actors, each with its own model (default: "
+                                             "one per GPU on GPU, one per --threads cores on CPU)."),
+    gpus_per_worker: tp.Optional[float] = typer.Option(None, "--gpus-per-worker",
+                                                       help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
     options = RunOptions(base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
@@ -195,6 +210,9 @@ def infer(
                                            greedy=greedy))
     with user_errors():
         options.shard = parse_shard(shard) if shard is not None else None
+        options.backend = backend.value
+        options.ray = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+        check_backend(options)
     raise typer.Exit(_infer(source, target, options, delta_clip, details, quiet, json_summary))
 
 

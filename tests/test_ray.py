@@ -1,0 +1,130 @@
+"""`--backend ray`: a local Ray instance with a pool of 2 actors gives what a local run gives
+(outputs byte for byte, the same report entries in the same order), bad files are failed rows,
+and a worker process killed mid-run is restarted and every good output still ends complete.
+
+Ray is started once for the module (2 CPUs, no dashboard); each actor runs one torch thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+ray = pytest.importorskip("ray")
+
+from moshi_ttt.audio import FRAME_SIZE  # noqa: E402
+from moshi_ttt.batch import REPORT_NAME  # noqa: E402
+from moshi_ttt.errors import MoshiTTTError  # noqa: E402
+from moshi_ttt.ray_backend import RayOptions  # noqa: E402
+from moshi_ttt.results import SilentEvents  # noqa: E402
+from moshi_ttt.run import RunOptions, run_batch  # noqa: E402
+from moshi_ttt.tiny import write_sample_recordings  # noqa: E402
+
+from helpers import comparable, files_under, partials, write_corpus  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray instance for the module: starting one costs seconds."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"NO_TORCH_COMPILE": "1"}})
+    yield
+    ray.shutdown()
+
+
+def options(tiny, **kwargs) -> RunOptions:
+    return RunOptions(base=str(tiny.base), checkpoint=str(tiny.finetune), device="cpu", threads=1, text=True,
+                      batch_size=1, **kwargs)
+
+
+def on_ray(tiny, **ray_kwargs) -> RunOptions:
+    return options(tiny, backend="ray", ray=RayOptions(**{"workers": 2, **ray_kwargs}))
+
+
+def report_of(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def actor_pids() -> list[int]:
+    """Processes of our Ray Data actors (Ray titles them after the actor class)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::") and b"FileActor" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    src = tmp_path_factory.mktemp("corpus") / "in"
+    return src, write_corpus(src)
+
+
+def test_two_ray_workers_write_what_a_local_run_writes(tiny_inplace, corpus, tmp_path) -> None:
+    src, expected = corpus
+    local = run_batch(src, tmp_path / "local", options(tiny_inplace))
+    distributed = run_batch(src, tmp_path / "ray", on_ray(tiny_inplace))
+    assert local.exit_code == distributed.exit_code == 1  # the bad file failed in both
+    assert files_under(tmp_path / "ray") == files_under(tmp_path / "local")
+    for rel in files_under(tmp_path / "local"):
+        if rel != REPORT_NAME:
+            assert (tmp_path / "ray" / rel).read_bytes() == (tmp_path / "local" / rel).read_bytes(), rel
+    ours, theirs = report_of(tmp_path / "ray" / REPORT_NAME), report_of(tmp_path / "local" / REPORT_NAME)
+    relocate = lambda e: {k: v.replace(str(tmp_path / "ray"), str(tmp_path / "local")) if isinstance(v, str)  # noqa: E731
+                          else v for k, v in comparable(e).items()}
+    assert [relocate(e) for e in ours["files"]] == [comparable(e) for e in theirs["files"]]  # plan order too
+    assert {Path(e["input"]).relative_to(src).as_posix(): e["status"] for e in ours["files"]} == expected
+    assert ours["settings"]["backend"] == "ray" and ours["settings"]["workers"] == 2
+    differing = {k for k in theirs["settings"] if ours["settings"].get(k) != theirs["settings"][k]}
+    assert differing <= {"threads"}, differing  # the model's own description came from the actors
+    assert partials(tmp_path / "ray") == []
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_every_output_is_complete(tiny_inplace, tmp_path) -> None:
+    src = tmp_path / "in"
+    write_sample_recordings(src, seed=5, durations=[3.0] * 6)
+
+    class KillOne(SilentEvents):
+        """Kills an actor's process when the first file is reported (the others still stream)."""
+
+        killed: int | None = None
+
+        def file_finished(self, index, total, result):
+            if self.killed is None:
+                busy = actor_pids()
+                assert busy, "no actor process found"
+                self.killed = busy[-1]
+                os.kill(self.killed, signal.SIGKILL)
+
+    events = KillOne()
+    outcome = run_batch(src, tmp_path / "out", on_ray(tiny_inplace, files_per_task=1), events)
+    assert events.killed is not None
+    assert outcome.exit_code == 0, [(f.input, f.reason) for f in outcome.report.files]
+    report = report_of(tmp_path / "out" / REPORT_NAME)
+    assert [f["status"] for f in report["files"]] == ["ok"] * 6
+    for source in sorted(src.glob("*.wav")):
+        output = tmp_path / "out" / source.name
+        assert sf.info(str(output)).frames == sf.info(str(source)).frames // FRAME_SIZE * FRAME_SIZE
+    assert partials(tmp_path / "out") == []  # the dead actor's temporary is gone too
+    assert not any(pid == events.killed for pid in actor_pids())
+
+
+def test_without_ray_installed_it_is_one_line(monkeypatch) -> None:
+    import sys
+
+    from moshi_ttt.ray_backend import require_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MoshiTTTError, match=r"install 'moshi-ttt\[ray\]'"):
+        require_ray()
