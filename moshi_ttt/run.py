@@ -8,8 +8,8 @@ written before it is known to be safe:
 2. the plan: inputs, outputs, report, source protection, writability, the OUT lock and stale
    temporaries (`batch.prepare_batch`);
 3. the checkpoints' configs, still without weights (`model.resolve_checkpoints`);
-4. the model, loaded once, then every job streamed (`batch.BatchRunner`), the report written
-   after each file.
+4. the model, loaded once (`make_worker`), then every job streamed, up to `batch_size` at once
+   (`batch.FileWorker` under `batch.BatchRunner`), the report written after each file.
 
 A KeyboardInterrupt propagates once the report is marked interrupted; the lock is always
 released. Importing this module is cheap: the heavy modules load inside `run_batch`.
@@ -56,6 +56,10 @@ class RunOptions:
     overwrite: bool = False
     report: Path | None = None  # default: OUT/moshi-ttt-report.json in folder mode
     timeline: bool = False  # record every TTT update in the report (can be large)
+    # Recordings streamed at once: a number, or "auto"/None (free GPU memory; the CPU default).
+    batch_size: int | str | None = None
+    # Frames of tokens per Mimi decode call (None: the device's default, see batched.py).
+    decode_chunk: int | None = None
 
 
 @dataclass
@@ -71,6 +75,41 @@ class RunOutcome:
         return EXIT_FILES_FAILED if self.report.totals()["failed"] else EXIT_OK
 
 
+def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int = 1) -> tp.Any:
+    """Load the model and wrap it in a `batch.FileWorker` streaming up to `options.batch_size`
+    of `files` recordings at once (`auto`: see `batch_size.py`; chosen after loading, from the
+    memory the model left free): what `run_batch` runs, and what each worker of a distributed
+    backend runs."""
+    from .audio import parse_channel
+    from .batch import FileWorker
+    from .batch_size import choose_batch_size, parse_batch_size
+    from .batched import BatchedRunner
+    from .model import load_model
+
+    model = load_model(options.base, options.checkpoint, device=device, dtype=dtype,
+                       ttt_overrides=options.ttt_overrides, step=options.step)
+    batch_size, reason = choose_batch_size(parse_batch_size(options.batch_size), model, files)
+    runner = BatchedRunner(model, batch_size, seed=options.seed, ttt_enabled=options.ttt_enabled,
+                           timeline=options.timeline, sampling=options.sampling, decode_chunk=options.decode_chunk)
+    return FileWorker(runner, text_format=options.text_format, channel=parse_channel(options.channel),
+                      batch_size_reason=reason)
+
+
+def run_settings(options: RunOptions, worker: tp.Any, threads: int | None) -> dict:
+    """The report's `settings`: what produced its outputs."""
+    runner = worker.runner
+    model = runner.model
+    ttt = model.describe_ttt()
+    return {"base": options.base, "checkpoint": options.checkpoint, "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."), "seed": options.seed, "threads": threads,
+            "channel": 0 if worker.channel is None else worker.channel, "lm": model.describe_lm(),
+            # What LMGen sampled with, and which of it this run changed.
+            "sampling": runner.lm_gen_config, "sampling_overrides": options.sampling.overrides(),
+            "batch_size": runner.batch_size, "batch_size_reason": worker.batch_size_reason,
+            "decode_chunk": runner.decode_chunk,
+            "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
+
+
 def run_batch(source: Path | str, target: Path | str, options: RunOptions | None = None,
               events: BatchEvents | None = None) -> RunOutcome:
     """Stream every recording of `source` (a file or a folder) into `target`; see the module
@@ -80,12 +119,16 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
     device, dtype, threads = prepare_runtime(options.device, options.dtype, options.threads)
     from .audio import parse_channel
     from .batch import BatchRunner, prepare_batch
-    from .model import load_model, resolve_checkpoints
-    from .runner import StreamingRunner, check_seed
+    from .batch_size import parse_batch_size
+    from .batched import check_decode_chunk
+    from .model import resolve_checkpoints
+    from .runner import check_seed
 
     check_seed(options.seed)
     options.sampling.check()
-    channel = parse_channel(options.channel)
+    parse_channel(options.channel)
+    parse_batch_size(options.batch_size)
+    check_decode_chunk(options.decode_chunk)
     plan = prepare_batch(Path(source), target, pattern=options.pattern, text=options.text,
                          report=options.report, include_hidden=options.include_hidden,
                          text_format=options.text_format, audio_format=options.audio_format)
@@ -93,20 +136,11 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
         resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides, options.step)
         what = options.base + (f" + {options.checkpoint}" if options.checkpoint else "")
         with events.loading(what):
-            model = load_model(options.base, options.checkpoint, device=device, dtype=dtype,
-                               ttt_overrides=options.ttt_overrides, step=options.step)
-        runner = StreamingRunner(model, seed=options.seed, ttt_enabled=options.ttt_enabled,
-                                 timeline=options.timeline, sampling=options.sampling)
-        ttt = model.describe_ttt()
-        settings = {"base": options.base, "checkpoint": options.checkpoint, "device": str(device),
-                    "dtype": str(dtype).removeprefix("torch."), "seed": options.seed, "threads": threads,
-                    "channel": 0 if channel is None else channel, "lm": model.describe_lm(),
-                    # What LMGen sampled with, and which of it this run changed.
-                    "sampling": runner.lm_gen_config, "sampling_overrides": options.sampling.overrides(),
-                    "ttt": None if ttt is None else {**ttt, "enabled": options.ttt_enabled}}
-        batch = BatchRunner(runner, settings, report_path=plan.report_path, overwrite=options.overwrite,
-                            events=events, earlier=plan.earlier, text_format=options.text_format,
-                            channel=channel)
+            worker = make_worker(options, device, dtype, len(plan.jobs))
+        events.batch_size_chosen(worker.runner.batch_size, worker.batch_size_reason)
+        batch = BatchRunner(worker, run_settings(options, worker, threads), report_path=plan.report_path,
+                            overwrite=options.overwrite, events=events, earlier=plan.earlier,
+                            text_format=options.text_format)
         with events:
             report = batch.run(plan.jobs)
     finally:
