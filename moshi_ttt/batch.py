@@ -7,6 +7,7 @@ stops the others, and the report on disk always holds every file finished so far
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fnmatch
@@ -17,19 +18,24 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-from .audio import (AUDIO_EXTENSIONS, FOLDER_AUDIO_FORMATS, SAMPLE_RATE, is_our_temporary, output_format,
-                    probe_duration, read_recording, temporary_of, write_audio, write_text)
+import numpy as np
+
+from .audio import (AUDIO_EXTENSIONS, FOLDER_AUDIO_FORMATS, SAMPLE_RATE, AudioWriter, is_our_temporary,
+                    output_format, probe_duration, read_recording, temporary_of, write_text)
 from .errors import AudioTooShortError, MoshiTTTError
 from .guard import LOCK_NAME, OutputLock, check_sources_untouched, check_writable
 from .manifest import is_manifest, read_manifest
 from .results import (REPORT_NAME, REPORT_SCHEMA, BatchEvents, FileResult, FileTTT, Job, Report, SilentEvents,
                       sha256_of, strict_json)
-from .runner import StreamingRunner
+from .runner import StreamResult, timed_words_of, transcript_of
 from .shards import Shard, find_parts, holder_of, lock_is_held, read_report_file, running_shards
 from .transcripts import TEXT_FORMATS, render_transcript
 
-__all__ = ["REPORT_NAME", "REPORT_SCHEMA", "BatchEvents", "BatchPlan", "BatchRunner", "FileResult", "Job", "Report",
-           "SilentEvents", "find_inputs", "plan_jobs", "prepare_batch", "strict_json"]
+if tp.TYPE_CHECKING:
+    from .batched import BatchedRunner
+
+__all__ = ["REPORT_NAME", "REPORT_SCHEMA", "Backend", "BatchEvents", "BatchPlan", "BatchRunner", "FileResult",
+           "FileWorker", "Job", "Report", "SilentEvents", "find_inputs", "plan_jobs", "prepare_batch", "strict_json"]
 
 def is_junk(rel: Path, include_hidden: bool = False) -> bool:
     """macOS AppleDouble files (`._x.wav`) are never recordings; hidden files and folders are
@@ -175,16 +181,150 @@ def carried(earlier: FileResult, reason: str) -> FileResult:
     return dataclasses.replace(earlier, status="skipped", reason=reason, from_earlier_run=True)
 
 
-class BatchRunner:
-    """Streams each job through one loaded model; see the module docstring for the guarantees."""
+class Backend(tp.Protocol):
+    """What streams the jobs a run has to do: `FileWorker` in this process, or a distributed
+    backend whose workers each run a `FileWorker`."""
 
-    def __init__(self, runner: StreamingRunner, settings: dict, report_path: Path | None = None,
-                 overwrite: bool = False, events: BatchEvents | None = None,
-                 earlier: EarlierResults | None = None, text_format: str = "txt",
-                 channel: int | str | None = None):
+    def results(self, jobs: list[tuple[int, Job]], total: int,
+                events: BatchEvents) -> tp.Iterator[tuple[int, FileResult]]:
+        """Each job's result as soon as it is known (any order), keyed by its index in the plan
+        of `total` jobs. A bad file gives a failed or skipped result, never an exception.
+        `events` hears what the backend can tell of files in progress (starts, frames, warnings)."""
+        ...
+
+
+@dataclass
+class _InFlight:
+    """A file being streamed: its job, its output writer, and what is known of it so far."""
+
+    job: Job
+    writer: AudioWriter
+    duration: float
+    begin: float
+    warnings: list[str]
+    error: Exception | None = None  # the output could not be written; the file fails at its end
+
+
+class FileWorker:
+    """Runs jobs on one loaded model: reads each recording, streams up to the runner's batch size
+    at once, writes each output block by block to a temporary renamed into place when complete,
+    and describes each file in a `FileResult`. A local run and each distributed worker run this.
+
+    A file that cannot be read or written fails alone. A failure inside a batched step (e.g. out
+    of memory) fails the files streaming at that moment, not the others: the worker starts a
+    fresh batch for the files left.
+    """
+
+    def __init__(self, runner: BatchedRunner, text_format: str = "txt", channel: int | str | None = None,
+                 batch_size_reason: str = ""):
         self.runner = runner
+        self.batch_size_reason = batch_size_reason  # how the runner's batch size was chosen
         self.text_format = text_format
         self.channel = channel  # see audio.pick_channel
+
+    def results(self, jobs: list[tuple[int, Job]], total: int,
+                events: BatchEvents | None = None) -> tp.Iterator[tuple[int, FileResult]]:
+        events = events or SilentEvents()
+        pending = iter(jobs)
+        known: collections.deque[tuple[int, FileResult]] = collections.deque()  # results not streamed
+        flights: dict[int, _InFlight] = {}
+
+        def recordings() -> tp.Iterator[tuple[int, np.ndarray]]:
+            for index, job in pending:
+                begin = time.perf_counter()
+                try:
+                    recording = read_recording(job.input, self.channel)
+                except AudioTooShortError as exc:
+                    known.append((index, FileResult(str(job.input), None, "skipped", exc.reason)))
+                    continue
+                except MoshiTTTError as exc:
+                    known.append((index, FileResult(str(job.input), None, "failed", exc.reason)))
+                    continue
+                duration = len(recording.pcm) / SAMPLE_RATE
+                try:
+                    writer = AudioWriter(job.output)
+                except (MoshiTTTError, OSError) as exc:
+                    reason = exc.reason if isinstance(exc, MoshiTTTError) else _os_reason(exc)
+                    known.append((index, FileResult(str(job.input), None, "failed", reason, duration_s=duration)))
+                    continue
+                flights[index] = _InFlight(job, writer, duration, begin, recording.warnings)
+                events.file_started(index, total, job, duration)
+                for warning in recording.warnings:
+                    events.file_warning(job, warning)
+                yield index, recording.pcm
+
+        def write(index: int, block: np.ndarray) -> None:
+            flight = flights[index]
+            if flight.error is None:
+                try:
+                    flight.writer.write(block)
+                except OSError as exc:  # disk full: this file fails at its end, the others go on
+                    flight.error = exc
+
+        def progress(index: int, done: int, frames: int) -> None:
+            events.frames_done(index, done, frames)
+
+        try:
+            while True:
+                try:
+                    for index, streamed in self.runner.run(recordings(), on_audio=write, progress=progress):
+                        yield from _drain(known)
+                        yield index, self._finish(flights.pop(index), streamed)
+                    yield from _drain(known)
+                    return
+                except (RuntimeError, ValueError, OSError) as exc:
+                    # The step that failed was every streaming file's: those fail, the rest go on.
+                    for index, flight in flights.items():
+                        flight.writer.abort()
+                        known.append((index, FileResult(str(flight.job.input), None, "failed", _os_reason(exc),
+                                                        duration_s=flight.duration)))
+                    flights.clear()
+                    yield from _drain(known)
+        finally:  # interrupted: no temporaries left behind
+            for flight in flights.values():
+                flight.writer.abort()
+
+    def _finish(self, flight: _InFlight, streamed: StreamResult) -> FileResult:
+        job, model = flight.job, self.runner.model
+        try:
+            if flight.error is not None:
+                raise flight.error
+            transcript = transcript_of(model, streamed.text_tokens)
+            if job.text_output is not None:
+                write_text(job.text_output, render_transcript(self.text_format, transcript,
+                                                              timed_words_of(model, streamed)))
+            flight.writer.commit()
+            digest = sha256_of(job.output)
+        except MoshiTTTError as exc:
+            flight.writer.abort()
+            return FileResult(str(job.input), None, "failed", exc.reason, duration_s=flight.duration)
+        except (RuntimeError, ValueError, OSError) as exc:
+            flight.writer.abort()
+            return FileResult(str(job.input), None, "failed", _os_reason(exc), duration_s=flight.duration)
+        model_ttt = model.describe_ttt()
+        ttt = None if model_ttt is None else FileTTT(model_ttt["variant"], model_ttt["chunk_size"],
+                                                     list(streamed.ttt_layers))
+        return FileResult(str(job.input), str(job.output), "ok", None, duration_s=round(flight.duration, 4),
+                          frames=streamed.frames, steps=streamed.steps,
+                          wall_s=round(time.perf_counter() - flight.begin, 4), ttt=ttt, transcript=transcript,
+                          output_sha256=digest, warnings=flight.warnings)
+
+
+def _drain(known: collections.deque) -> tp.Iterator[tp.Any]:
+    while known:
+        yield known.popleft()
+
+
+class BatchRunner:
+    """Drives a run: keeps existing outputs (with their earlier results), hands the other jobs to
+    a `Backend`, and records every result in the report as it arrives; see the module docstring
+    for the guarantees."""
+
+    def __init__(self, backend: Backend, settings: dict, report_path: Path | None = None,
+                 overwrite: bool = False, events: BatchEvents | None = None,
+                 earlier: EarlierResults | None = None, text_format: str = "txt"):
+        self.backend = backend
+        self.text_format = text_format
         self.report = Report(settings=settings)
         self.report_path = report_path
         self.overwrite = overwrite
@@ -199,13 +339,29 @@ class BatchRunner:
         self.report.earlier = self.earlier.others(jobs, keep)
         self.events.batch_started([job.duration_hint if job.duration_hint is not None else probe_duration(job.input)
                                    for job in jobs])
+        done: dict[int, FileResult] = {}
+
+        def record(index: int, result: FileResult) -> None:
+            done[index] = result
+            self.report.files = [done[i] for i in sorted(done)]  # plan order, whatever finished first
+            self.report.wall_s = time.perf_counter() - start
+            self._save()
+            self.events.file_finished(index, len(jobs), result)
+
         try:
+            todo = []
             for index, job in enumerate(jobs):
-                result = self._run_one(index, len(jobs), job)
-                self.report.files.append(result)
-                self.report.wall_s = time.perf_counter() - start
-                self._save()
-                self.events.file_finished(index, len(jobs), result)
+                if job.output.exists() and not self.overwrite:
+                    record(index, self._skip_existing(job))
+                else:
+                    todo.append((index, job))
+            if todo:
+                results = self.backend.results(todo, len(jobs), self.events)
+                try:
+                    for index, result in results:
+                        record(index, result)
+                finally:  # interrupted between files: the backend drops its temporaries now
+                    getattr(results, "close", lambda: None)()
         except KeyboardInterrupt:
             self.report.interrupted = True
             raise
@@ -231,54 +387,18 @@ class BatchRunner:
 
     def _skip_existing(self, job: Job) -> FileResult:
         """The output exists: keep it, and keep what the run that wrote it recorded about it."""
-        earlier = self.earlier.for_output(job.output)
-        result = carried(earlier, "exists") if earlier else FileResult(str(job.input), str(job.output), "skipped", "exists")
-        if job.text_output is not None and not job.text_output.exists():
-            if result.transcript is not None and self.text_format == "txt":
-                write_text(job.text_output, result.transcript + "\n")
-                result.reason = "exists; transcript written from the earlier run's result"
-            else:  # the report keeps the words, not their times
-                result.reason = "exists; its transcript needs recomputing: rerun with --overwrite"
-        return result
-
-    def _run_one(self, index: int, total: int, job: Job) -> FileResult:
-        if job.output.exists() and not self.overwrite:
-            try:
-                return self._skip_existing(job)
-            except OSError as exc:
-                return FileResult(str(job.input), str(job.output), "failed", _os_reason(exc))
-        begin = time.perf_counter()
         try:
-            recording = read_recording(job.input, self.channel)
-        except AudioTooShortError as exc:
-            return FileResult(str(job.input), None, "skipped", exc.reason)
-        except MoshiTTTError as exc:
-            return FileResult(str(job.input), None, "failed", exc.reason)
-        duration = len(recording.pcm) / SAMPLE_RATE
-        self.events.file_started(index, total, job, duration)
-        for warning in recording.warnings:
-            self.events.file_warning(job, warning)
-        try:
-            streamed = self.runner.run(recording.pcm, progress=self.events.frames_done)
-            transcript = self.runner.transcript(streamed.text_tokens)
-            if job.text_output is not None:
-                write_text(job.text_output, render_transcript(self.text_format, transcript,
-                                                              self.runner.timed_words(streamed)))
-            write_audio(job.output, streamed.pcm)
-            digest = sha256_of(job.output)
-        except MoshiTTTError as exc:
-            return FileResult(str(job.input), None, "failed", exc.reason, duration_s=duration)
-        except (RuntimeError, ValueError, OSError) as exc:
-            # One file's failure (out of memory, a write error) must not stop the others.
-            return FileResult(str(job.input), None, "failed", _os_reason(exc), duration_s=duration)
-        ttt = None
-        model_ttt = self.runner.model.describe_ttt()
-        if model_ttt is not None:
-            ttt = FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(streamed.ttt_layers))
-        return FileResult(str(job.input), str(job.output), "ok", None, duration_s=round(duration, 4),
-                          frames=streamed.frames, steps=streamed.steps,
-                          wall_s=round(time.perf_counter() - begin, 4), ttt=ttt, transcript=transcript,
-                          output_sha256=digest, warnings=recording.warnings)
+            earlier = self.earlier.for_output(job.output)
+            result = carried(earlier, "exists") if earlier else FileResult(str(job.input), str(job.output), "skipped", "exists")
+            if job.text_output is not None and not job.text_output.exists():
+                if result.transcript is not None and self.text_format == "txt":
+                    write_text(job.text_output, result.transcript + "\n")
+                    result.reason = "exists; transcript written from the earlier run's result"
+                else:  # the report keeps the words, not their times
+                    result.reason = "exists; its transcript needs recomputing: rerun with --overwrite"
+            return result
+        except OSError as exc:
+            return FileResult(str(job.input), str(job.output), "failed", _os_reason(exc))
 
 
 def _os_reason(exc: Exception) -> str:

@@ -23,11 +23,14 @@ runs beside it (tested to be equal on CPU float32).
 
 Decoded audio goes to `on_audio(key, block)` as it is produced when the caller gives one (a file
 writer: memory stays flat however long the recording); otherwise it is joined into the result.
-Chunked decoding keeps Mimi's decoder streaming, so the audio is the frame-by-frame audio up to
-float rounding (within one 16-bit step; measured in `bench/throughput.py --decode-chunk`). Slots
-are decoded together: when any slot has `decode_chunk` frames buffered, every slot with frames
-buffered is decoded, grouped by how many it holds (one call per group), so after its first chunk
-a slot decodes in step with the others.
+
+Chunked decoding (`decode_chunk` > 1, opt-in) keeps Mimi's decoder streaming, so the audio is the
+frame-by-frame audio up to float rounding (~2e-7, within one 16-bit step; tokens never change;
+measured in `bench/throughput.py --decode-chunk`). Slots are decoded together: when any slot has
+`decode_chunk` frames buffered, every slot with frames buffered is decoded, grouped by how many
+it holds (one call per group), so after its first chunk a slot decodes in step with the others.
+A slot's chunk boundaries therefore follow its neighbours, and so may its audio, within that one
+step. The default, one frame per step, is moshi's decode exactly and independent of neighbours.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import MoshiTTTError
 from .model import LoadedModel
 from .runner import StreamResult, check_seed, make_lm_gen, split_frames
 from .sampling import Sampling
@@ -46,6 +50,10 @@ from .stream_sampling import StreamSampler
 Key = tp.TypeVar("Key")
 AudioFn = tp.Callable[[tp.Any, np.ndarray], None]  # (key, decoded 24 kHz float32 block)
 FrameProgressFn = tp.Callable[[tp.Any, int, int], None]  # (key, frames done, frames total)
+def check_decode_chunk(decode_chunk: int | None) -> int | None:
+    if decode_chunk is not None and (not isinstance(decode_chunk, int) or decode_chunk < 1):
+        raise MoshiTTTError(f"--decode-chunk must be a positive number of frames, got {decode_chunk!r}")
+    return decode_chunk
 
 
 @dataclass
@@ -72,14 +80,14 @@ class BatchedRunner:
 
     def __init__(self, model: LoadedModel, batch_size: int, seed: int = 4242, ttt_enabled: bool = True,
                  timeline: bool = False, sampling: Sampling | None = None, counter_noise: bool | None = None,
-                 decode_chunk: int = 1):
+                 decode_chunk: int | None = None):
         """As `StreamingRunner`'s arguments; `counter_noise`: sample from the graph-safe counter hash
-        (default: on CUDA only); `decode_chunk`: frames of tokens per Mimi decode call."""
+        (default: on CUDA only); `decode_chunk`: frames of tokens per Mimi decode call (default 1:
+        moshi's frame-by-frame decode)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if decode_chunk < 1:
-            raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
-        self.decode_chunk = decode_chunk
+        check_decode_chunk(decode_chunk)
+        self.decode_chunk = decode_chunk or 1
         self.model = model
         self.batch_size = batch_size
         self.seed = check_seed(seed)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import typing as tp
 import warnings
 from dataclasses import dataclass, field, replace
@@ -39,7 +38,11 @@ if tp.TYPE_CHECKING:
 INSTALL_HINT = "--backend ray needs Ray: pip install 'moshi-ttt[ray]'"
 # Environment the actors need to behave as this process does (moshi reads NO_TORCH_COMPILE when
 # it is imported; offline runs must stay offline on the workers too).
-PASSED_ENV = ("NO_TORCH_COMPILE", "HF_HUB_OFFLINE", "HF_HOME", "MOSHI_TTT_DEVICE")
+PASSED_ENV = ("NO_TORCH_COMPILE", "HF_HUB_OFFLINE", "HF_HOME")
+# Files per actor task on GPU with `--batch-size auto`: the streams an actor fills at once (a
+# smaller batch size than auto would pick wastes some of the GPU, a larger one costs load balance
+# and retries whole tasks).
+GPU_FILES_PER_TASK = 16
 
 
 def require_ray() -> tp.Any:
@@ -131,6 +134,8 @@ class RayBackend:
     options: "RunOptions"
     ray_options: RayOptions = field(default_factory=RayOptions)
     settings: dict = field(default_factory=dict)
+    # Variables of `PASSED_ENV` the user set (see `run_batch`), given to every actor.
+    env: dict[str, str] = field(default_factory=dict)
     started_ray: bool = False
 
     def __post_init__(self) -> None:
@@ -146,10 +151,8 @@ class RayBackend:
         """Join the cluster at `address`, or start a local Ray instance; decide the defaults."""
         ray = require_ray()
         if not ray.is_initialized():
-            env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
             try:
-                ray.init(address=self.ray_options.address, include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": env} if env else None)
+                ray.init(address=self.ray_options.address, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = self.ray_options.address or "a local Ray instance"
                 raise MoshiTTTError(f"cannot start Ray on {where}: {str(exc).splitlines()[0]}") from None
@@ -173,9 +176,16 @@ class RayBackend:
         workers = ray_opts.workers or (int(gpus // per_gpu) if per_gpu > 0 else max(1, int(cpus // threads)))
         if workers < 1:
             raise MoshiTTTError(f"--workers must be at least 1, got {workers}")
-        batch = opts.batch_size if isinstance(opts.batch_size, int) else None
-        files_per_task = ray_opts.files_per_task or batch or 1
-        return Resolved(workers, per_gpu, float(min(threads, cpus)), files_per_task)
+        return Resolved(workers, per_gpu, float(min(threads, cpus)), self.files_per_task(per_gpu > 0))
+
+    def files_per_task(self, on_gpu: bool) -> int:
+        """Files an actor is handed at once, all streamed together: the batch size when it is a
+        number (then a Ray run computes what a local run with that batch size computes), else
+        what `auto` picks on CPU, and `GPU_FILES_PER_TASK` on GPU."""
+        from .batch_size import CPU_BATCH_SIZE, parse_batch_size
+
+        chosen = self.ray_options.files_per_task or parse_batch_size(self.options.batch_size)
+        return chosen or (GPU_FILES_PER_TASK if on_gpu else CPU_BATCH_SIZE)
 
     def results(self, jobs: list[tuple[int, Job]], total: int,
                 events: BatchEvents | None = None) -> tp.Iterator[tuple[int, FileResult]]:
@@ -194,14 +204,16 @@ class RayBackend:
         seen: set[int] = set()
         error: str | None = None
         try:
-            blocks = max(1, -(-len(rows) // resolved.files_per_task))
-            dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+            # Every actor gets work even when the files are few; `files` bounds each actor's batch.
+            per_task = max(1, min(resolved.files_per_task, -(-len(rows) // resolved.workers)))
+            dataset = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_task))
             with warnings.catch_warnings():  # actor restarts are only reachable through ray_remote_args
                 warnings.simplefilter("ignore")
                 dataset = dataset.map_batches(
-                    FileActor, fn_constructor_kwargs={"options": self.options, "files": len(rows)},
-                    batch_size=resolved.files_per_task, compute=ray.data.ActorPoolStrategy(size=resolved.workers),
+                    FileActor, fn_constructor_kwargs={"options": self.options, "files": per_task},
+                    batch_size=per_task, compute=ray.data.ActorPoolStrategy(size=resolved.workers),
                     num_cpus=resolved.cpus_per_worker, num_gpus=resolved.gpus_per_worker or None,
+                    runtime_env={"env_vars": self.env} if self.env else None,
                     max_restarts=self.ray_options.max_restarts,
                     max_task_retries=self.ray_options.max_task_retries)
             for row in dataset.iter_rows():

@@ -123,8 +123,11 @@ class BatchEvents(tp.Protocol):
     def loading(self, what: str) -> tp.ContextManager[tp.Any]: ...
     # Seconds of audio per job, from headers or the manifest (None where unknown before reading).
     def batch_started(self, durations: list[float | None]) -> None: ...
+    # How many recordings stream at once, and why that many (--batch-size, or what auto chose).
+    def batch_size_chosen(self, size: int, reason: str) -> None: ...
+    # Files start and finish in any order when several stream at once; `index` says which.
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None: ...
-    def frames_done(self, done: int, total: int) -> None: ...
+    def frames_done(self, index: int, done: int, total: int) -> None: ...
     def file_warning(self, job: Job, message: str) -> None: ...
     def file_finished(self, index: int, total: int, result: FileResult) -> None: ...
     def report_failed(self, path: Path, reason: str) -> None: ...
@@ -147,13 +150,16 @@ class SilentEvents:
     def batch_started(self, durations: list[float | None]) -> None:
         pass
 
+    def batch_size_chosen(self, size: int, reason: str) -> None:
+        pass
+
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
         pass
 
     def file_warning(self, job: Job, message: str) -> None:
         pass
 
-    def frames_done(self, done: int, total: int) -> None:
+    def frames_done(self, index: int, done: int, total: int) -> None:
         pass
 
     def file_finished(self, index: int, total: int, result: FileResult) -> None:

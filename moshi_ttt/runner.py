@@ -120,18 +120,27 @@ class StreamingRunner:
                             max_delay=int(lm_gen.max_delay), frames=len(frames), steps=steps,
                             ttt_layers=reports)
 
-    def pieces(self, text_tokens: tp.Iterable[int]) -> list[str | None]:
-        """Each text token's sentencepiece piece; None for padding and control tokens."""
-        lm = self.model.lm
-        skip = {lm.text_padding_token_id, lm.end_of_text_padding_id}
-        tokenizer = self.model.text_tokenizer
-        return [tokenizer.id_to_piece(t) if t not in skip and t < tokenizer.vocab_size()
-                and not tokenizer.is_control(t) else None for t in text_tokens]
-
     def transcript(self, text_tokens: tp.Iterable[int]) -> str:
-        """Moshi's text stream as words, padding tokens dropped (as run_inference prints it)."""
-        return "".join(p for p in self.pieces(text_tokens) if p).replace("\u2581", " ").strip()
+        return transcript_of(self.model, text_tokens)
 
     def timed_words(self, streamed: StreamResult) -> list[TimedWord]:
-        """The words of `streamed`'s text stream with their times (see `transcripts`)."""
-        return timed_words(self.pieces(streamed.text_tokens), streamed.text_steps, streamed.max_delay)
+        return timed_words_of(self.model, streamed)
+
+
+def text_pieces(model: LoadedModel, text_tokens: tp.Iterable[int]) -> list[str | None]:
+    """Each text token's sentencepiece piece; None for padding and control tokens."""
+    lm = model.lm
+    skip = {lm.text_padding_token_id, lm.end_of_text_padding_id}
+    tokenizer = model.text_tokenizer
+    return [tokenizer.id_to_piece(t) if t not in skip and t < tokenizer.vocab_size()
+            and not tokenizer.is_control(t) else None for t in text_tokens]
+
+
+def transcript_of(model: LoadedModel, text_tokens: tp.Iterable[int]) -> str:
+    """Moshi's text stream as words, padding tokens dropped (as run_inference prints it)."""
+    return "".join(p for p in text_pieces(model, text_tokens) if p).replace("\u2581", " ").strip()
+
+
+def timed_words_of(model: LoadedModel, streamed: StreamResult) -> list[TimedWord]:
+    """The words of `streamed`'s text stream with their times (see `transcripts`)."""
+    return timed_words(text_pieces(model, streamed.text_tokens), streamed.text_steps, streamed.max_delay)

@@ -185,6 +185,12 @@ def infer(
                                   help="Record every TTT update in the report (for `moshi-ttt plot`; can be large)."),
     json_summary: bool = typer.Option(False, "--json", help="Print one JSON summary line to stdout (totals, "
                                       "report path) and nothing else there; progress goes to stderr."),
+    batch_size: str = typer.Option("auto", "--batch-size", metavar="B|auto",
+                                   help="Recordings streamed at once, each with its own fast weights (auto: as "
+                                   "many as fit in free GPU memory; 8 on CPU)."),
+    decode_chunk: tp.Optional[int] = typer.Option(None, "--decode-chunk", metavar="FRAMES",
+                                                  help="Decode audio in chunks of this many frames: faster on CPU, "
+                                                  "audio within one 16-bit step of the default frame-by-frame decode."),
     shard: tp.Optional[str] = typer.Option(None, "--shard", metavar="I/N",
                                            help="Process only shard I of N (by a hash of each file's relative "
                                                 "path) into OUT/moshi-ttt-report.shard-I-of-N.json; "
@@ -207,7 +213,7 @@ def infer(
                          text_format=text_format.value, timeline=timeline,
                          audio_format=audio_format.value if audio_format else None, channel=channel,
                          sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text,
-                                           greedy=greedy))
+                                           greedy=greedy), batch_size=batch_size, decode_chunk=decode_chunk)
     with user_errors():
         options.shard = parse_shard(shard) if shard is not None else None
         options.backend = backend.value
@@ -221,6 +227,7 @@ def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: st
     """Run a batch through the library and render it; returns the exit code. With `json_summary`,
     stdout gets the one JSON line and everything for people goes to stderr."""
     from moshi_ttt.audio import parse_channel
+    from moshi_ttt.batch_size import parse_batch_size
     from moshi_ttt.config import parse_delta_clip
 
     people = err if json_summary else out
@@ -232,6 +239,7 @@ def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: st
                 options.ttt_overrides = {"delta_clip": parse_delta_clip(delta_clip), "delta_clip_origin": "--delta-clip"}
             options.sampling.check()  # before the model stack loads (seconds)
             parse_channel(options.channel)
+            parse_batch_size(options.batch_size)
             _load_model_stack(options.device, options.dtype, options.threads)
             from moshi_ttt.run import run_batch
 
@@ -239,7 +247,7 @@ def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: st
             outcome = run_batch(source, target, options, events)
     except KeyboardInterrupt as exc:
         _said_interrupted.append(True)
-        err.print("interrupted: the current file was discarded; finished files and the report are kept" if started
+        err.print("interrupted: files in progress were discarded; finished files and the report are kept" if started
                   else "interrupted before any file was processed", soft_wrap=True)
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     report_path = outcome.report_path if outcome.report_error is None else None

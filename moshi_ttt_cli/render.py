@@ -83,7 +83,9 @@ class RichEvents:
         self.files_task = self.progress.add_task("files", total=None)
         self.audio_task = self.progress.add_task("audio s", total=None)
         self._audio_base = 0.0  # seconds of audio streamed in finished files
-        self._audio_file = 0.0
+        # Files streaming now (several with --batch-size): index -> (seconds, share done).
+        self._streaming: dict[int, tuple[float, float]] = {}
+        self._finished = 0
         # Each job's seconds as planned (headers, manifest), corrected as files are read: the
         # audio bar's total, so it shows an ETA from the audio processed so far.
         self._planned: list[float | None] = []
@@ -113,28 +115,38 @@ class RichEvents:
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
         if self.details is None:
             self.details = total == 1
-        self._audio_file = audio_s
+        self._streaming[index] = (audio_s, 0.0)
         self._set_planned(index, audio_s)  # the header's estimate, or unknown until read
-        self.progress.update(self.files_task, total=total, completed=index, description=f"files: {shown(job.input.name)}")
+        self.progress.update(self.files_task, total=total, completed=self._finished,
+                             description=f"files: {shown(job.input.name)}")
         if not self.live:
             self.console.print(f"[{index + 1}/{total}] {shown(job.input)} ({audio_s:.1f} s)", highlight=False,
                                soft_wrap=True)
 
-    def frames_done(self, done: int, total: int) -> None:
+    def batch_size_chosen(self, size: int, reason: str) -> None:
+        if size > 1:
+            self.errors.print(f"streaming {size} files at once ({reason})", highlight=False)
+
+    def frames_done(self, index: int, done: int, total: int) -> None:
+        if index in self._streaming:
+            self._streaming[index] = (self._streaming[index][0], done / max(total, 1))
         if self.live:
-            self.progress.update(self.audio_task, completed=round(self._audio_base + self._audio_file * done / max(total, 1), 1))
+            streaming = sum(seconds * share for seconds, share in self._streaming.values())
+            self.progress.update(self.audio_task, completed=round(self._audio_base + streaming, 1))
 
     def file_warning(self, job: Job, message: str) -> None:
         _warn(self.errors, job, message)
 
     def file_finished(self, index: int, total: int, result: FileResult) -> None:
+        self._streaming.pop(index, None)
+        self._finished += 1
         if result.status == "ok" and not result.from_earlier_run:
             self._audio_base += result.duration_s
         else:  # nothing streamed: out of the total, so the ETA counts only audio to process
             self._set_planned(index, 0.0)
         if self.live:
             self.progress.update(self.audio_task, completed=round(self._audio_base, 1))
-        self.progress.update(self.files_task, total=total, completed=index + 1)
+        self.progress.update(self.files_task, total=total, completed=self._finished)
         # Without a terminal, one log line per file however long its paths (no wrapping at 80 columns).
         self.console.print(_line(result), highlight=False, soft_wrap=not self.live)
         if self.details and result.ttt is not None and not result.from_earlier_run:

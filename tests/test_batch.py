@@ -19,12 +19,12 @@ import soundfile as sf
 import sphn
 import torch
 
-from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, read_audio, write_audio
-from moshi_ttt.batch import (REPORT_SCHEMA, BatchRunner, Job, SilentEvents, default_report_path, find_inputs,
+from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, AudioWriter, read_audio, write_audio
+from moshi_ttt.batch import (REPORT_SCHEMA, BatchRunner, FileWorker, Job, SilentEvents, default_report_path, find_inputs,
                              plan_jobs)
 from moshi_ttt.errors import AudioError, AudioTooShortError, MoshiTTTError
 from moshi_ttt.model import load_model
-from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.batched import BatchedRunner
 
 from helpers import partials, tone
 
@@ -86,8 +86,8 @@ class Recorder(SilentEvents):
             np.random.rand(99)
             random.seed(index)
 
-    def frames_done(self, done, total):
-        if self.current == self.interrupt_file and done == max(total // 2, 1):
+    def frames_done(self, index, done, total):
+        if index == self.interrupt_file and done == max(total // 2, 1):
             raise KeyboardInterrupt
 
     def file_finished(self, index, total, result):
@@ -103,8 +103,8 @@ def model(tiny_inplace):
 
 
 @pytest.fixture(scope="module")
-def runner(model) -> StreamingRunner:
-    return StreamingRunner(model, seed=4242)
+def runner(model) -> FileWorker:
+    return FileWorker(BatchedRunner(model, 1, seed=4242))
 
 
 @pytest.fixture(scope="module")
@@ -265,11 +265,11 @@ def test_output_and_ttt_numbers_do_not_depend_on_order(runner, recordings, alone
         assert forward[name] == alone[name], name  # WAV bytes, transcript, TTT numbers, steps
         assert backward[name] == alone[name], name
     # The outputs are sampled, so identical bytes above are the reseed at work: another seed differs.
-    runner.seed, seed = 1, runner.seed
+    runner.runner.seed, seed = 1, runner.runner.seed
     try:
         other = outputs_of(BatchRunner(runner, {}).run(jobs_into(tmp_path / "seed1", [a])))
     finally:
-        runner.seed = seed
+        runner.runner.seed = seed
     assert other[a.name][0] != alone[a.name][0]
 
 
@@ -378,21 +378,32 @@ def test_existing_outputs_are_skipped_unless_overwrite(runner, recordings, alone
     assert (out / f"{a.stem}.wav").read_bytes() == alone[a.name][0]
 
 
+class FailAt(SilentEvents):
+    """Makes the runner's next LM step fail once file `index` has streamed `frames` frames, as a
+    device error (out of memory) would."""
+
+    def __init__(self, worker: FileWorker, monkeypatch, index: int, frames: int = 5):
+        self.index, self.frames, self.armed = index, frames, False
+        real_step = worker.runner._step
+
+        def step(codes, active):
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nsecond line of details")
+            return real_step(codes, active)
+
+        monkeypatch.setattr(worker.runner, "_step", step)
+
+    def frames_done(self, index, done, total):
+        if index == self.index and done == self.frames:
+            self.armed = True
+
+
 def test_one_file_failing_mid_stream_does_not_stop_or_disturb_the_others(runner, recordings, alone,
                                                                         tmp_path: Path, monkeypatch) -> None:
     a, b, c = recordings
-    real_run = runner.run
-    calls = []
-
-    def flaky(pcm, progress=None):
-        calls.append(len(pcm))
-        if len(calls) == 2:  # b: part-way through its frames, as a device error would
-            real_run(pcm[: FRAME_SIZE * 5], progress)
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nsecond line of details")
-        return real_run(pcm, progress)
-
-    monkeypatch.setattr(runner, "run", flaky)
-    report = BatchRunner(runner, {}).run(jobs_into(tmp_path, [a, b, c]))
+    events = FailAt(runner, monkeypatch, index=1)
+    report = BatchRunner(runner, {}, events=events).run(jobs_into(tmp_path, [a, b, c]))
     monkeypatch.undo()
     assert [f.status for f in report.files] == ["ok", "failed", "ok"]
     failed = report.files[1]
@@ -400,22 +411,39 @@ def test_one_file_failing_mid_stream_does_not_stop_or_disturb_the_others(runner,
     assert failed.output is None and not (tmp_path / f"{b.stem}.wav").exists()
     assert (tmp_path / f"{c.stem}.wav").read_bytes() == alone[c.name][0]
     assert report.totals()["failed"] == 1
+    assert partials(tmp_path) == []
+
+
+def test_a_failed_batched_step_fails_the_files_in_it_and_the_rest_go_on(model, recordings, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """A step is every streaming file's: with 2 slots, a device error fails the two files in
+    flight (one line each, no output), and the worker takes the next file in a fresh batch."""
+    a, b, c = recordings
+    worker = FileWorker(BatchedRunner(model, 2, seed=4242))
+    events = FailAt(worker, monkeypatch, index=1)
+    report = BatchRunner(worker, {}, events=events).run(jobs_into(tmp_path, [a, b, c]))
+    monkeypatch.undo()
+    assert [f.status for f in report.files] == ["failed", "failed", "ok"]
+    assert {f.reason for f in report.files[:2]} == {"RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{c.stem}.txt", f"{c.stem}.wav"]
+    alone_c = BatchRunner(FileWorker(BatchedRunner(model, 2, seed=4242)), {}).run(jobs_into(tmp_path / "c", [c]))
+    assert (tmp_path / f"{c.stem}.wav").read_bytes() == (tmp_path / "c" / f"{c.stem}.wav").read_bytes()
+    assert alone_c.files[0].status == "ok"
 
 
 @pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
 def test_a_write_cut_short_leaves_nothing_under_the_final_name(runner, recordings, tmp_path: Path,
                                                                monkeypatch, error) -> None:
     a, b, c = recordings
-    real_write = sphn.write_wav
+    real_write = AudioWriter.write
 
-    def cut_short(path, pcm, sample_rate):
-        if b.stem in Path(path).name:
-            real_write(path, pcm[: len(pcm) // 3], sample_rate=sample_rate)  # a partial file exists...
-            assert Path(path).name.endswith(PARTIAL_SUFFIX) and Path(path).exists()
+    def cut_short(writer, block):
+        if b.stem in writer.path.name and writer.samples > 5 * FRAME_SIZE:  # a partial file exists...
+            assert len(partials(tmp_path)) == 1
             raise error("No space left on device")  # ...when the write dies
-        real_write(path, pcm, sample_rate=sample_rate)
+        real_write(writer, block)
 
-    monkeypatch.setattr(sphn, "write_wav", cut_short)
+    monkeypatch.setattr(AudioWriter, "write", cut_short)
     report_path = tmp_path / "out" / "report.json"
     batch = BatchRunner(runner, {"seed": 4242}, report_path=report_path)
     if error is KeyboardInterrupt:

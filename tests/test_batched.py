@@ -3,14 +3,23 @@ TTT numbers as the single-file runner gives them, whatever runs beside it."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import soundfile as sf
 
 from moshi_ttt.audio import read_audio
 from moshi_ttt.batched import BatchedRunner
 from moshi_ttt.model import load_model
+from moshi_ttt.results import REPORT_NAME, SilentEvents
+from moshi_ttt.run import RunOptions, run_batch
 from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.sampling import Sampling
 from moshi_ttt.tiny import write_sample_recordings
+
+from helpers import partials
 
 
 
@@ -94,3 +103,74 @@ def test_a_file_does_not_depend_on_its_neighbours(model, files, counter_noise: b
     for mine, theirs in zip(first.ttt_layers, second.ttt_layers, strict=True):
         assert (mine.tokens, mine.updates, mine.clipped_updates) == (theirs.tokens, theirs.updates, theirs.clipped_updates)
         assert mine.drift == pytest.approx(theirs.drift, rel=1e-6)
+
+
+# -- whole runs: reports, failures and outputs at B=3 as at B=1 ------------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Five inputs of different lengths: three of one chunk or more, one of 6 steps (shorter than
+    a TTT chunk of 8), and one that fails to decode."""
+    src = tmp_path_factory.mktemp("batched_run")
+    write_sample_recordings(src, seed=5, durations=(1.6, 2.4, 3.0, 0.4))
+    (src / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really")
+    return src
+
+
+def run_folder(paths, folder: Path, out: Path, batch_size: int, events=None) -> dict:
+    options = RunOptions(base=str(paths.base), checkpoint=str(paths.finetune), batch_size=batch_size,
+                         sampling=Sampling(greedy=True), text=True)
+    outcome = run_batch(folder, out, options, events)
+    assert outcome.exit_code == 1  # the broken file
+    return json.loads((out / REPORT_NAME).read_text())
+
+
+@pytest.mark.parametrize("family", ["inplace", "ttt-mlp"])
+def test_a_folder_at_three_slots_reports_and_writes_what_one_slot_does(family, tiny_inplace, tiny_ttt_mlp, folder,
+                                                                      tmp_path) -> None:
+    """Greedy, for the reason given in the runner test above: tokens equal, audio within one
+    16-bit step, TTT counts equal and drift to rounding; failures and order exactly as at B=1."""
+    paths = tiny_inplace if family == "inplace" else tiny_ttt_mlp
+    one = run_folder(paths, folder, tmp_path / "one", 1)
+    three = run_folder(paths, folder, tmp_path / "three", 3)
+    assert (one["settings"]["batch_size"], three["settings"]["batch_size"]) == (1, 3)
+    assert [f["input"] for f in three["files"]] == [f["input"] for f in one["files"]]  # plan order
+    statuses = {Path(f["input"]).name: f["status"] for f in three["files"]}
+    assert statuses == {"broken.wav": "failed", **{n: "ok" for n in statuses if n != "broken.wav"}}
+    short = next(f for f in three["files"] if f["frames"] == 5)  # 0.4 s: 5 frames, 6 steps < chunk 8
+    assert all(layer["updates"] == 1 and layer["pending_tokens"] == 0 for layer in short["ttt"]["layers"])
+    for mine, theirs in zip(three["files"], one["files"]):
+        assert (mine["status"], mine["reason"], mine["frames"], mine["steps"], mine["transcript"]) == \
+            (theirs["status"], theirs["reason"], theirs["frames"], theirs["steps"], theirs["transcript"])
+        if mine["status"] != "ok":
+            assert mine["output"] is None
+            continue
+        a, _ = sf.read(mine["output"], dtype="int16")
+        b, _ = sf.read(theirs["output"], dtype="int16")
+        assert len(a) == len(b) and np.abs(a.astype(int) - b.astype(int)).max() <= 1, mine["input"]
+        assert Path(mine["output"]).with_suffix(".txt").read_text() == Path(theirs["output"]).with_suffix(".txt").read_text()
+        for x, y in zip(mine["ttt"]["layers"], theirs["ttt"]["layers"], strict=True):
+            counts = ("layer", "tokens", "updates", "clipped_updates", "pending_tokens")
+            assert [x[c] for c in counts] == [y[c] for c in counts]
+            assert x["drift"] == pytest.approx(y["drift"], rel=1e-2)
+    assert sorted(p.name for p in (tmp_path / "three").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+class WatchPartials(SilentEvents):
+    """Looks at the output's temporary while the file streams."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.sizes: list[int] = []
+
+    def frames_done(self, index, done, total):
+        self.sizes.append(sum(p.stat().st_size for p in partials(self.folder) if p.name.startswith(".sample_02")))
+
+
+def test_output_is_written_while_the_file_streams(tiny_inplace, folder, tmp_path) -> None:
+    """Flat memory: the decoded audio goes to the output's temporary as it is produced, not
+    joined at the end. The 3 s file's temporary grows through the stream."""
+    events = WatchPartials(tmp_path / "out")
+    run_folder(tiny_inplace, folder, tmp_path / "out", 1, events)
+    growth = [b - a for a, b in zip(events.sizes, events.sizes[1:]) if b > a]
+    assert len(growth) >= 2 and max(events.sizes) > 44 + 2 * 16 * 1920

@@ -124,9 +124,11 @@ def test_manifest_run_takes_the_requested_channel(dialogue, tiny_inplace, tmp_pa
         assert report_of(out / REPORT_NAME)["settings"]["channel"] == {"left": 0, "right": 1}[channel]
         outputs[channel] = (out / "dialogues" / "d.wav").read_bytes()
     assert outputs["left"] != outputs["right"]
-    # Each is exactly the run of that channel alone, as a mono file.
+    # Each is exactly the run of that channel alone, as a mono file (at the manifest run's batch size).
     alone = tmp_path / "alone"
-    assert infer(tiny_inplace, dialogue / "right.wav", alone / "right.wav", "--quiet").exit_code == 0
+    batch_size = report_of(tmp_path / "right" / REPORT_NAME)["settings"]["batch_size"]
+    assert infer(tiny_inplace, dialogue / "right.wav", alone / "right.wav", "--quiet",
+                 "--batch-size", str(batch_size)).exit_code == 0
     assert (alone / "right.wav").read_bytes() == outputs["right"]
 
 
