@@ -30,6 +30,9 @@ from pathlib import Path, PurePath
 from .errors import MoshiTTTError
 from .results import REPORT_NAME, REPORT_SCHEMA, FileResult, Report, sha256_of
 
+# Settings each process decides for itself (auto batch size from its own file count and memory,
+# its threads and device): differing between shards is expected, not worth a warning.
+PER_PROCESS_SETTINGS = ("shard", "threads", "device", "batch_size", "batch_size_reason")
 SHARD_LOCK = re.compile(r"\.moshi-ttt\.shard-(\d+)-of-(\d+)\.lock")
 
 
@@ -285,7 +288,7 @@ def merge_reports(report: Path, lock_folder: Path | None = None) -> MergeOutcome
     settings = dict(newest.data.get("settings") or {})
     settings.pop("shard", None)
     differing = sorted({key for part in parts.values() for key, value in (part.data.get("settings") or {}).items()
-                        if key not in ("shard", "threads", "device") and settings.get(key) != value})
+                        if key not in PER_PROCESS_SETTINGS and settings.get(key) != value})
     with OutputLock(lock_folder):  # no unsharded run (nor another merge) writes the report meanwhile
         states = shard_states(parts, lock_folder)
         merged = Report(settings=settings, files=merged_entries(reports),

@@ -46,7 +46,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def single(tiny_inplace, corpus, tmp_path_factory) -> Path:
     """The reference: one unsharded run."""
     out = tmp_path_factory.mktemp("single") / "out"
-    result = infer(tiny_inplace, corpus[0], out, "--text", "--quiet")
+    result = infer(tiny_inplace, corpus[0], out, "--text", "--quiet", "--batch-size", "1")
     assert result.exit_code == 1, result.output  # the bad file failed
     return out
 
@@ -55,7 +55,9 @@ def single(tiny_inplace, corpus, tmp_path_factory) -> Path:
 def sharded(tiny_inplace, corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sharded") / "out"
     for index in range(2):
-        result = infer(tiny_inplace, corpus[0], out, "--text", "--quiet", "--shard", f"{index}/2")
+        # The batch size is part of what a CPU run computes (and streams batched together share
+        # rounding): one stream at a time in every run compared here.
+        result = infer(tiny_inplace, corpus[0], out, "--text", "--quiet", "--batch-size", "1", "--shard", f"{index}/2")
         assert_no_traceback(result)
         assert result.exit_code in (0, 1), result.output
     return out
@@ -110,7 +112,9 @@ def test_two_shards_cover_the_corpus_exactly_once_and_merge_into_the_single_repo
     assert by_status == expected
     relocate = lambda e: {k: (v.replace(str(sharded), str(single)) if isinstance(v, str) else v)  # noqa: E731
                           for k, v in e.items()}
-    assert {k: relocate(v) for k, v in entries(merged).items()} == entries(reference)
+    ours, theirs = {k: relocate(v) for k, v in entries(merged).items()}, entries(reference)
+    assert ours.keys() == theirs.keys()
+    assert {k: [f for f in theirs[k] if ours[k].get(f) != theirs[k][f]] for k in ours} == {k: [] for k in ours}
     counts = {k: v for k, v in merged["totals"].items() if k not in ("wall_s", "real_time_factor")}
     assert counts == {k: v for k, v in reference["totals"].items() if k not in ("wall_s", "real_time_factor")}
     assert merged["totals"]["wall_s"] == pytest.approx(sum(p["totals"]["wall_s"] for p in parts), abs=1e-2)
@@ -127,7 +131,7 @@ def test_an_unsharded_rerun_takes_the_shards_results_as_its_own(tiny_inplace, co
     for path in out.glob("*.json"):  # the parts name outputs under `sharded`: point them here
         path.write_text(path.read_text().replace(str(sharded), str(out)))
     (out / REPORT_NAME).unlink(missing_ok=True)
-    result = infer(tiny_inplace, src, out, "--text", "--quiet")
+    result = infer(tiny_inplace, src, out, "--text", "--quiet", "--batch-size", "1")
     assert result.exit_code == 1, result.output  # the bad file is tried again, and fails again
     report = report_of(out / REPORT_NAME)
     parts = {f["input"]: f for i in range(2)
