@@ -27,6 +27,7 @@ from moshi_ttt.run import RunOptions, run_batch  # noqa: E402
 from moshi_ttt.tiny import write_sample_recordings  # noqa: E402
 
 from helpers import comparable, files_under, partials, write_corpus  # noqa: E402
+from test_cli import assert_no_traceback, infer  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -74,8 +75,13 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_two_ray_workers_write_what_a_local_run_writes(tiny_inplace, corpus, tmp_path) -> None:
     src, expected = corpus
     local = run_batch(src, tmp_path / "local", options(tiny_inplace))
-    distributed = run_batch(src, tmp_path / "ray", on_ray(tiny_inplace))
-    assert local.exit_code == distributed.exit_code == 1  # the bad file failed in both
+    assert local.exit_code == 1  # the bad file failed
+    # Through the CLI, on the module's Ray instance (joined, so left running).
+    result = infer(tiny_inplace, src, tmp_path / "ray", "--text", "--batch-size", "1", "--threads", "1", "--quiet",
+                   "--backend", "ray", "--workers", "2")
+    assert_no_traceback(result)
+    assert result.exit_code == 1, result.output
+    assert "bad/text.wav" in result.stderr and ray.is_initialized()
     assert files_under(tmp_path / "ray") == files_under(tmp_path / "local")
     for rel in files_under(tmp_path / "local"):
         if rel != REPORT_NAME:
@@ -86,8 +92,9 @@ def test_two_ray_workers_write_what_a_local_run_writes(tiny_inplace, corpus, tmp
     assert [relocate(e) for e in ours["files"]] == [comparable(e) for e in theirs["files"]]  # plan order too
     assert {Path(e["input"]).relative_to(src).as_posix(): e["status"] for e in ours["files"]} == expected
     assert ours["settings"]["backend"] == "ray" and ours["settings"]["workers"] == 2
-    differing = {k for k in theirs["settings"] if ours["settings"].get(k) != theirs["settings"][k]}
-    assert differing <= {"threads"}, differing  # the model's own description came from the actors
+    # The model's own description came from the actors.
+    assert {k: v for k, v in ours["settings"].items() if k not in ("backend", "workers", "gpus_per_worker")} \
+        == theirs["settings"]
     assert partials(tmp_path / "ray") == []
 
 
@@ -120,11 +127,28 @@ def test_a_worker_killed_mid_run_is_restarted_and_every_output_is_complete(tiny_
     assert not any(pid == events.killed for pid in actor_pids())
 
 
-def test_without_ray_installed_it_is_one_line(monkeypatch) -> None:
+@pytest.mark.parametrize("args,message", [
+    (["--workers", "2"], "--workers only apply with --backend ray"),
+    (["--ray-address", "auto", "--gpus-per-worker", "1"], "--ray-address, --gpus-per-worker only apply with --backend ray"),
+    (["--backend", "ray", "--workers", "0"], "--workers must be at least 1"),
+    (["--backend", "ray", "--gpus-per-worker", "1"], "--gpus-per-worker with --device cpu"),
+])
+def test_ray_options_are_checked_before_anything_loads(args, message, tiny_inplace, corpus, tmp_path) -> None:
+    result = infer(tiny_inplace, corpus[0], tmp_path / "out", *args)
+    assert_no_traceback(result)
+    assert result.exit_code == 2 and message in " ".join(result.stderr.split()), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_ray_installed_it_is_one_line(tiny_inplace, corpus, tmp_path, monkeypatch) -> None:
     import sys
 
     from moshi_ttt.ray_backend import require_ray
 
-    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     with pytest.raises(MoshiTTTError, match=r"install 'moshi-ttt\[ray\]'"):
         require_ray()
+    result = infer(tiny_inplace, corpus[0], tmp_path / "out", "--backend", "ray")
+    assert_no_traceback(result)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --backend ray needs Ray: pip install 'moshi-ttt[ray]'"
