@@ -98,33 +98,41 @@ def test_two_ray_workers_write_what_a_local_run_writes(tiny_inplace, corpus, tmp
     assert partials(tmp_path / "ray") == []
 
 
+N_KILL = 5
+
+
 def test_a_worker_killed_mid_run_is_restarted_and_every_output_is_complete(tiny_inplace, tmp_path) -> None:
     src = tmp_path / "in"
-    write_sample_recordings(src, seed=5, durations=[3.0] * 6)
+    write_sample_recordings(src, seed=5, durations=[2.5] * N_KILL)
 
     class KillOne(SilentEvents):
-        """Kills an actor's process when the first file is reported (the others still stream)."""
+        """Kills an actor's process when the first file is reported (the others still stream),
+        and notes which actor processes exist as later files finish."""
 
         killed: int | None = None
+        after: set[int] = set()
 
         def file_finished(self, index, total, result):
             if self.killed is None:
                 busy = actor_pids()
-                assert busy, "no actor process found"
+                assert len(busy) == 2, busy
+                self.before = set(busy)
                 self.killed = busy[-1]
                 os.kill(self.killed, signal.SIGKILL)
+            else:
+                self.after |= set(actor_pids())
 
     events = KillOne()
     outcome = run_batch(src, tmp_path / "out", on_ray(tiny_inplace, files_per_task=1), events)
     assert events.killed is not None
+    assert events.after - events.before, "the killed actor was restarted"
     assert outcome.exit_code == 0, [(f.input, f.reason) for f in outcome.report.files]
     report = report_of(tmp_path / "out" / REPORT_NAME)
-    assert [f["status"] for f in report["files"]] == ["ok"] * 6
+    assert [f["status"] for f in report["files"]] == ["ok"] * N_KILL
     for source in sorted(src.glob("*.wav")):
         output = tmp_path / "out" / source.name
         assert sf.info(str(output)).frames == sf.info(str(source)).frames // FRAME_SIZE * FRAME_SIZE
     assert partials(tmp_path / "out") == []  # the dead actor's temporary is gone too
-    assert not any(pid == events.killed for pid in actor_pids())
 
 
 @pytest.mark.parametrize("args,message", [
