@@ -150,7 +150,7 @@ class RayBackend:
     def connect(self) -> "Resolved":
         """Join the cluster at `address`, or start a local Ray instance; decide the defaults."""
         ray = require_ray()
-        if not ray.is_initialized():
+        if not ray.is_initialized():  # else: joined by the caller (a notebook, a test), left running
             try:
                 ray.init(address=self.ray_options.address, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:

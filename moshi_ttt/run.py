@@ -143,18 +143,19 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
                          report=options.report, include_hidden=options.include_hidden,
                          text_format=options.text_format, audio_format=options.audio_format,
                          shard=options.shard)
-    backend = None
+    backend: tp.Any = None
     try:
         resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides, options.step)
         what = options.base + (f" + {options.checkpoint}" if options.checkpoint else "")
-        backend: tp.Any
-        if on_ray:
+        if not plan.jobs:  # a shard that got no file: its (empty) part says it is done, no model needed
+            settings = {"base": options.base, "checkpoint": options.checkpoint, "seed": options.seed}
+        elif on_ray:
             from .ray_backend import RayBackend
 
+            # Ray starts (or is joined) only if some file needs streaming; the model's part of
+            # the settings arrives with the first result.
             backend = RayBackend(options, env=user_env)
-            with events.loading(f"Ray at {options.ray.address}" if options.ray.address else "a local Ray instance"):
-                backend.connect()
-            settings = backend.settings  # the model's part arrives with the first result
+            settings = backend.settings
         else:
             with events.loading(what):
                 backend = make_worker(options, device, dtype, len(plan.jobs))

@@ -284,7 +284,8 @@ def merge_reports(report: Path, lock_folder: Path | None = None) -> MergeOutcome
             raise MoshiTTTError("no shard reports to merge here (expected moshi-ttt-report.shard-I-of-N.json "
                                 "from `infer --shard I/N`)", report.parent)
         raise MoshiTTTError("no such folder", report.parent)
-    newest = max(parts.values(), key=lambda r: r.mtime_ns)
+    # The settings of the newest part that streamed something (an empty shard loads no model).
+    newest = max(parts.values(), key=lambda r: (bool(r.data.get("files")), r.mtime_ns))
     settings = dict(newest.data.get("settings") or {})
     settings.pop("shard", None)
     differing = sorted({key for part in parts.values() for key, value in (part.data.get("settings") or {}).items()

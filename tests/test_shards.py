@@ -258,3 +258,25 @@ def test_shard_of_a_single_file_is_refused(tiny_inplace, corpus, tmp_path) -> No
     bad = infer(tiny_inplace, src, tmp_path / "out", "--shard", "2/2")
     assert bad.exit_code == 2 and "shards are numbered from 0" in bad.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_without_files_loads_no_model_and_is_complete(tiny_inplace, corpus, tmp_path, monkeypatch) -> None:
+    from moshi_ttt import model as model_module
+
+    src, expected = corpus
+    theirs = next(rel for rel in sorted(expected) if shard_of(rel, 2) == 1 and expected[rel] == "ok")
+    out = tmp_path / "out"
+    loads = []
+    real = model_module.load_model
+    monkeypatch.setattr(model_module, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    empty = infer(tiny_inplace, src, out, "--shard", "0/2", "--glob", theirs, "--quiet")
+    assert empty.exit_code == 0, empty.output
+    assert loads == []
+    part = report_of(out / "moshi-ttt-report.shard-0-of-2.json")
+    assert part["files"] == [] and part["shard"] == {"index": 0, "count": 2, "planned": 0, "done": 0}
+    full = infer(tiny_inplace, src, out, "--shard", "1/2", "--glob", theirs, "--quiet")
+    assert full.exit_code == 0 and len(loads) == 1
+    result = merge(out)
+    assert result.exit_code == 0, result.output
+    merged = report_of(out / REPORT_NAME)
+    assert [f["status"] for f in merged["files"]] == ["ok"] and "lm" in merged["settings"]
