@@ -48,6 +48,14 @@ def parse_batch_size(value: int | str | None) -> int | None:
     return size
 
 
+def check_decode_chunk(decode_chunk: int | None) -> int | None:
+    """`--decode-chunk`: a positive number of frames, or None (frame by frame)."""
+    if decode_chunk is not None and (isinstance(decode_chunk, bool) or not isinstance(decode_chunk, int)
+                                     or decode_chunk < 1):
+        raise MoshiTTTError(f"--decode-chunk must be a positive number of frames, got {decode_chunk!r}")
+    return decode_chunk
+
+
 def stream_bytes(model: tp.Any) -> int:
     """Device memory one more stream needs, from the loaded model's modules: KV caches of every
     self-attention (LM, depformer, Mimi) and TTT fast weights with their buffers, plus headroom."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import MoshiTTTError
+from .batch_size import check_decode_chunk
 from .model import LoadedModel
 from .runner import StreamResult, check_seed, make_lm_gen, split_frames
 from .sampling import Sampling
@@ -50,12 +50,6 @@ from .stream_sampling import StreamSampler
 Key = tp.TypeVar("Key")
 AudioFn = tp.Callable[[tp.Any, np.ndarray], None]  # (key, decoded 24 kHz float32 block)
 FrameProgressFn = tp.Callable[[tp.Any, int, int], None]  # (key, frames done, frames total)
-def check_decode_chunk(decode_chunk: int | None) -> int | None:
-    if decode_chunk is not None and (not isinstance(decode_chunk, int) or decode_chunk < 1):
-        raise MoshiTTTError(f"--decode-chunk must be a positive number of frames, got {decode_chunk!r}")
-    return decode_chunk
-
-
 @dataclass
 class _Slot(tp.Generic[Key]):
     """One stream of the batch and the file it is on (None while idle)."""
