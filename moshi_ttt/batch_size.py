@@ -7,8 +7,8 @@ fast weights (float32, with as much again for the chunk buffers and the update's
 plus headroom for activations. For Moshi 7B at context 3000 in bfloat16 that is about 1.6 GB of
 KV cache per stream, and 185 MB per In-Place TTT layer.
 
-On CPU `auto` is `CPU_BATCH_SIZE`, what `bench/throughput.py` measured fastest on the project's
-2-core machine (see the README's table).
+On CPU `auto` takes at most `CPU_BATCH_SIZE` streams (as host memory allows): what
+`bench/throughput.py` measured fastest on the project's 2-core machine (see the README's table).
 
 `auto` never picks more streams than the run has files (masked streams cost as much compute as
 live ones); it counts every file of the plan, also those kept from an earlier run, so resuming
@@ -26,7 +26,7 @@ import typing as tp
 
 from .errors import MoshiTTTError
 
-CPU_BATCH_SIZE = 8
+CPU_BATCH_SIZE = 16
 MAX_AUTO_BATCH_SIZE = 64
 # Activations, allocator slack and Mimi's convolution states on top of the caches and fast weights.
 STREAM_HEADROOM = 1.25

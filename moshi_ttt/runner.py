@@ -5,6 +5,10 @@ partial frame is dropped), the first frame stepped twice (at offset 0 LMGen repl
 the initial tokens), `LMGen.step` returning None for the first `max(delays)` steps. On top of it,
 per file: RNG reseeded, fresh streaming state (new KV caches; TTT fast weights back to the
 checkpoint's), one `TTTController.after_step()` per step, and `flush()` at end of file.
+
+`StreamingRunner` is that loop for one recording, kept as the reference: it is tested equal to
+moshi's own `InferenceState`, and `batched.BatchedRunner` (what runs are made of, at any batch
+size) is tested equal to it bit for bit at one slot. The text helpers below serve both.
 """
 
 from __future__ import annotations

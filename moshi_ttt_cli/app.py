@@ -180,7 +180,7 @@ def infer(
                                       "report path) and nothing else there; progress goes to stderr."),
     batch_size: str = typer.Option("auto", "--batch-size", metavar="B|auto",
                                    help="Recordings streamed at once, each with its own fast weights (auto: as "
-                                   "many as fit in free GPU memory; 8 on CPU)."),
+                                   "many as fit in free GPU memory; at most 16 on CPU)."),
     decode_chunk: tp.Optional[int] = typer.Option(None, "--decode-chunk", metavar="FRAMES",
                                                   help="Decode audio in chunks of this many frames: faster on CPU, "
                                                   "audio within one 16-bit step of the default frame-by-frame decode."),
