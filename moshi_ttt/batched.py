@@ -55,7 +55,7 @@ class _Slot(tp.Generic[Key]):
     """One stream of the batch and the file it is on (None while idle)."""
 
     key: Key | None = None
-    frames: list[torch.Tensor] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)  # views of the recording (host)
     next_frame: int = 0
     steps: int = 0
     pcm: list[np.ndarray] = field(default_factory=list)
@@ -121,7 +121,7 @@ class BatchedRunner:
                         if item is None:
                             exhausted = True
                             continue
-                        slots[index] = _Slot(key=item[0], frames=split_frames(item[1], mimi.frame_size, self.model.device))
+                        slots[index] = _Slot(key=item[0], frames=split_frames(item[1], mimi.frame_size))
                         starting[index] = True
                 if any(starting):
                     mask = self._mask(starting)
@@ -139,12 +139,12 @@ class BatchedRunner:
                 active = [slot.busy for slot in slots]
                 if not any(active):
                     return
-                batch = torch.zeros(self.batch_size, 1, size, device=self.model.device)
+                batch = np.zeros((self.batch_size, 1, size), dtype=np.float32)
                 for index, slot in enumerate(slots):
                     if slot.busy:
                         batch[index, 0] = slot.frames[slot.next_frame]
                 mimi.set_exec_mask(self._mask(active))
-                codes = mimi.encode(batch)
+                codes = mimi.encode(torch.from_numpy(batch).to(self.model.device))  # one copy per step
                 tokens = self._step(codes, active)
                 first = [slot.busy and slot.next_frame == 0 for slot in slots]
                 if any(first):  # the first frame is stepped twice, for those slots only

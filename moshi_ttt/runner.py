@@ -55,11 +55,12 @@ class StreamResult:
             self.samples = len(self.pcm)
 
 
-def split_frames(pcm: np.ndarray, frame_size: int, device: torch.device) -> list[torch.Tensor]:
-    """The full frames of `pcm`, [frame_size] each; a trailing partial frame is dropped, as moshi's
-    `run_inference` does."""
-    return [torch.from_numpy(np.ascontiguousarray(pcm[i:i + frame_size])).to(device)
-            for i in range(0, len(pcm) - frame_size + 1, frame_size)]
+def split_frames(pcm: np.ndarray, frame_size: int) -> list[np.ndarray]:
+    """The full frames of `pcm`, [frame_size] each (views: nothing is copied, and a recording goes
+    to the device one frame per step, so device memory does not grow with its length); a trailing
+    partial frame is dropped, as moshi's `run_inference` does."""
+    pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+    return [pcm[i:i + frame_size] for i in range(0, len(pcm) - frame_size + 1, frame_size)]
 
 
 def make_lm_gen(model: LoadedModel, batch_size: int, sampling: Sampling | None,
@@ -93,7 +94,7 @@ class StreamingRunner:
 
         mimi, lm_gen = self.model.mimi, self.lm_gen
         # Samples per LM step: 1920 at 24 kHz / 12.5 Hz.
-        frames = [frame[None, None] for frame in split_frames(pcm, mimi.frame_size, self.model.device)]
+        frames = split_frames(pcm, mimi.frame_size)
         out_pcm: list[np.ndarray] = []
         text_tokens: list[int] = []
         text_steps: list[int] = []
@@ -106,7 +107,7 @@ class StreamingRunner:
         self.controller.set_timeline(self.timeline)
         with mimi.streaming(1), lm_gen.streaming(1):
             for index, frame in enumerate(frames):
-                codes = mimi.encode(frame)
+                codes = mimi.encode(torch.from_numpy(frame).to(self.model.device)[None, None])
                 for _ in range(2 if index == 0 else 1):
                     tokens = lm_gen.step(codes)
                     steps += 1
