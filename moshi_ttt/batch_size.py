@@ -7,8 +7,8 @@ fast weights (float32, with as much again for the chunk buffers and the update's
 plus headroom for activations. For Moshi 7B at context 3000 in bfloat16 that is about 1.6 GB of
 KV cache per stream, and 185 MB per In-Place TTT layer.
 
-On CPU `auto` is `CPU_BATCH_SIZE`, what `bench/throughput.py` measured fastest on the project's
-2-core machine (see the README's table).
+On CPU `auto` takes at most `CPU_BATCH_SIZE` streams (as host memory allows): what
+`bench/throughput.py` measured fastest on the project's 2-core machine (see the README's table).
 
 `auto` never picks more streams than the run has files (masked streams cost as much compute as
 live ones); it counts every file of the plan, also those kept from an earlier run, so resuming
@@ -26,7 +26,7 @@ import typing as tp
 
 from .errors import MoshiTTTError
 
-CPU_BATCH_SIZE = 8
+CPU_BATCH_SIZE = 16
 MAX_AUTO_BATCH_SIZE = 64
 # Activations, allocator slack and Mimi's convolution states on top of the caches and fast weights.
 STREAM_HEADROOM = 1.25
@@ -46,6 +46,14 @@ def parse_batch_size(value: int | str | None) -> int | None:
     if size < 1 or str(size) != str(value).strip():
         raise MoshiTTTError(f"--batch-size must be a positive number or auto, got {value!r}")
     return size
+
+
+def check_decode_chunk(decode_chunk: int | None) -> int | None:
+    """`--decode-chunk`: a positive number of frames, or None (frame by frame)."""
+    if decode_chunk is not None and (isinstance(decode_chunk, bool) or not isinstance(decode_chunk, int)
+                                     or decode_chunk < 1):
+        raise MoshiTTTError(f"--decode-chunk must be a positive number of frames, got {decode_chunk!r}")
+    return decode_chunk
 
 
 def stream_bytes(model: tp.Any) -> int:

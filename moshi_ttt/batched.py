@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import MoshiTTTError
+from .batch_size import check_decode_chunk
 from .model import LoadedModel
 from .runner import StreamResult, check_seed, make_lm_gen, split_frames
 from .sampling import Sampling
@@ -50,18 +50,12 @@ from .stream_sampling import StreamSampler
 Key = tp.TypeVar("Key")
 AudioFn = tp.Callable[[tp.Any, np.ndarray], None]  # (key, decoded 24 kHz float32 block)
 FrameProgressFn = tp.Callable[[tp.Any, int, int], None]  # (key, frames done, frames total)
-def check_decode_chunk(decode_chunk: int | None) -> int | None:
-    if decode_chunk is not None and (not isinstance(decode_chunk, int) or decode_chunk < 1):
-        raise MoshiTTTError(f"--decode-chunk must be a positive number of frames, got {decode_chunk!r}")
-    return decode_chunk
-
-
 @dataclass
 class _Slot(tp.Generic[Key]):
     """One stream of the batch and the file it is on (None while idle)."""
 
     key: Key | None = None
-    frames: list[torch.Tensor] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)  # views of the recording (host)
     next_frame: int = 0
     steps: int = 0
     pcm: list[np.ndarray] = field(default_factory=list)
@@ -127,7 +121,7 @@ class BatchedRunner:
                         if item is None:
                             exhausted = True
                             continue
-                        slots[index] = _Slot(key=item[0], frames=split_frames(item[1], mimi.frame_size, self.model.device))
+                        slots[index] = _Slot(key=item[0], frames=split_frames(item[1], mimi.frame_size))
                         starting[index] = True
                 if any(starting):
                     mask = self._mask(starting)
@@ -145,12 +139,12 @@ class BatchedRunner:
                 active = [slot.busy for slot in slots]
                 if not any(active):
                     return
-                batch = torch.zeros(self.batch_size, 1, size, device=self.model.device)
+                batch = np.zeros((self.batch_size, 1, size), dtype=np.float32)
                 for index, slot in enumerate(slots):
                     if slot.busy:
                         batch[index, 0] = slot.frames[slot.next_frame]
                 mimi.set_exec_mask(self._mask(active))
-                codes = mimi.encode(batch)
+                codes = mimi.encode(torch.from_numpy(batch).to(self.model.device))  # one copy per step
                 tokens = self._step(codes, active)
                 first = [slot.busy and slot.next_frame == 0 for slot in slots]
                 if any(first):  # the first frame is stepped twice, for those slots only

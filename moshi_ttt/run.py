@@ -129,8 +129,7 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
     device, dtype, threads = prepare_runtime("cpu" if on_ray else options.device, options.dtype, options.threads)
     from .audio import parse_channel
     from .batch import BatchRunner, prepare_batch
-    from .batch_size import parse_batch_size
-    from .batched import check_decode_chunk
+    from .batch_size import check_decode_chunk, parse_batch_size
     from .model import resolve_checkpoints
     from .runner import check_seed
 

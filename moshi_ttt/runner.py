@@ -5,6 +5,10 @@ partial frame is dropped), the first frame stepped twice (at offset 0 LMGen repl
 the initial tokens), `LMGen.step` returning None for the first `max(delays)` steps. On top of it,
 per file: RNG reseeded, fresh streaming state (new KV caches; TTT fast weights back to the
 checkpoint's), one `TTTController.after_step()` per step, and `flush()` at end of file.
+
+`StreamingRunner` is that loop for one recording, kept as the reference: it is tested equal to
+moshi's own `InferenceState`, and `batched.BatchedRunner` (what runs are made of, at any batch
+size) is tested equal to it bit for bit at one slot. The text helpers below serve both.
 """
 
 from __future__ import annotations
@@ -51,11 +55,12 @@ class StreamResult:
             self.samples = len(self.pcm)
 
 
-def split_frames(pcm: np.ndarray, frame_size: int, device: torch.device) -> list[torch.Tensor]:
-    """The full frames of `pcm`, [frame_size] each; a trailing partial frame is dropped, as moshi's
-    `run_inference` does."""
-    return [torch.from_numpy(np.ascontiguousarray(pcm[i:i + frame_size])).to(device)
-            for i in range(0, len(pcm) - frame_size + 1, frame_size)]
+def split_frames(pcm: np.ndarray, frame_size: int) -> list[np.ndarray]:
+    """The full frames of `pcm`, [frame_size] each (views: nothing is copied, and a recording goes
+    to the device one frame per step, so device memory does not grow with its length); a trailing
+    partial frame is dropped, as moshi's `run_inference` does."""
+    pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+    return [pcm[i:i + frame_size] for i in range(0, len(pcm) - frame_size + 1, frame_size)]
 
 
 def make_lm_gen(model: LoadedModel, batch_size: int, sampling: Sampling | None,
@@ -89,7 +94,7 @@ class StreamingRunner:
 
         mimi, lm_gen = self.model.mimi, self.lm_gen
         # Samples per LM step: 1920 at 24 kHz / 12.5 Hz.
-        frames = [frame[None, None] for frame in split_frames(pcm, mimi.frame_size, self.model.device)]
+        frames = split_frames(pcm, mimi.frame_size)
         out_pcm: list[np.ndarray] = []
         text_tokens: list[int] = []
         text_steps: list[int] = []
@@ -102,7 +107,7 @@ class StreamingRunner:
         self.controller.set_timeline(self.timeline)
         with mimi.streaming(1), lm_gen.streaming(1):
             for index, frame in enumerate(frames):
-                codes = mimi.encode(frame)
+                codes = mimi.encode(torch.from_numpy(frame).to(self.model.device)[None, None])
                 for _ in range(2 if index == 0 else 1):
                     tokens = lm_gen.step(codes)
                     steps += 1

@@ -187,7 +187,7 @@ def infer(
                                       "report path) and nothing else there; progress goes to stderr."),
     batch_size: str = typer.Option("auto", "--batch-size", metavar="B|auto",
                                    help="Recordings streamed at once, each with its own fast weights (auto: as "
-                                   "many as fit in free GPU memory; 8 on CPU)."),
+                                   "many as fit in free GPU memory; at most 16 on CPU)."),
     decode_chunk: tp.Optional[int] = typer.Option(None, "--decode-chunk", metavar="FRAMES",
                                                   help="Decode audio in chunks of this many frames: faster on CPU, "
                                                   "audio within one 16-bit step of the default frame-by-frame decode."),
@@ -227,7 +227,7 @@ def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: st
     """Run a batch through the library and render it; returns the exit code. With `json_summary`,
     stdout gets the one JSON line and everything for people goes to stderr."""
     from moshi_ttt.audio import parse_channel
-    from moshi_ttt.batch_size import parse_batch_size
+    from moshi_ttt.batch_size import check_decode_chunk, parse_batch_size
     from moshi_ttt.config import parse_delta_clip
 
     people = err if json_summary else out
@@ -240,6 +240,7 @@ def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: st
             options.sampling.check()  # before the model stack loads (seconds)
             parse_channel(options.channel)
             parse_batch_size(options.batch_size)
+            check_decode_chunk(options.decode_chunk)
             _load_model_stack(options.device, options.dtype, options.threads)
             from moshi_ttt.run import run_batch
 

@@ -59,3 +59,19 @@ def test_auto_fills_free_memory_and_is_capped(models, monkeypatch) -> None:
     assert bs.choose_batch_size(None, model, files=5)[0] == 1  # never below one stream
     assert bs.choose_batch_size(4, model, files=5) == (4, "--batch-size 4")
     assert bs.choose_batch_size(16, model, files=5) == (16, "--batch-size 16")  # as asked: reproducible
+
+
+@pytest.mark.parametrize("args, message", [(["--batch-size", "0"], "--batch-size must be a positive number or auto"),
+                                           (["--batch-size", "lots"], "--batch-size must be a positive number or auto"),
+                                           (["--decode-chunk", "0"], "--decode-chunk must be a positive number")])
+def test_bad_batch_options_exit_2_before_loading(args, message, tiny_inplace, recordings, tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from moshi_ttt_cli import app as app_module
+
+    monkeypatch.setattr(app_module, "_load_model_stack", lambda *a, **k: pytest.fail("imported the model stack"))
+    argv = ["infer", str(recordings[0]), str(tmp_path / "o.wav"), *args, "--base", str(tiny_inplace.base)]
+    result = CliRunner().invoke(app_module.app, argv)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {message}")
+    assert not (tmp_path / "o.wav").exists()

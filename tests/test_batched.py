@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from moshi_ttt.audio import read_audio
+from moshi_ttt.audio import read_audio, to_pcm16
 from moshi_ttt.batched import BatchedRunner
 from moshi_ttt.model import load_model
 from moshi_ttt.results import REPORT_NAME, SilentEvents
@@ -174,3 +174,15 @@ def test_output_is_written_while_the_file_streams(tiny_inplace, folder, tmp_path
     run_folder(tiny_inplace, folder, tmp_path / "out", 1, events)
     growth = [b - a for a, b in zip(events.sizes, events.sizes[1:]) if b > a]
     assert len(growth) >= 2 and max(events.sizes) > 44 + 2 * 16 * 1920
+
+
+def test_chunked_decode_changes_no_token_and_audio_by_at_most_one_step(model, files) -> None:
+    """Sampled, B=3: decoding 16 frames per Mimi call (slots joining mid-chunk decode shorter
+    first chunks) gives the tokens of frame-by-frame decoding and audio within one 16-bit step."""
+    framewise = dict(BatchedRunner(model, 3).run(files.items()))
+    chunked = dict(BatchedRunner(model, 3, decode_chunk=16).run(files.items()))
+    for name in files:
+        assert chunked[name].text_tokens == framewise[name].text_tokens, name
+        a, b = to_pcm16(chunked[name].pcm).astype(int), to_pcm16(framewise[name].pcm).astype(int)
+        assert len(a) == len(b) and np.abs(a - b).max(initial=0) <= 1, name
+    assert any(chunked[n].pcm.tobytes() != framewise[n].pcm.tobytes() for n in files)  # it did decode in chunks
