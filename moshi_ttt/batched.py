@@ -82,6 +82,7 @@ class BatchedRunner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_decode_chunk(decode_chunk)
         self.decode_chunk = decode_chunk or 1
+        self._on_audio: AudioFn | None = None  # the current run's audio sink
         self.model = model
         self.batch_size = batch_size
         self.seed = check_seed(seed)
@@ -104,7 +105,7 @@ class BatchedRunner:
         carry none (`pcm` empty, `samples` counted); `progress` hears each slot's frames.
         """
         self._on_audio = on_audio
-        mimi, lm_gen, lm = self.model.mimi, self.lm_gen, self.model.lm
+        mimi, lm_gen = self.model.mimi, self.lm_gen
         pending = iter(recordings)
         slots: list[_Slot] = [_Slot() for _ in range(self.batch_size)]
         size = mimi.frame_size

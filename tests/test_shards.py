@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from moshi_ttt.audio import atomic_output
 from moshi_ttt.batch import REPORT_NAME
 from moshi_ttt.errors import MoshiTTTError
-from moshi_ttt.guard import LOCK_NAME, OutputLock
+from moshi_ttt.guard import OutputLock
 from moshi_ttt.shards import Shard, parse_shard, shard_of
 from moshi_ttt_cli.app import app
 
