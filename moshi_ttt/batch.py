@@ -11,7 +11,6 @@ import collections
 import contextlib
 import dataclasses
 import fnmatch
-import json
 import os
 import time
 import typing as tp
@@ -122,15 +121,11 @@ def plan_jobs(source: Path, target: Path | str, pattern: str | None = None, text
 def read_report(path: Path) -> dict | None:
     """The report an earlier run left at `path` (None if there is none). Anything else there is
     refused rather than replaced: `--report` may name a user's file by mistake."""
-    if not path.exists():
-        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        data = None
-    if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA or not isinstance(data.get("files"), list):
-        raise MoshiTTTError("exists and is not a moshi-ttt report; refusing to replace it", path)
-    return data
+        found = read_report_file(path)
+    except MoshiTTTError:
+        raise MoshiTTTError("exists and is not a moshi-ttt report; refusing to replace it", path) from None
+    return None if found is None else found.data
 
 
 class EarlierResults:
@@ -244,8 +239,8 @@ class FileWorker:
                 try:
                     writer = AudioWriter(job.output)
                 except (MoshiTTTError, OSError) as exc:
-                    reason = exc.reason if isinstance(exc, MoshiTTTError) else _os_reason(exc)
-                    known.append((index, FileResult(str(job.input), None, "failed", reason, duration_s=duration)))
+                    known.append((index, FileResult(str(job.input), None, "failed", _reason(exc),
+                                                    duration_s=duration)))
                     continue
                 flights[index] = _InFlight(job, writer, duration, begin, recording.warnings)
                 events.file_started(index, total, job, duration)
@@ -261,13 +256,10 @@ class FileWorker:
                 except OSError as exc:  # disk full: this file fails at its end, the others go on
                     flight.error = exc
 
-        def progress(index: int, done: int, frames: int) -> None:
-            events.frames_done(index, done, frames)
-
         try:
             while True:
                 try:
-                    for index, streamed in self.runner.run(recordings(), on_audio=write, progress=progress):
+                    for index, streamed in self.runner.run(recordings(), on_audio=write, progress=events.frames_done):
                         yield from _drain(known)
                         yield index, self._finish(flights.pop(index), streamed)
                     yield from _drain(known)
@@ -295,12 +287,9 @@ class FileWorker:
                                                               timed_words_of(model, streamed)))
             flight.writer.commit()
             digest = sha256_of(job.output)
-        except MoshiTTTError as exc:
+        except (MoshiTTTError, RuntimeError, ValueError, OSError) as exc:
             flight.writer.abort()
-            return FileResult(str(job.input), None, "failed", exc.reason, duration_s=flight.duration)
-        except (RuntimeError, ValueError, OSError) as exc:
-            flight.writer.abort()
-            return FileResult(str(job.input), None, "failed", _os_reason(exc), duration_s=flight.duration)
+            return FileResult(str(job.input), None, "failed", _reason(exc), duration_s=flight.duration)
         model_ttt = model.describe_ttt()
         ttt = None if model_ttt is None else FileTTT(model_ttt["variant"], model_ttt["chunk_size"],
                                                      list(streamed.ttt_layers))
@@ -403,6 +392,11 @@ class BatchRunner:
 
 def _os_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def _reason(exc: Exception) -> str:
+    """What a report says of a file's failure: our own errors say it already."""
+    return exc.reason if isinstance(exc, MoshiTTTError) else _os_reason(exc)
 
 
 def default_report_path(source: Path, target: Path) -> Path | None:

@@ -50,6 +50,8 @@ from .stream_sampling import StreamSampler
 Key = tp.TypeVar("Key")
 AudioFn = tp.Callable[[tp.Any, np.ndarray], None]  # (key, decoded 24 kHz float32 block)
 FrameProgressFn = tp.Callable[[tp.Any, int, int], None]  # (key, frames done, frames total)
+
+
 @dataclass
 class _Slot(tp.Generic[Key]):
     """One stream of the batch and the file it is on (None while idle)."""
@@ -82,7 +84,6 @@ class BatchedRunner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_decode_chunk(decode_chunk)
         self.decode_chunk = decode_chunk or 1
-        self._on_audio: AudioFn | None = None  # the current run's audio sink
         self.model = model
         self.batch_size = batch_size
         self.seed = check_seed(seed)
@@ -104,7 +105,6 @@ class BatchedRunner:
         are held at once. With `on_audio`, decoded audio goes there block by block and results
         carry none (`pcm` empty, `samples` counted); `progress` hears each slot's frames.
         """
-        self._on_audio = on_audio
         mimi, lm_gen = self.model.mimi, self.lm_gen
         pending = iter(recordings)
         slots: list[_Slot] = [_Slot() for _ in range(self.batch_size)]
@@ -166,7 +166,7 @@ class BatchedRunner:
                         slot.next_frame += 1
                 ending = [slot.busy and slot.next_frame == len(slot.frames) for slot in slots]
                 if any(ending) or any(len(slot.pending_codes) >= self.decode_chunk for slot in slots):
-                    self._decode(slots)
+                    self._decode(slots, on_audio)
                 for index, slot in enumerate(slots):
                     if slot.busy and progress is not None:
                         progress(slot.key, slot.next_frame, len(slot.frames))
@@ -174,7 +174,7 @@ class BatchedRunner:
                         yield slot.key, self._finish(index, slot)
                         slots[index] = _Slot()
 
-    def _decode(self, slots: list[_Slot]) -> None:
+    def _decode(self, slots: list[_Slot], on_audio: AudioFn | None) -> None:
         """Decode every slot's buffered tokens, one Mimi call per group of slots holding as many
         frames (the others masked; their rows are zeros and their state does not move)."""
         mimi, lm = self.model.mimi, self.model.lm
@@ -192,8 +192,8 @@ class BatchedRunner:
             for index in np.flatnonzero(group):
                 slot = slots[index]
                 slot.samples += pcm.shape[-1]
-                if self._on_audio is not None:
-                    self._on_audio(slot.key, pcm[index, 0])
+                if on_audio is not None:
+                    on_audio(slot.key, pcm[index, 0])
                 else:
                     slot.pcm.append(pcm[index, 0])
 

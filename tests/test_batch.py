@@ -20,7 +20,7 @@ import torch
 
 from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, AudioWriter, read_audio, write_audio
 from moshi_ttt.batch import (REPORT_SCHEMA, BatchRunner, FileWorker, Job, SilentEvents, default_report_path, find_inputs,
-                             plan_jobs)
+                             plan_jobs, prepare_batch)
 from moshi_ttt.errors import AudioError, AudioTooShortError, MoshiTTTError
 from moshi_ttt.model import load_model
 from moshi_ttt.batched import BatchedRunner
@@ -487,3 +487,12 @@ def test_atomic_writes_leave_no_temporaries(tmp_path: Path) -> None:
     write_audio(target, np.zeros(FRAME_SIZE, dtype=np.float32))
     assert sf.info(str(target)).frames == FRAME_SIZE
     assert [p.name for p in target.parent.iterdir()] == ["x.wav"]
+
+
+@pytest.mark.parametrize("content", [b'{"notes": "mine"}', b"not json at all", b"\xff\xfe"])
+def test_a_report_path_holding_another_file_is_refused_not_replaced(recordings, tmp_path: Path, content) -> None:
+    mine = tmp_path / "notes.json"
+    mine.write_bytes(content)
+    with pytest.raises(MoshiTTTError, match="exists and is not a moshi-ttt report; refusing to replace it"):
+        prepare_batch(recordings[0].parent, tmp_path / "out", report=mine)
+    assert mine.read_bytes() == content
