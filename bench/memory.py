@@ -25,7 +25,7 @@ import json, os, sys
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 import torch
 torch.set_num_threads(1)
-from moshi_ttt.results import SilentEvents
+from moshi_ttt.events import SilentEvents
 mode, base, finetune, recording, out = sys.argv[1:6]
 samples = []  # resident MB at each tenth of the stream
 
@@ -46,12 +46,13 @@ class Events(SilentEvents):
 
 
 if mode == "product":
-    from moshi_ttt.run import RunOptions, run_batch
+    from moshi_ttt.options import RunOptions
+    from moshi_ttt.run import run_batch
     run_batch(recording, out, RunOptions(base=base, checkpoint=finetune, device="cpu", batch_size=1), Events())
 else:
-    from moshi_ttt.audio import read_audio, write_audio
-    from moshi_ttt.model import load_model
-    from moshi_ttt.runner import StreamingRunner
+    from moshi_ttt.jobs.audio import read_audio, write_audio
+    from moshi_ttt.checkpoints.model import load_model
+    from moshi_ttt.streaming.reference import StreamingRunner
     streamed = StreamingRunner(load_model(base, finetune)).run(read_audio(recording), progress=progress)
     write_audio(out, streamed.pcm)
     samples.append(rss_mb())  # the join and the write
@@ -63,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--minutes", type=float, nargs="+", default=[0.5, 4.0])
     args = parser.parse_args()
-    from moshi_ttt.tiny import write_sample_recordings, write_tiny_variant
+    from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant
 
     root = Path(tempfile.mkdtemp(prefix="moshi-ttt-memory-"))
     paths = write_tiny_variant(root, "inplace")

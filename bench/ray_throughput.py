@@ -20,9 +20,11 @@ from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-from moshi_ttt.ray_backend import RayOptions, require_ray  # noqa: E402
-from moshi_ttt.run import RunOptions, run_batch  # noqa: E402
-from moshi_ttt.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
+from moshi_ttt.options import RayOptions  # noqa: E402
+from moshi_ttt.backends.ray import require_ray
+from moshi_ttt.options import RunOptions  # noqa: E402
+from moshi_ttt.run import run_batch
+from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
 
 
 def main() -> None:

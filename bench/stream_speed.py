@@ -19,10 +19,10 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moshi_ttt.audio import SAMPLE_RATE, read_audio  # noqa: E402
-from moshi_ttt.model import load_model  # noqa: E402
-from moshi_ttt.runner import StreamingRunner  # noqa: E402
-from moshi_ttt.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
+from moshi_ttt.jobs.audio import SAMPLE_RATE, read_audio  # noqa: E402
+from moshi_ttt.checkpoints.model import load_model  # noqa: E402
+from moshi_ttt.streaming.reference import StreamingRunner  # noqa: E402
+from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
 
 
 def main() -> None:

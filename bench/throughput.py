@@ -21,10 +21,10 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import torch  # noqa: E402
 
-from moshi_ttt.audio import SAMPLE_RATE, read_audio, to_pcm16  # noqa: E402
-from moshi_ttt.batched import BatchedRunner  # noqa: E402
-from moshi_ttt.model import load_model  # noqa: E402
-from moshi_ttt.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
+from moshi_ttt.jobs.audio import SAMPLE_RATE, read_audio, to_pcm16  # noqa: E402
+from moshi_ttt.streaming.batched import BatchedRunner  # noqa: E402
+from moshi_ttt.checkpoints.model import load_model  # noqa: E402
+from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
 
 
 def main() -> None:

@@ -34,3 +34,19 @@ class AudioTooShortError(AudioError):
 
 class StreamingError(MoshiTTTError):
     """The streaming loop was driven in a way the TTT layers cannot support."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its type where it has none), at most 300 characters."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def os_reason(exc: BaseException) -> str:
+    """A one-line reason for an exception that is not ours: its type and first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What a report says of a file's failure: our own errors say it already."""
+    return exc.reason if isinstance(exc, MoshiTTTError) else os_reason(exc)

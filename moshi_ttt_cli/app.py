@@ -57,15 +57,13 @@ try:
         from rich.markup import escape
 
         from moshi_ttt import __version__
-        from moshi_ttt.audio import FOLDER_AUDIO_FORMATS
         from moshi_ttt.errors import MoshiTTTError
-        from moshi_ttt.families import FAMILY_NAMES
-        from moshi_ttt.run import EXIT_CANNOT_START, RunOptions
+        from moshi_ttt.jobs.audio import FOLDER_AUDIO_FORMATS
+        from moshi_ttt.options import OptionError, RayOptions, RunOptions, Sampling
+        from moshi_ttt.run import EXIT_CANNOT_START
         from moshi_ttt.runtime import DEFAULT_BASE, DTYPE_NAMES, prepare_runtime
-        from moshi_ttt.sampling import Sampling
-        from moshi_ttt.ray_backend import RayOptions, check_backend
-        from moshi_ttt.shards import parse_shard
-        from moshi_ttt.transcripts import TEXT_FORMATS
+        from moshi_ttt.streaming.transcripts import TEXT_FORMATS
+        from moshi_ttt.ttt.families import FAMILY_NAMES
 
         from . import render
 except KeyboardInterrupt:
@@ -112,11 +110,35 @@ def _terminate(signum: int, frame: tp.Any) -> None:
 # and 130/143 when interrupted by SIGINT/SIGTERM.
 
 
+# The flag of each `RunOptions` setting, for errors that name a setting.
+FLAGS = {"ttt_enabled": "--no-ttt", "pattern": "--glob", "text_format": "--text-format", "audio_format": "--format",
+         "include_hidden": "--include-hidden", "sampling.temp": "--temp", "sampling.temp_text": "--temp-text",
+         "sampling.top_k": "--top-k", "sampling.top_k_text": "--top-k-text", "sampling.greedy": "--greedy",
+         "ray.address": "--ray-address", "ray.workers": "--workers", "ray.gpus_per_worker": "--gpus-per-worker",
+         "score.user_stream": "--user-stream", "score.text_stream": "--text-stream",
+         "score.bucket_seconds": "--bucket-seconds", "score.first_codebook_weight": "--first-codebook-weight",
+         "score.text_padding_weight": "--text-padding-weight"}
+
+
+def flag_of(setting: str) -> str:
+    return FLAGS.get(setting, "--" + setting.rpartition(".")[2].replace("_", "-"))
+
+
+def flag_message(exc: OptionError) -> str:
+    """An option error as the command line says it: the flag, not the library's setting name."""
+    detail = exc.detail.replace("backend ray", "--backend ray").replace("use greedy", "use --greedy")
+    detail = detail.replace("device cpu", "--device cpu")
+    return f"{', '.join(flag_of(s) for s in exc.setting.split(', '))} {detail}"
+
+
 @contextlib.contextmanager
 def user_errors() -> tp.Iterator[None]:
     """Bad input is one line on stderr and exit code 2, never a traceback."""
     try:
         yield
+    except OptionError as exc:
+        err.print(f"[bold red]error:[/] {escape(flag_message(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CANNOT_START) from None
     except MoshiTTTError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_CANNOT_START) from None
@@ -139,7 +161,8 @@ def _load_model_stack(device: str, dtype: str, threads: int | None) -> None:
     the imports is one line like any other start-up interrupt."""
     with _remembering_interrupts():
         prepare_runtime(device, dtype, threads)
-        import moshi_ttt.batch  # noqa: F401  the model stack
+        import moshi_ttt.jobs.worker  # noqa: F401
+        import moshi_ttt.streaming.batched  # noqa: F401  the model stack
 
 
 @app.command()
@@ -206,41 +229,32 @@ def infer(
                                                        help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
-    options = RunOptions(base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
-                         dtype=dtype.value, threads=threads, seed=seed, pattern=glob, include_hidden=include_hidden,
-                         # A transcript format other than the default asks for transcripts.
-                         text=text or text_format.value != "txt", overwrite=overwrite, report=report,
-                         text_format=text_format.value, timeline=timeline,
-                         audio_format=audio_format.value if audio_format else None, channel=channel,
-                         sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text,
-                                           greedy=greedy), batch_size=batch_size, decode_chunk=decode_chunk)
     with user_errors():
-        options.shard = parse_shard(shard) if shard is not None else None
-        options.backend = backend.value
-        options.ray = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
-        check_backend(options)
-    raise typer.Exit(_infer(source, target, options, delta_clip, details, quiet, json_summary))
+        options = RunOptions(
+            base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, delta_clip=delta_clip,
+            device=device.value, dtype=dtype.value, threads=threads, seed=seed, pattern=glob,
+            include_hidden=include_hidden, text=text, text_format=text_format.value, channel=channel,
+            audio_format=audio_format.value if audio_format else None,
+            sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy),
+            overwrite=overwrite, report=report, timeline=timeline, batch_size=batch_size, decode_chunk=decode_chunk,
+            shard=shard, backend=backend.value,
+            ray=RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)).validate()
+        if options.backend == "ray":
+            from moshi_ttt.backends.ray import require_ray
+
+            require_ray()
+    raise typer.Exit(_run(source, target, options, details, quiet, json_summary))
 
 
-def _infer(source: Path, target: str | Path, options: RunOptions, delta_clip: str | None, details: bool | None,
-           quiet: bool, json_summary: bool = False) -> int:
+def _run(source: Path, target: str | Path, options: RunOptions, details: bool | None, quiet: bool,
+         json_summary: bool = False) -> int:
     """Run a batch through the library and render it; returns the exit code. With `json_summary`,
     stdout gets the one JSON line and everything for people goes to stderr."""
-    from moshi_ttt.audio import parse_channel
-    from moshi_ttt.batch_size import check_decode_chunk, parse_batch_size
-    from moshi_ttt.config import parse_delta_clip
-
     people = err if json_summary else out
     events = render.make_events(people, err, quiet=quiet, details=details)
     started = False  # whether the plan was made (the lock taken) before an interrupt
     try:
         with user_errors():
-            if delta_clip is not None:
-                options.ttt_overrides = {"delta_clip": parse_delta_clip(delta_clip), "delta_clip_origin": "--delta-clip"}
-            options.sampling.check()  # before the model stack loads (seconds)
-            parse_channel(options.channel)
-            parse_batch_size(options.batch_size)
-            check_decode_chunk(options.decode_chunk)
             _load_model_stack(options.device, options.dtype, options.threads)
             from moshi_ttt.run import run_batch
 
@@ -289,7 +303,7 @@ def report_merge(
 
     Exit code 0 when every shard is complete, 1 when some shard is missing, still running or
     stopped short (the merged report is written all the same), 2 when there is nothing to merge."""
-    from moshi_ttt.shards import default_report_of, merge_reports
+    from moshi_ttt.report.shards import default_report_of, merge_reports
 
     with user_errors():
         outcome = merge_reports(Path(report) if report is not None else default_report_of(folder),
@@ -313,7 +327,7 @@ def make_tiny(
     """Write a tiny random-weight checkpoint in the real on-disk layout (offline)."""
     with user_errors():
         prepare_runtime("cpu")
-        from moshi_ttt import tiny
+        from moshi_ttt.checkpoints import tiny
 
         section = dict(_key_value(item, "--ttt") for item in ttt)
         if variant.value == "base":
@@ -337,7 +351,7 @@ def inspect(
     """Show a fine-tune's TTT config, which layers carry TTT, and parameter counts."""
     with user_errors():
         prepare_runtime("cpu")
-        from moshi_ttt.inspection import inspect_finetune
+        from moshi_ttt.checkpoints.inspection import inspect_finetune
 
         info = inspect_finetune(checkpoint, base, step)
     render.inspection(out, info)
@@ -354,7 +368,7 @@ def plot(
 ) -> None:
     """Plot what TTT did in each file: drift, update norms, clips, TTT-MLP inner losses."""
     with user_errors():
-        from moshi_ttt.plot import plot_reports
+        from moshi_ttt.report.plot import plot_reports
 
         written = plot_reports(report, output or report.with_suffix(".png"), compare, width, height)
     out.print(f"wrote [bold]{escape(str(written))}[/]", highlight=False)
@@ -369,7 +383,7 @@ def demo(
     """Make a tiny In-Place TTT checkpoint and recordings, then run `infer` on them. Offline."""
     with user_errors():
         prepare_runtime("cpu", "float32", threads)
-        from moshi_ttt import tiny
+        from moshi_ttt.checkpoints import tiny
 
         root = folder or default_cache_dir() / "demo"
         out.print(f"demo folder: [bold]{root}[/]")
@@ -378,7 +392,9 @@ def demo(
         tiny.write_sample_recordings(recordings, seed=seed)
     options = RunOptions(base=str(paths.base), checkpoint=str(paths.finetune), device="cpu", dtype="float32",
                          threads=threads, text=True, overwrite=True)
-    raise typer.Exit(_infer(recordings, root / "outputs", options, None, details=True, quiet=False))
+    with user_errors():
+        options = options.validate()
+    raise typer.Exit(_run(recordings, root / "outputs", options, details=True, quiet=False))
 
 
 def default_cache_dir() -> Path:

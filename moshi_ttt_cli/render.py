@@ -11,7 +11,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
-from moshi_ttt.results import FileResult, Job, Report, SilentEvents
+from moshi_ttt.report.schema import FileResult, Report
+from moshi_ttt.jobs.plan import Job
+from moshi_ttt.events import SilentEvents
 from moshi_ttt.errors import printable
 
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}

@@ -13,7 +13,7 @@ import torch
 
 torch.set_num_threads(1)  # small streaming ops: 1 thread is far faster on small CPUs
 
-from moshi_ttt.tiny import TinyPaths, write_sample_recordings, write_tiny_variant  # noqa: E402
+from moshi_ttt.checkpoints.tiny import TinyPaths, write_sample_recordings, write_tiny_variant  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moshi_ttt.audio import PARTIAL_SUFFIX, read_audio
-from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.jobs.audio import PARTIAL_SUFFIX, read_audio
+from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.ttt.base import TTTController
 
 # -- signals ----------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def write_corpus(folder: Path, seconds: float = 1.0) -> dict[str, str]:
     meets them. Returns {relative path: expected status}."""
     import soundfile as sf
 
-    from moshi_ttt.tiny import write_sample_recordings
+    from moshi_ttt.checkpoints.tiny import write_sample_recordings
 
     expected = {}
     for sub, seed in (("", 0), ("talks", 1), ("talks/day2", 2)):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moshi_ttt.results import UpdateRecord
+from moshi_ttt.report.schema import UpdateRecord
 from moshi_ttt.ttt.base import FastWeightModule, LayerReport
 
 Forward = tp.Callable[..., torch.Tensor]  # one step: per-input [B, 1, ...] batches -> [B, 1, D]

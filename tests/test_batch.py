@@ -18,12 +18,16 @@ import pytest
 import soundfile as sf
 import torch
 
-from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, AudioWriter, read_audio, write_audio
-from moshi_ttt.batch import (REPORT_SCHEMA, BatchRunner, FileWorker, Job, SilentEvents, default_report_path, find_inputs,
-                             plan_jobs, prepare_batch)
+from moshi_ttt.report.schema import RunSettings
+from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, AudioWriter, read_audio, write_audio
+from moshi_ttt.report.schema import REPORT_SCHEMA
+from moshi_ttt.jobs.driver import BatchRunner
+from moshi_ttt.jobs.worker import FileWorker
+from moshi_ttt.jobs.plan import Job, default_report_path, find_inputs, plan_jobs, prepare_batch
+from moshi_ttt.events import SilentEvents
 from moshi_ttt.errors import AudioError, AudioTooShortError, MoshiTTTError
-from moshi_ttt.model import load_model
-from moshi_ttt.batched import BatchedRunner
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.streaming.batched import BatchedRunner
 
 from helpers import partials, tone
 
@@ -35,6 +39,8 @@ TOTAL_KEYS = {"files", "ok", "failed", "skipped", "audio_s", "wall_s", "real_tim
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+SETTINGS = RunSettings(base="tiny", checkpoint=None, seed=4242)  # what the report says made its files
 
 def touch(path: Path, data: bytes = b"x") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +118,7 @@ def alone(runner, recordings, tmp_path_factory) -> dict[str, tuple[bytes, str, d
     result = {}
     for path in recordings:
         folder = tmp_path_factory.mktemp(f"alone_{path.stem}")
-        result.update(outputs_of(BatchRunner(runner, {}).run(jobs_into(folder, [path]))))
+        result.update(outputs_of(BatchRunner(runner, SETTINGS).run(jobs_into(folder, [path]))))
     return result
 
 
@@ -255,10 +261,10 @@ def test_read_audio_names_what_is_wrong(tmp_path: Path) -> None:
 
 def test_output_and_ttt_numbers_do_not_depend_on_order(runner, recordings, alone, tmp_path: Path) -> None:
     a, b, c = recordings
-    forward = outputs_of(BatchRunner(runner, {}).run(jobs_into(tmp_path / "fwd", [a, b, c])))
+    forward = outputs_of(BatchRunner(runner, SETTINGS).run(jobs_into(tmp_path / "fwd", [a, b, c])))
     # Reverse order, with the global RNGs disturbed before every file.
     events = Recorder(pollute_rng=True)
-    backward = outputs_of(BatchRunner(runner, {}, events=events).run(jobs_into(tmp_path / "bwd", [c, b, a])))
+    backward = outputs_of(BatchRunner(runner, SETTINGS, events=events).run(jobs_into(tmp_path / "bwd", [c, b, a])))
     assert events.started == [0, 1, 2]
     for name in (a.name, b.name, c.name):
         assert forward[name] == alone[name], name  # WAV bytes, transcript, TTT numbers, steps
@@ -266,7 +272,7 @@ def test_output_and_ttt_numbers_do_not_depend_on_order(runner, recordings, alone
     # The outputs are sampled, so identical bytes above are the reseed at work: another seed differs.
     runner.runner.seed, seed = 1, runner.runner.seed
     try:
-        other = outputs_of(BatchRunner(runner, {}).run(jobs_into(tmp_path / "seed1", [a])))
+        other = outputs_of(BatchRunner(runner, SETTINGS).run(jobs_into(tmp_path / "seed1", [a])))
     finally:
         runner.runner.seed = seed
     assert other[a.name][0] != alone[a.name][0]
@@ -306,8 +312,8 @@ def test_report_is_complete_and_on_disk_after_every_file(runner, model, recordin
     touch(src / "sub" / "4_text.mp3", b"not audio at all\n" * 20)
     out = tmp_path / "out"
     report_path = default_report_path(src, out)
-    settings = {"base": "b", "checkpoint": "c", "device": "cpu", "dtype": "float32", "seed": 4242,
-                "ttt": model.describe_ttt()}
+    settings = RunSettings(base="b", checkpoint="c", seed=4242, device="cpu", dtype="float32",
+                           ttt=model.describe_ttt())
     events = Recorder(report_path=report_path)
     jobs = plan_jobs(src, out, text=True)
     report = BatchRunner(runner, settings, report_path=report_path, events=events).run(jobs)
@@ -316,7 +322,7 @@ def test_report_is_complete_and_on_disk_after_every_file(runner, model, recordin
     assert data == json.loads(json.dumps(report.to_json()))
     assert set(data) == {"schema", "settings", "files", "totals"}  # no "interrupted" key
     assert data["schema"] == REPORT_SCHEMA
-    assert data["settings"] == settings
+    assert data["settings"] == settings.to_json() and RunSettings.from_json(data["settings"]) == settings
     assert [f["input"] for f in data["files"]] == [str(j.input) for j in jobs]
     by_name = {Path(f["input"]).name: f for f in data["files"]}
     for f in data["files"]:
@@ -361,9 +367,9 @@ def test_report_is_complete_and_on_disk_after_every_file(runner, model, recordin
 def test_existing_outputs_are_skipped_unless_overwrite(runner, recordings, alone, tmp_path: Path) -> None:
     a, b, c = recordings
     out = tmp_path / "out"
-    BatchRunner(runner, {}).run(jobs_into(out, [a, b]))
+    BatchRunner(runner, SETTINGS).run(jobs_into(out, [a, b]))
     (out / f"{a.stem}.wav").write_bytes(b"kept: not rewritten")
-    report = BatchRunner(runner, {}).run(jobs_into(out, [a, b, c]))
+    report = BatchRunner(runner, SETTINGS).run(jobs_into(out, [a, b, c]))
     statuses = [(f.status, f.reason) for f in report.files]
     assert statuses == [("skipped", "exists"), ("skipped", "exists"), ("ok", None)]
     assert report.files[0].output == str(out / f"{a.stem}.wav") and report.files[0].ttt is None
@@ -372,7 +378,7 @@ def test_existing_outputs_are_skipped_unless_overwrite(runner, recordings, alone
     assert report.totals()["skipped"] == 2 and report.totals()["audio_s"] == pytest.approx(
         report.files[2].duration_s, abs=1e-3)
 
-    report = BatchRunner(runner, {}, overwrite=True).run(jobs_into(out, [a]))
+    report = BatchRunner(runner, SETTINGS, overwrite=True).run(jobs_into(out, [a]))
     assert report.files[0].status == "ok"
     assert (out / f"{a.stem}.wav").read_bytes() == alone[a.name][0]
 
@@ -402,7 +408,7 @@ def test_one_file_failing_mid_stream_does_not_stop_or_disturb_the_others(runner,
                                                                         tmp_path: Path, monkeypatch) -> None:
     a, b, c = recordings
     events = FailAt(runner, monkeypatch, index=1)
-    report = BatchRunner(runner, {}, events=events).run(jobs_into(tmp_path, [a, b, c]))
+    report = BatchRunner(runner, SETTINGS, events=events).run(jobs_into(tmp_path, [a, b, c]))
     monkeypatch.undo()
     assert [f.status for f in report.files] == ["ok", "failed", "ok"]
     failed = report.files[1]
@@ -420,12 +426,12 @@ def test_a_failed_batched_step_fails_the_files_in_it_and_the_rest_go_on(model, r
     a, b, c = recordings
     worker = FileWorker(BatchedRunner(model, 2, seed=4242))
     events = FailAt(worker, monkeypatch, index=1)
-    report = BatchRunner(worker, {}, events=events).run(jobs_into(tmp_path, [a, b, c]))
+    report = BatchRunner(worker, SETTINGS, events=events).run(jobs_into(tmp_path, [a, b, c]))
     monkeypatch.undo()
     assert [f.status for f in report.files] == ["failed", "failed", "ok"]
     assert {f.reason for f in report.files[:2]} == {"RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"}
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{c.stem}.txt", f"{c.stem}.wav"]
-    alone_c = BatchRunner(FileWorker(BatchedRunner(model, 2, seed=4242)), {}).run(jobs_into(tmp_path / "c", [c]))
+    alone_c = BatchRunner(FileWorker(BatchedRunner(model, 2, seed=4242)), SETTINGS).run(jobs_into(tmp_path / "c", [c]))
     assert (tmp_path / f"{c.stem}.wav").read_bytes() == (tmp_path / "c" / f"{c.stem}.wav").read_bytes()
     assert alone_c.files[0].status == "ok"
 
@@ -444,7 +450,7 @@ def test_a_write_cut_short_leaves_nothing_under_the_final_name(runner, recording
 
     monkeypatch.setattr(AudioWriter, "write", cut_short)
     report_path = tmp_path / "out" / "report.json"
-    batch = BatchRunner(runner, {"seed": 4242}, report_path=report_path)
+    batch = BatchRunner(runner, SETTINGS, report_path=report_path)
     if error is KeyboardInterrupt:
         with pytest.raises(KeyboardInterrupt):
             batch.run(jobs_into(tmp_path / "out", [a, b, c], text=False))
@@ -466,7 +472,7 @@ def test_interrupt_mid_file_discards_it_and_keeps_the_report(runner, recordings,
     report_path = out / "moshi-ttt-report.json"
     events = Recorder(report_path=report_path, interrupt_file=1)
     with pytest.raises(KeyboardInterrupt):
-        BatchRunner(runner, {}, report_path=report_path, events=events).run(jobs_into(out, [a, b, c]))
+        BatchRunner(runner, SETTINGS, report_path=report_path, events=events).run(jobs_into(out, [a, b, c]))
     data = json.loads(report_path.read_text())
     assert data["interrupted"] is True
     assert [Path(f["input"]).name for f in data["files"]] == [a.name]
@@ -474,7 +480,7 @@ def test_interrupt_mid_file_discards_it_and_keeps_the_report(runner, recordings,
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{a.stem}.wav", f"{a.stem}.txt", report_path.name])
 
     # Rerun without overwrite: the finished file is skipped, the rest completes as if never interrupted.
-    report = BatchRunner(runner, {}, report_path=report_path).run(jobs_into(out, [a, b, c]))
+    report = BatchRunner(runner, SETTINGS, report_path=report_path).run(jobs_into(out, [a, b, c]))
     assert [(f.status, f.reason) for f in report.files] == [("skipped", "exists"), ("ok", None), ("ok", None)]
     for path in (a, b, c):
         assert (out / f"{path.stem}.wav").read_bytes() == alone[path.name][0]

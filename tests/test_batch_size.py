@@ -8,9 +8,10 @@ import pytest
 import torch
 from moshi.modules.transformer import StreamingMultiheadAttention
 
-from moshi_ttt import batch_size as bs
+from moshi_ttt.streaming import batch_size as bs
 from moshi_ttt.errors import MoshiTTTError
-from moshi_ttt.model import load_model
+from moshi_ttt.options import RunOptions
+from moshi_ttt.checkpoints.model import load_model
 from moshi_ttt.ttt.base import FastWeightModule
 
 
@@ -21,12 +22,12 @@ def models(tiny_inplace):
 
 @pytest.mark.parametrize("text", ["0", "-2", "1.5", "many", "8x"])
 def test_bad_batch_sizes_are_refused(text: str) -> None:
-    with pytest.raises(MoshiTTTError, match="--batch-size must be a positive number or auto"):
-        bs.parse_batch_size(text)
+    with pytest.raises(MoshiTTTError, match="batch_size must be a positive number or auto"):
+        RunOptions(batch_size=text).validate()
 
 
 def test_batch_sizes_parse() -> None:
-    assert [bs.parse_batch_size(v) for v in ("auto", None, "4", 3)] == [None, None, 4, 3]
+    assert [RunOptions(batch_size=v).validate().batch_size for v in ("auto", None, "4", 3)] == ["auto", "auto", 4, 3]
 
 
 def test_stream_bytes_counts_every_kv_cache_and_the_fast_weights(models) -> None:

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from moshi_ttt.audio import read_audio, to_pcm16
-from moshi_ttt.batched import BatchedRunner
-from moshi_ttt.model import load_model
-from moshi_ttt.results import REPORT_NAME, SilentEvents
-from moshi_ttt.run import RunOptions, run_batch
-from moshi_ttt.runner import StreamingRunner
-from moshi_ttt.sampling import Sampling
-from moshi_ttt.tiny import write_sample_recordings
+from moshi_ttt.jobs.audio import read_audio, to_pcm16
+from moshi_ttt.streaming.batched import BatchedRunner
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.report.schema import REPORT_NAME
+from moshi_ttt.events import SilentEvents
+from moshi_ttt.options import RunOptions
+from moshi_ttt.run import run_batch
+from moshi_ttt.streaming.reference import StreamingRunner
+from moshi_ttt.options import Sampling
+from moshi_ttt.checkpoints.tiny import write_sample_recordings
 
 from helpers import partials
 

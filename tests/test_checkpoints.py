@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from moshi_ttt.errors import CheckpointError, MoshiTTTError
-from moshi_ttt.model import load_model
-from moshi_ttt.families import family
-from moshi_ttt.tiny import FINETUNE_STEP_DIR, TinyPaths
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.ttt.families import family
+from moshi_ttt.checkpoints.tiny import FINETUNE_STEP_DIR, TinyPaths
 from moshi_ttt.ttt.base import TTTController
 from moshi_ttt.ttt.inplace import InPlaceTTTGating
 from moshi_ttt.ttt.mlp import TTTMLP
@@ -409,7 +409,7 @@ def _copy_with_clip(tiny_inplace: TinyPaths, root: Path, clip: tp.Callable[[dict
     (lambda s: s.update(delta_clip_fro_norm=2.5, delta_clip_epsilon=0.5), 2.5, "config"),
 ])
 def test_inplace_delta_clip_keys(tiny_inplace: TinyPaths, tmp_path: Path, edit, expected, origin: str) -> None:
-    from moshi_ttt.checkpoint import load_finetune
+    from moshi_ttt.checkpoints.layouts import load_finetune
 
     ttt = load_finetune(_copy_with_clip(tiny_inplace, tmp_path, edit), 4).ttt
     assert ttt.delta_clip == expected

@@ -22,10 +22,11 @@ import soundfile as sf
 from rich.console import Console
 from typer.testing import CliRunner
 
-from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
-from moshi_ttt.batch import REPORT_NAME, REPORT_SCHEMA, FileResult, Job
-from moshi_ttt.guard import LOCK_NAME
-from moshi_ttt.tiny import write_sample_recordings
+from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
+from moshi_ttt.report.schema import REPORT_NAME, REPORT_SCHEMA, FileResult
+from moshi_ttt.jobs.plan import Job
+from moshi_ttt.jobs.guard import LOCK_NAME
+from moshi_ttt.checkpoints.tiny import write_sample_recordings
 from moshi_ttt_cli import render
 from moshi_ttt_cli.app import app
 
@@ -113,7 +114,7 @@ def write_mixed(root: Path, recordings: list[Path]) -> Path:
 @pytest.fixture(scope="module")
 def mixed(tiny_inplace, recordings, tmp_path_factory):
     """One `--text` run over the mixed folder; the model loader is counted."""
-    from moshi_ttt import model as model_module
+    from moshi_ttt.checkpoints import model as model_module
 
     root = tmp_path_factory.mktemp("mixed")
     src = write_mixed(root, recordings)
@@ -400,7 +401,7 @@ def test_usage_errors_exit_2_without_traceback(argv) -> None:
 def _temporaries_of_a_killed_run(targets: list[Path]) -> list[Path]:
     """What a run killed mid-write leaves: real temporaries of `atomic_output`, from a process
     that is gone (os._exit skips every cleanup, as kill -9 does)."""
-    code = ("import os, sys, contextlib\nfrom pathlib import Path\nfrom moshi_ttt.audio import atomic_output\n"
+    code = ("import os, sys, contextlib\nfrom pathlib import Path\nfrom moshi_ttt.jobs.audio import atomic_output\n"
             "with contextlib.ExitStack() as stack:\n"
             "    for name in sys.argv[1:]:\n"
             "        tmp = stack.enter_context(atomic_output(Path(name)))\n"
@@ -412,7 +413,7 @@ def _temporaries_of_a_killed_run(targets: list[Path]) -> list[Path]:
 
 
 def test_stale_partials_are_never_inputs_and_only_ours_are_cleaned_up(tiny_inplace, recordings, tmp_path: Path) -> None:
-    from moshi_ttt.audio import atomic_output
+    from moshi_ttt.jobs.audio import atomic_output
 
     src, out = tmp_path / "in", tmp_path / "in" / "out"  # outputs inside the input folder
     src.mkdir()

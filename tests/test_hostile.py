@@ -20,10 +20,10 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from moshi_ttt.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output, read_audio, write_audio
-from moshi_ttt.batch import REPORT_NAME, FileResult, Report
+from moshi_ttt.jobs.audio import (FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output, read_audio, write_audio)
+from moshi_ttt.report.schema import RunSettings, REPORT_NAME, FileResult, Report
 from moshi_ttt.errors import AudioError
-from moshi_ttt.guard import LOCK_NAME
+from moshi_ttt.jobs.guard import LOCK_NAME
 from moshi_ttt_cli.app import app
 from helpers import files_under, partials, sweep
 from test_cli import (_check_outputs_complete, _cli_command, _start_and_wait_for_finished_files, assert_no_traceback,
@@ -113,7 +113,7 @@ def test_2_an_output_or_report_that_is_a_source_is_refused(case, tiny_inplace, r
         (d / "rec" / "rec").mkdir()
         shutil.copy(recordings[0], d / "rec" / "rec" / "c.wav")
     before = checksums(tmp_path)
-    from moshi_ttt import model as model_module
+    from moshi_ttt.checkpoints import model as model_module
 
     monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     line = one_error_line(infer(tiny_inplace, *args))
@@ -229,7 +229,7 @@ def test_5_non_finite_weights_are_refused_naming_the_tensor(tiny_inplace, rec, t
 
 def test_5_report_is_strict_json_whatever_the_numbers(tmp_path: Path) -> None:
     layer = {"layer": 1, "drift": float("nan"), "relative_drift": float("inf"), "norm_final": -float("inf")}
-    report = Report(settings={"seed": 1},
+    report = Report(settings=RunSettings(base="b", checkpoint=None, seed=1),
                     files=[FileResult("a.wav", "a.out.wav", "ok", duration_s=1.0, ttt={"layers": [layer]})])
     report.write(tmp_path / "r.json")
     data = strict((tmp_path / "r.json").read_text())
@@ -241,7 +241,7 @@ def test_5_report_is_strict_json_whatever_the_numbers(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", ["seed_negative", "seed_2_64", "chunk_1e12", "chunk_1e6", "chunk_inf"])
 def test_6_bad_settings_exit_2_before_loading(case, tiny_inplace, rec, tmp_path: Path, monkeypatch) -> None:
-    from moshi_ttt import model as model_module
+    from moshi_ttt.checkpoints import model as model_module
 
     monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     checkpoint, extra = tiny_inplace.finetune, []

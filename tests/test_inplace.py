@@ -11,10 +11,10 @@ from moshi.modules.gating import make_gating
 from safetensors.torch import load_file
 from torch import nn
 
-from moshi_ttt.audio import read_audio
+from moshi_ttt.jobs.audio import read_audio
 from moshi_ttt.errors import StreamingError
-from moshi_ttt.model import load_model
-from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.ttt.base import TTTController
 from moshi_ttt.ttt.inplace import InPlaceTTTConfig, InPlaceTTTGating, TokenEmbeddingTap, inplace_ttt_parallel
 

@@ -19,14 +19,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from moshi_ttt.audio import read_audio
-from moshi_ttt.checkpoint import load_finetune
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.checkpoints.layouts import load_finetune
 from moshi_ttt.errors import CheckpointError
-from moshi_ttt.model import load_model
-from moshi_ttt.rope_scaling import (YarnConfig, YarnRotaryEmbedding, rotate_with_frequencies,
-                                    yarn_attention_factor, yarn_inverse_frequencies)
-from moshi_ttt.runner import StreamingRunner
-from moshi_ttt.tiny import FINETUNE_STEP_DIR, TINY_LORA, TINY_YARN, TinyPaths, write_tiny_variant
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.checkpoints.rope_scaling import (YarnConfig, YarnRotaryEmbedding, rotate_with_frequencies, yarn_attention_factor, yarn_inverse_frequencies)
+from moshi_ttt.streaming.reference import StreamingRunner
+from moshi_ttt.checkpoints.tiny import FINETUNE_STEP_DIR, TINY_LORA, TINY_YARN, TinyPaths, write_tiny_variant
 from helpers import edit_json, edit_weights
 from test_checkpoints import check_counts
 

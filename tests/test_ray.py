@@ -17,13 +17,14 @@ import soundfile as sf
 
 ray = pytest.importorskip("ray")
 
-from moshi_ttt.audio import FRAME_SIZE  # noqa: E402
-from moshi_ttt.batch import REPORT_NAME  # noqa: E402
+from moshi_ttt.jobs.audio import FRAME_SIZE  # noqa: E402
+from moshi_ttt.report.schema import REPORT_NAME  # noqa: E402
 from moshi_ttt.errors import MoshiTTTError  # noqa: E402
-from moshi_ttt.ray_backend import RayOptions  # noqa: E402
-from moshi_ttt.results import SilentEvents  # noqa: E402
-from moshi_ttt.run import RunOptions, run_batch  # noqa: E402
-from moshi_ttt.tiny import write_sample_recordings  # noqa: E402
+from moshi_ttt.options import RayOptions  # noqa: E402
+from moshi_ttt.events import SilentEvents  # noqa: E402
+from moshi_ttt.options import RunOptions  # noqa: E402
+from moshi_ttt.run import run_batch
+from moshi_ttt.checkpoints.tiny import write_sample_recordings  # noqa: E402
 
 from helpers import comparable, files_under, partials, write_corpus  # noqa: E402
 from test_cli import assert_no_traceback, infer  # noqa: E402
@@ -150,7 +151,7 @@ def test_ray_options_are_checked_before_anything_loads(args, message, tiny_inpla
 def test_without_ray_installed_it_is_one_line(tiny_inplace, corpus, tmp_path, monkeypatch) -> None:
     import sys
 
-    from moshi_ttt.ray_backend import require_ray
+    from moshi_ttt.backends.ray import require_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     with pytest.raises(MoshiTTTError, match=r"install 'moshi-ttt\[ray\]'"):

@@ -13,15 +13,17 @@ import soundfile as sf
 import torch
 from rich.console import Console
 
-from moshi_ttt.audio import FRAME_SIZE, SAMPLE_RATE, read_audio
-from moshi_ttt.batch import REPORT_NAME, FileResult, Job
-from moshi_ttt.model import load_model
-from moshi_ttt.run import RunOptions, run_batch
-from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.jobs.audio import FRAME_SIZE, SAMPLE_RATE, read_audio
+from moshi_ttt.report.schema import REPORT_NAME, FileResult
+from moshi_ttt.jobs.plan import Job
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.options import RunOptions
+from moshi_ttt.run import run_batch
+from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.errors import MoshiTTTError
-from moshi_ttt.results import SilentEvents
-from moshi_ttt.sampling import Sampling
-from moshi_ttt.transcripts import SRT_MAX_CHARS
+from moshi_ttt.events import SilentEvents
+from moshi_ttt.options import Sampling
+from moshi_ttt.streaming.transcripts import SRT_MAX_CHARS
 from moshi_ttt_cli import render
 
 from helpers import sweep
@@ -164,7 +166,7 @@ def test_bad_channel_is_refused_before_loading(tiny_inplace, recordings, tmp_pat
         patched.setattr(app_module, "_load_model_stack", lambda *a, **k: pytest.fail("imported the model stack"))
         result = infer(tiny_inplace, recordings[0], tmp_path / "o.wav", "--channel", "middle")
     assert result.exit_code == 2 and result.output.startswith("error: --channel must be")
-    with pytest.raises(MoshiTTTError, match="--channel must be"):
+    with pytest.raises(MoshiTTTError, match="channel must be"):
         run_batch(recordings[0], tmp_path / "o.wav", RunOptions(base=str(tiny_inplace.base), channel=-1))
     result = infer(tiny_inplace, recordings[0], tmp_path / "o.wav", "--channel", "1")  # a mono file
     assert result.exit_code == 1 and "has 1 channel; --channel 1 needs at least 2" in result.output
@@ -193,14 +195,16 @@ def test_greedy_ignores_the_seed_and_temperature_matters(tiny_inplace, recording
                                            (["--top-k-text", "-3"], "--top-k-text must be at least 1")])
 def test_bad_sampling_values_exit_2_before_loading(args, message, tiny_inplace, recordings, tmp_path: Path,
                                                    monkeypatch) -> None:
-    from moshi_ttt import model as model_module
+    from moshi_ttt.checkpoints import model as model_module
     from moshi_ttt_cli import app as app_module
 
     monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     # The library refuses them before any model loads ...
     flags = dict(zip([a.lstrip("-").replace("-", "_") for a in args[::2]], args[1::2]))
     sampling = Sampling(**{k: (float if k.startswith("temp") else int)(v) for k, v in flags.items()})
-    with pytest.raises(MoshiTTTError, match=message):
+    # ... naming the setting (the CLI names its flag).
+    setting = "sampling." + args[0].lstrip("-").replace("-", "_")
+    with pytest.raises(MoshiTTTError, match=message.replace(args[0], setting)):
         run_batch(recordings[0], tmp_path / "o.wav", RunOptions(base=str(tiny_inplace.base), sampling=sampling))
     # ... and the CLI before it even imports the model stack (seconds).
     monkeypatch.setattr(app_module, "_load_model_stack", lambda *a, **k: pytest.fail("imported the model stack"))

@@ -14,10 +14,10 @@ import sphn
 import torch
 from typer.testing import CliRunner
 
-from moshi_ttt.audio import FRAME_SIZE, read_audio
-from moshi_ttt.checkpoint import base_checkpoint_info
-from moshi_ttt.model import load_model
-from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.jobs.audio import FRAME_SIZE, read_audio
+from moshi_ttt.checkpoints.layouts import base_checkpoint_info
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.runtime import default_threads, resolve_dtype, set_threads
 from moshi_ttt_cli.app import app
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from moshi_ttt.audio import atomic_output
-from moshi_ttt.batch import REPORT_NAME
+from moshi_ttt.jobs.audio import atomic_output
+from moshi_ttt.report.schema import REPORT_NAME
 from moshi_ttt.errors import MoshiTTTError
-from moshi_ttt.guard import OutputLock
-from moshi_ttt.shards import Shard, parse_shard, shard_of
+from moshi_ttt.jobs.guard import OutputLock
+from moshi_ttt.report.shards import Shard, parse_shard, shard_of
 from moshi_ttt_cli.app import app
 
 from helpers import comparable, files_under, partials, write_corpus
@@ -172,8 +172,8 @@ def test_merge_names_missing_and_unfinished_shards(tiny_inplace, corpus, sharded
 
 
 def test_merge_keeps_the_entry_that_describes_the_output_on_disk(tmp_path) -> None:
-    from moshi_ttt.results import sha256_of
-    from moshi_ttt.shards import merge_reports
+    from moshi_ttt.report.schema import sha256_of
+    from moshi_ttt.report.shards import merge_reports
 
     out = tmp_path / "out"
     out.mkdir()
@@ -224,7 +224,7 @@ def test_shards_run_side_by_side_but_never_twice_nor_beside_an_unsharded_run(tin
 
 def _dead_temporary(final: Path) -> Path:
     """A temporary of `final` left by a process that is gone (made in a child that exits)."""
-    code = ("import sys; from pathlib import Path; from moshi_ttt.audio import AtomicFile; "
+    code = ("import sys; from pathlib import Path; from moshi_ttt.jobs.audio import AtomicFile; "
             "f = AtomicFile(Path(sys.argv[1])); f.tmp.write_bytes(b'half'); print(f.tmp)")
     done = subprocess.run([sys.executable, "-c", code, str(final)], capture_output=True, text=True, check=True)
     return Path(done.stdout.strip())
@@ -261,7 +261,7 @@ def test_shard_of_a_single_file_is_refused(tiny_inplace, corpus, tmp_path) -> No
 
 
 def test_a_shard_without_files_loads_no_model_and_is_complete(tiny_inplace, corpus, tmp_path, monkeypatch) -> None:
-    from moshi_ttt import model as model_module
+    from moshi_ttt.checkpoints import model as model_module
 
     src, expected = corpus
     theirs = next(rel for rel in sorted(expected) if shard_of(rel, 2) == 1 and expected[rel] == "ok")

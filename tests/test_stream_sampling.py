@@ -7,10 +7,10 @@ import pytest
 import torch
 from moshi.utils.sampling import sample_token as moshi_sample_token
 
-from moshi_ttt.audio import read_audio
-from moshi_ttt.model import load_model
-from moshi_ttt.runner import StreamingRunner
-from moshi_ttt.stream_sampling import StreamSampler, sample_token
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.streaming.reference import StreamingRunner
+from moshi_ttt.streaming.sampler import StreamSampler, sample_token
 
 SETTINGS = [(True, 0.8, 25, 0.0), (True, 0.7, 0, 0.0), (True, 1.0, 0, 0.9), (False, 0.8, 25, 0.0)]
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moshi_ttt.audio import read_audio
-from moshi_ttt.model import load_model
-from moshi_ttt.results import FileResult, LayerReport
-from moshi_ttt.run import RunOptions, run_batch
-from moshi_ttt.runner import StreamingRunner
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.report.schema import FileResult, LayerReport
+from moshi_ttt.options import RunOptions
+from moshi_ttt.run import run_batch
+from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt_cli.app import app
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from moshi.models import loaders
 from moshi.run_inference import InferenceState
-from moshi_ttt import tiny
+from moshi_ttt.checkpoints import tiny
 
 from helpers import block_hub
 

@@ -15,17 +15,7 @@ from moshi.modules.rope import RotaryEmbedding
 from moshi.modules.transformer import StreamingTransformerLayer
 
 from moshi_ttt.errors import StreamingError
-from moshi_ttt.ttt.mlp import (
-    TTTMLP,
-    TTTMLPBlock,
-    TTTMLPConfig,
-    attach_ttt_mlp,
-    gelu_tanh,
-    gelu_tanh_grad,
-    ln_l2_backward,
-    audio_rope_frequencies,
-    reconstruction_target,
-)
+from moshi_ttt.ttt.mlp import (TTTMLP, TTTMLPBlock, TTTMLPConfig, attach_ttt_mlp, gelu_tanh, gelu_tanh_grad, ln_l2_backward, audio_rope_frequencies, reconstruction_target)
 
 from multistream import StreamRun, assert_same_run, assert_same_snapshot, run_streams, span, stream_snapshot
 

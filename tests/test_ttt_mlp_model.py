@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moshi_ttt.audio import read_audio
-from moshi_ttt.model import load_model
-from moshi_ttt.runner import StreamingRunner
-from moshi_ttt.tiny import FINETUNE_STEP_DIR, TinyPaths
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.streaming.reference import StreamingRunner
+from moshi_ttt.checkpoints.tiny import FINETUNE_STEP_DIR, TinyPaths
 from moshi_ttt.ttt.base import FastWeightModule, TTTController
 from moshi_ttt.ttt.mlp import TTTMLP, TTTMLPTransformerLayer
 

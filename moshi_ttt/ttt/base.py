@@ -48,7 +48,7 @@ import torch
 from moshi.modules.streaming import State, StreamingModule
 
 from ..errors import StreamingError
-from ..results import LayerReport, UpdateRecord
+from ..report.schema import LayerReport, UpdateRecord
 
 
 @dataclass

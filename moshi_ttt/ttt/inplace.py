@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import number
+from .config import number
 from ..errors import CheckpointError
-from ..families import SectionLayout, TTTFamily
+from .families import SectionLayout, TTTFamily
 from .base import AppliedUpdate, FastWeightModule, FastWeightState, StreamRows, chunk_buffer
 
 

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
-from ..config import number
+from .config import number
 from ..errors import CheckpointError, StreamingError
-from ..families import SectionLayout, TTTFamily
+from .families import SectionLayout, TTTFamily
 from .base import AppliedUpdate, FastWeightModule, FastWeightState, StreamRows, chunk_buffer
 
 # The training ops' LayerNorm (`ln_fwd`, `ln_fused_l2_bwd`) uses 1e-8, not torch's 1e-5 / 1e-6.

@@ -13,7 +13,7 @@ import math
 import typing as tp
 from pathlib import Path
 
-from .errors import CheckpointError, MoshiTTTError
+from ..errors import CheckpointError, MoshiTTTError
 from .families import FAMILY_NAMES, SectionLayout, family, family_of
 
 
@@ -111,21 +111,8 @@ def chunk_size_of(config: TTTConfig) -> int:
     return family_of(config).chunk_size(config)
 
 
-def parse_delta_clip(text: str) -> float | None:
-    """A user's `--delta-clip`: a positive Frobenius-norm bound, or `none` (also 0) for no clip."""
-    if text.strip().lower() in ("none", "off", "null"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise MoshiTTTError(f"--delta-clip must be a number or 'none', got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise MoshiTTTError(f"--delta-clip must be a finite number >= 0 or 'none', got {text!r}")
-    return value if value > 0 else None
-
-
 def override_ttt_config(config: TTTConfig | None, overrides: tp.Mapping[str, tp.Any]) -> TTTConfig | None:
-    """The checkpoint's TTT config with settings given at run time (e.g. `--delta-clip`) replaced.
+    """The checkpoint's TTT config with settings given at run time (e.g. the run's `delta_clip`) replaced.
 
     A setting the checkpoint's family does not have is an error, not silently ignored.
     """

@@ -1,18 +1,18 @@
 """Running a batch's files on a Ray cluster (`infer --backend ray`): the driver plans, guards and
 reports as a local run does; Ray Data runs the streaming on a pool of actors.
 
-The driver (`run.run_batch` with `RunOptions.backend == "ray"`) keeps everything that makes a
+The driver (`run.run_batch` with `RunOptions.backend == "ray"`, its `RunOptions.ray` saying how) keeps everything that makes a
 run safe: the plan, the source checks, the OUT lock, skipping existing outputs, and the report,
 written after every file. `RayBackend.results` hands the files left to do to Ray Data as small
 rows (index, input, output, transcript paths) and `map_batches` them through a fixed pool of
-`FileActor`s. Each actor loads the model once and runs the library's own `batch.FileWorker`, the
+`FileActor`s. Each actor loads the model once and runs the library's own `jobs.worker.FileWorker`, the
 code a local run runs, so outputs are written the same way (atomically, into OUT, which every
 node must see at the same path) and are the same bytes. Actors return one small row per file
 (its `FileResult` as JSON), which the driver records in the report as it arrives.
 
 Failures: a bad file is a failed row, as in a local run. An actor that dies (killed, out of
 memory, node lost) is restarted by Ray and its unfinished task retried, both bounded
-(`RayOptions.max_restarts`, `max_task_retries`); a retried file is simply streamed again and its
+(`options.RayOptions.max_restarts`, `max_task_retries`); a retried file is simply streamed again and its
 output rewritten atomically (same seed, same bytes), so it is never half-written or listed twice.
 A file whose task still fails after the retries is a failed entry naming the reason, and the
 other files go on (`max_errored_blocks`). Temporaries of dead actors are removed at the end.
@@ -24,21 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import typing as tp
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import MoshiTTTError
-from .results import BatchEvents, FileResult, Job, SilentEvents, file_json, strict_json
-
-if tp.TYPE_CHECKING:
-    from .run import RunOptions
+from ..errors import MoshiTTTError, first_line
+from ..events import BatchEvents, SilentEvents
+from ..jobs.audio import is_our_temporary, temporary_of
+from ..jobs.plan import Job
+from ..options import RayOptions, RunOptions
+from ..report.schema import FileResult, RunSettings, file_json, strict_json
+from ..streaming.batch_size import CPU_BATCH_SIZE
 
 INSTALL_HINT = "--backend ray needs Ray: pip install 'moshi-ttt[ray]'"
-# Environment the actors need to behave as this process does (moshi reads NO_TORCH_COMPILE when
-# it is imported; offline runs must stay offline on the workers too).
-PASSED_ENV = ("NO_TORCH_COMPILE", "HF_HUB_OFFLINE", "HF_HOME")
 # Files per actor task on GPU with `--batch-size auto`: the streams an actor fills at once (a
 # smaller batch size than auto would pick wastes some of the GPU, a larger one costs load balance
 # and retries whole tasks).
@@ -53,38 +54,6 @@ def require_ray() -> tp.Any:
     except ImportError:
         raise MoshiTTTError(INSTALL_HINT) from None
     return ray
-
-
-@dataclass
-class RayOptions:
-    """How the run uses Ray. Defaults are chosen from the cluster when the run starts
-    (`RayBackend.resolved`)."""
-
-    address: str | None = None  # a running cluster ("auto", "ray://head:10001"); None: start a local one
-    workers: int | None = None  # actors (model copies); None: one per GPU, or per `threads` CPUs
-    gpus_per_worker: float | None = None  # None: 1 when the run is on GPU, 0 on CPU
-    # Ray restarts a dead actor up to this many times, and retries its unfinished task as often.
-    max_restarts: int = 3
-    max_task_retries: int = 3
-    files_per_task: int | None = None  # files an actor gets at once; None: its batch size
-
-
-def check_backend(options: "RunOptions") -> None:
-    """Before anything loads: Ray's options only with `--backend ray`, in range, and Ray there."""
-    ray_options = options.ray
-    if options.backend != "ray":
-        given = [name for name, value in (("--ray-address", ray_options.address), ("--workers", ray_options.workers),
-                                          ("--gpus-per-worker", ray_options.gpus_per_worker)) if value is not None]
-        if given:
-            raise MoshiTTTError(f"{', '.join(given)} only apply with --backend ray")
-        return
-    if ray_options.workers is not None and ray_options.workers < 1:
-        raise MoshiTTTError(f"--workers must be at least 1, got {ray_options.workers}")
-    if ray_options.gpus_per_worker is not None and not 0 <= ray_options.gpus_per_worker < 1e6:
-        raise MoshiTTTError(f"--gpus-per-worker must be 0 or more, got {ray_options.gpus_per_worker:g}")
-    if ray_options.gpus_per_worker and options.device == "cpu":
-        raise MoshiTTTError("--gpus-per-worker with --device cpu: the actors would hold GPUs they never use")
-    require_ray()
 
 
 @dataclass
@@ -103,13 +72,14 @@ class FileActor:
     Ray Data builds it once per actor (and again after a restart) and calls it with a batch of
     job rows; it returns one row per file, in the order they finish."""
 
-    def __init__(self, options: "RunOptions", files: int):
-        from .run import make_worker, run_settings
-        from .runtime import prepare_runtime
+    def __init__(self, options: RunOptions, files: int):
+        from ..run import make_worker, run_settings
+        from ..runtime import prepare_runtime
 
+        options = options.validate()  # what the driver validated, checked where it is used
         device, dtype, threads = prepare_runtime(options.device, options.dtype, options.threads)
         self.worker = make_worker(options, device, dtype, files)
-        self.settings = json.dumps(strict_json(run_settings(options, self.worker, threads)))
+        self.settings = json.dumps(strict_json(run_settings(options, self.worker, threads).to_json()))
 
     def __call__(self, batch: dict[str, tp.Any]) -> dict[str, list]:
         jobs = [(int(index), Job(Path(str(source)), Path(str(output)), Path(str(text)) if text else None))
@@ -126,14 +96,14 @@ class FileActor:
 
 @dataclass
 class RayBackend:
-    """A `batch.Backend` that streams the jobs on a Ray actor pool; see the module docstring.
+    """A `jobs.worker.Backend` that streams the jobs on a Ray actor pool, as `options.ray` says;
+    see the module docstring.
 
-    `settings` is the report's settings dict: the driver loads no model, so the model's part of
-    it is filled in from the first result an actor returns (the dict is updated in place)."""
+    `settings` is the report's settings: the driver loads no model, so the model's part of it is
+    filled in from the first result an actor returns (the record is updated in place)."""
 
-    options: "RunOptions"
-    ray_options: RayOptions = field(default_factory=RayOptions)
-    settings: dict = field(default_factory=dict)
+    options: RunOptions
+    settings: RunSettings = field(init=False)
     # Variables of `PASSED_ENV` the user set (see `run_batch`), given to every actor.
     env: dict[str, str] = field(default_factory=dict)
     started_ray: bool = False
@@ -144,21 +114,28 @@ class RayBackend:
         self.options = replace(self.options, base=_absolute_if_local(self.options.base),
                                checkpoint=None if self.options.checkpoint is None
                                else _absolute_if_local(self.options.checkpoint))
-        self.settings.update({"base": self.options.base, "checkpoint": self.options.checkpoint,
-                              "seed": self.options.seed, "backend": "ray"})
+        self.settings = RunSettings(base=self.options.base, checkpoint=self.options.checkpoint,
+                                    seed=self.options.seed, backend="ray")
+
+    @property
+    def ray_options(self) -> RayOptions:
+        return self.options.ray
 
     def connect(self) -> "Resolved":
         """Join the cluster at `address`, or start a local Ray instance; decide the defaults."""
         ray = require_ray()
         if not ray.is_initialized():  # else: joined by the caller (a notebook, a test), left running
+            # Ray's own log lines (its C++ core's warnings too) are not ours to show: errors only.
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
             try:
-                ray.init(address=self.ray_options.address, include_dashboard=False, log_to_driver=False)
+                ray.init(address=self.ray_options.address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR, configure_logging=True)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = self.ray_options.address or "a local Ray instance"
                 raise MoshiTTTError(f"cannot start Ray on {where}: {str(exc).splitlines()[0]}") from None
             self.started_ray = True
         resolved = self.resolved(ray.cluster_resources())
-        self.settings.update({"workers": resolved.workers, "gpus_per_worker": resolved.gpus_per_worker})
+        self.settings.workers, self.settings.gpus_per_worker = resolved.workers, resolved.gpus_per_worker
         return resolved
 
     def resolved(self, resources: dict[str, float]) -> Resolved:
@@ -182,10 +159,11 @@ class RayBackend:
         """Files an actor is handed at once, all streamed together: the batch size when it is a
         number (then a Ray run computes what a local run with that batch size computes), else
         what `auto` picks on CPU, and `GPU_FILES_PER_TASK` on GPU."""
-        from .batch_size import CPU_BATCH_SIZE, parse_batch_size
-
-        chosen = self.ray_options.files_per_task or parse_batch_size(self.options.batch_size)
-        return chosen or (GPU_FILES_PER_TASK if on_gpu else CPU_BATCH_SIZE)
+        if self.ray_options.files_per_task:
+            return self.ray_options.files_per_task
+        if isinstance(self.options.batch_size, int):
+            return self.options.batch_size
+        return GPU_FILES_PER_TASK if on_gpu else CPU_BATCH_SIZE
 
     def results(self, jobs: list[tuple[int, Job]], total: int,
                 events: BatchEvents | None = None) -> tp.Iterator[tuple[int, FileResult]]:
@@ -230,7 +208,7 @@ class RayBackend:
         except MoshiTTTError:
             raise
         except Exception as exc:  # noqa: BLE001  Ray's errors: the files not done fail, the run reports
-            error = _first_line(exc)
+            error = first_line(exc)
         finally:
             context.max_errored_blocks, context.enable_progress_bars = saved
         retries = self.ray_options.max_task_retries
@@ -243,9 +221,12 @@ class RayBackend:
         discard_temporaries([job for _, job in jobs])
 
     def _take_settings(self, text: str) -> None:
-        ours = {k: self.settings[k] for k in ("backend", "workers", "gpus_per_worker") if k in self.settings}
-        self.settings.update(json.loads(text))
-        self.settings.update(ours)
+        """The model's part of the settings, as the actor that streamed the first file saw it."""
+        theirs = RunSettings.from_json(json.loads(text))
+        for name in ("device", "dtype", "threads", "channel", "lm", "sampling", "sampling_overrides", "batch_size",
+                     "batch_size_reason", "decode_chunk", "ttt"):
+            setattr(self.settings, name, getattr(theirs, name))
+        self.settings.extra.update(theirs.extra)
 
     def close(self) -> None:
         """Stop the local Ray instance this backend started (a cluster it joined keeps running)."""
@@ -258,8 +239,6 @@ class RayBackend:
 def discard_temporaries(jobs: list[Job]) -> None:
     """Once the pool is done no actor writes these outputs any more: temporaries of them left by
     an actor that died are removed, whatever machine wrote them (its pid means nothing here)."""
-    from .audio import is_our_temporary, temporary_of
-
     finals: dict[Path, set[str]] = {}
     for job in jobs:
         for path in (job.output, job.text_output):
@@ -276,8 +255,3 @@ def discard_temporaries(jobs: list[Job]) -> None:
 def _absolute_if_local(name: str) -> str:
     path = Path(name).expanduser()
     return str(path.absolute()) if path.exists() else name
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -20,7 +20,7 @@ if tp.TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .ttt.base import FastWeightModule
+    from .base import FastWeightModule
 
 # name -> module holding `FAMILY`. Order matters only for listings.
 FAMILY_MODULES: dict[str, str] = {

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoshiTTTError
+from ..errors import MoshiTTTError
 
 MANIFEST_SUFFIX = ".jsonl"
 

@@ -41,11 +41,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .batch_size import check_decode_chunk
-from .model import LoadedModel
-from .runner import StreamResult, check_seed, make_lm_gen, split_frames
-from .sampling import Sampling
-from .stream_sampling import StreamSampler
+from ..checkpoints.model import LoadedModel
+from .reference import StreamResult, make_lm_gen, split_frames
+from ..options import Sampling, check_seed
+from .sampler import StreamSampler
 
 Key = tp.TypeVar("Key")
 AudioFn = tp.Callable[[tp.Any, np.ndarray], None]  # (key, decoded 24 kHz float32 block)
@@ -82,7 +81,6 @@ class BatchedRunner:
         moshi's frame-by-frame decode)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        check_decode_chunk(decode_chunk)
         self.decode_chunk = decode_chunk or 1
         self.model = model
         self.batch_size = batch_size

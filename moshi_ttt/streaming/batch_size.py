@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import typing as tp
 
-from .errors import MoshiTTTError
 
 CPU_BATCH_SIZE = 16
 MAX_AUTO_BATCH_SIZE = 64
@@ -32,28 +31,6 @@ MAX_AUTO_BATCH_SIZE = 64
 STREAM_HEADROOM = 1.25
 # Share of the free memory `auto` plans to use.
 FREE_MEMORY_SHARE = 0.85
-AUTO = "auto"
-
-
-def parse_batch_size(value: int | str | None) -> int | None:
-    """A positive number, or None for `auto` (and for no value)."""
-    if value is None or value == AUTO:
-        return None
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        size = 0
-    if size < 1 or str(size) != str(value).strip():
-        raise MoshiTTTError(f"--batch-size must be a positive number or auto, got {value!r}")
-    return size
-
-
-def check_decode_chunk(decode_chunk: int | None) -> int | None:
-    """`--decode-chunk`: a positive number of frames, or None (frame by frame)."""
-    if decode_chunk is not None and (isinstance(decode_chunk, bool) or not isinstance(decode_chunk, int)
-                                     or decode_chunk < 1):
-        raise MoshiTTTError(f"--decode-chunk must be a positive number of frames, got {decode_chunk!r}")
-    return decode_chunk
 
 
 def stream_bytes(model: tp.Any) -> int:
@@ -61,7 +38,7 @@ def stream_bytes(model: tp.Any) -> int:
     self-attention (LM, depformer, Mimi) and TTT fast weights with their buffers, plus headroom."""
     from moshi.modules.transformer import StreamingMultiheadAttention
 
-    from .ttt.base import FastWeightModule
+    from ..ttt.base import FastWeightModule
 
     total = 0
     for module in [*model.lm.modules(), *model.mimi.modules()]:
@@ -93,12 +70,12 @@ def free_memory(device: tp.Any) -> int | None:
     return None
 
 
-def choose_batch_size(requested: int | None, model: tp.Any, files: int) -> tuple[int, str]:
+def choose_batch_size(requested: int | str, model: tp.Any, files: int) -> tuple[int, str]:
     """The batch size for a run of `files` recordings, and why (said to the user, recorded in
-    the report). `requested` None: `auto`, as many streams as fit in free memory, at most
+    the report). `requested` "auto" (or None): as many streams as fit in free memory, at most
     `CPU_BATCH_SIZE` on CPU and `MAX_AUTO_BATCH_SIZE` on a GPU."""
     files = max(files, 1)
-    if requested is not None:  # exactly as asked: the same B gives the same outputs (see above)
+    if isinstance(requested, int):  # exactly as asked: the same B gives the same outputs (see above)
         return requested, f"--batch-size {requested}"
     cap, where = (MAX_AUTO_BATCH_SIZE, "GPU") if model.device.type == "cuda" else (CPU_BATCH_SIZE, "CPU")
     free, per_stream = free_memory(model.device), stream_bytes(model)

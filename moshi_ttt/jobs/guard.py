@@ -13,7 +13,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-from .errors import MoshiTTTError
+from ..errors import MoshiTTTError
 
 LOCK_NAME = ".moshi-ttt.lock"
 

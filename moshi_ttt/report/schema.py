@@ -1,5 +1,5 @@
 """What a run produces, as typed records up to the JSON boundary: per-layer TTT numbers, per-file
-results, the run's report, and the events a front end hears. No torch or moshi here, so front
+results and the run's report. No torch or moshi here, so front
 ends (and `moshi-ttt --help`) can use these types without loading a model stack.
 """
 
@@ -79,14 +79,6 @@ class FileTTT:
 
 
 @dataclass
-class Job:
-    input: Path
-    output: Path
-    text_output: Path | None = None
-    duration_hint: float | None = None  # seconds, as a manifest says (for progress before reading)
-
-
-@dataclass
 class FileResult:
     input: str
     output: str | None
@@ -113,60 +105,6 @@ class FileResult:
                 variant=ttt.get("variant", "?"), chunk_size=ttt.get("chunk_size", 0),
                 layers=[LayerReport.from_json(layer) for layer in ttt.get("layers", [])])
         return cls(**values)
-
-
-class BatchEvents(tp.Protocol):
-    """What a front end hears while a batch runs (progress bars, log lines)."""
-
-    def __enter__(self) -> tp.Any: ...
-    def __exit__(self, *exc: tp.Any) -> None: ...
-    def loading(self, what: str) -> tp.ContextManager[tp.Any]: ...
-    # Seconds of audio per job, from headers or the manifest (None where unknown before reading).
-    def batch_started(self, durations: list[float | None]) -> None: ...
-    # How many recordings stream at once, and why that many (--batch-size, or what auto chose).
-    def batch_size_chosen(self, size: int, reason: str) -> None: ...
-    # Files start and finish in any order when several stream at once; `index` says which.
-    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None: ...
-    def frames_done(self, index: int, done: int, total: int) -> None: ...
-    def file_warning(self, job: Job, message: str) -> None: ...
-    def file_finished(self, index: int, total: int, result: FileResult) -> None: ...
-    def report_failed(self, path: Path, reason: str) -> None: ...
-
-
-class SilentEvents:
-    """Hears nothing; also a context manager, like the front ends' event sinks."""
-
-    def __enter__(self) -> "SilentEvents":
-        return self
-
-    def __exit__(self, *exc: tp.Any) -> None:
-        pass
-
-    def loading(self, what: str) -> tp.ContextManager[tp.Any]:
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def batch_started(self, durations: list[float | None]) -> None:
-        pass
-
-    def batch_size_chosen(self, size: int, reason: str) -> None:
-        pass
-
-    def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
-        pass
-
-    def file_warning(self, job: Job, message: str) -> None:
-        pass
-
-    def frames_done(self, index: int, done: int, total: int) -> None:
-        pass
-
-    def file_finished(self, index: int, total: int, result: FileResult) -> None:
-        pass
-
-    def report_failed(self, path: Path, reason: str) -> None:
-        pass
 
 
 def sha256_of(path: Path) -> str:
@@ -202,8 +140,55 @@ def strict_json(value: tp.Any) -> tp.Any:
 
 
 @dataclass
+class RunSettings:
+    """The report's `settings`: what produced its outputs. Field names are the report schema's.
+
+    Model-side fields are None where no model was loaded (a shard that got no file); the Ray
+    fields are written only for a Ray run. Keys this version does not know are kept in `extra`
+    and written back, so rewriting a newer report loses nothing."""
+
+    base: str
+    checkpoint: str | None
+    seed: int
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    channel: int | str | None = None
+    lm: dict | None = None
+    sampling: dict | None = None  # what LMGen sampled with
+    sampling_overrides: dict | None = None  # which of it this run changed
+    batch_size: int | None = None
+    batch_size_reason: str | None = None
+    decode_chunk: int | None = None
+    ttt: dict | None = None
+    backend: str | None = None  # "ray", or None for a local run
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    _ONLY_WHEN_SET = ("backend", "workers", "gpus_per_worker")
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "RunSettings":
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: data.pop(k) for k in list(data) if k in known}
+        values.setdefault("base", "")
+        values.setdefault("checkpoint", None)
+        values.setdefault("seed", 0)
+        return cls(**values, extra=data)
+
+    def to_json(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        for name in self._ONLY_WHEN_SET:
+            if data[name] is None:
+                del data[name]
+        return {**data, **self.extra}
+
+
+@dataclass
 class Report:
-    settings: dict
+    settings: RunSettings
     files: list[FileResult] = field(default_factory=list)
     wall_s: float = 0.0
     interrupted: bool = False
@@ -232,7 +217,7 @@ class Report:
         }
 
     def to_json(self) -> dict:
-        data = {"schema": REPORT_SCHEMA, "settings": self.settings,
+        data = {"schema": REPORT_SCHEMA, "settings": self.settings.to_json(),
                 "files": [file_json(f) for f in self.all_files()], "totals": self.totals()}
         if self.interrupted:
             data["interrupted"] = True
@@ -241,7 +226,7 @@ class Report:
         return strict_json(data)
 
     def write(self, path: Path) -> None:
-        from .audio import atomic_output
+        from ..jobs.audio import atomic_output
 
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import sphn
 
-from .errors import AudioError, AudioTooShortError, MoshiTTTError
+from ..errors import AudioError, AudioTooShortError, MoshiTTTError
 
 SAMPLE_RATE = 24_000
 FRAME_SIZE = 1920  # 80 ms at 24 kHz: one Mimi frame, one LMGen step

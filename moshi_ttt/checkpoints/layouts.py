@@ -21,9 +21,9 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from .config import TTTConfig, check_ttt_config, ttt_config_from_section
-from .families import SectionLayout
-from .errors import CheckpointError
+from ..ttt.config import TTTConfig, check_ttt_config, ttt_config_from_section
+from ..ttt.families import SectionLayout
+from ..errors import CheckpointError
 from .rope_scaling import DEFAULT_CONTEXT, YarnConfig, extended_context, parse_yarn_config
 
 

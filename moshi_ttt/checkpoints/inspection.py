@@ -7,10 +7,9 @@ import re
 import typing as tp
 from dataclasses import dataclass, field
 
-from .checkpoint import (LORA_SUFFIXES, FineTune, base_checkpoint_info, check_compatible, check_safetensors,
-                         lm_settings, load_finetune, read_mapping, resolve_finetune_folder)
-from .errors import CheckpointError
-from .families import FAMILY_NAMES, family
+from .layouts import (LORA_SUFFIXES, FineTune, base_checkpoint_info, check_compatible, check_safetensors, lm_settings, load_finetune, read_mapping, resolve_finetune_folder)
+from ..errors import CheckpointError
+from ..ttt.families import FAMILY_NAMES, family
 
 
 @dataclass

@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (LORA_SUFFIXES, FineTune, LoraAdapters, base_checkpoint_info, check_compatible,
-                         check_safetensors, lm_settings, load_finetune)
-from .config import TTTConfig, chunk_size_of, override_ttt_config
-from .errors import CheckpointError, MoshiTTTError
-from .families import family_of
+from .layouts import (LORA_SUFFIXES, FineTune, LoraAdapters, base_checkpoint_info, check_compatible, check_safetensors, lm_settings, load_finetune)
+from ..ttt.config import TTTConfig, chunk_size_of, override_ttt_config
+from ..errors import CheckpointError, MoshiTTTError
+from ..ttt.families import family_of
 from .rope_scaling import YarnConfig, apply_yarn
-from .ttt.base import FastWeightModule, TTTController
+from ..ttt.base import FastWeightModule, TTTController
 
 
 @dataclass

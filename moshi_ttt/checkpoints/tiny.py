@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE
-from .families import family, family_of
+from ..jobs.audio import SAMPLE_RATE
+from ..ttt.families import family, family_of
 
 FRAME_RATE = 12.5
 
@@ -523,7 +523,7 @@ def write_tiny_variant(root: str | Path, variant: str, seed: int = 0, *, yarn: d
     (`lora_A`/`lora_B` for every linear layer, TTT layers' included, as moshi-finetune wraps
     them) beside the TTT tensors, with `lora`, `lora_rank`, `lora_scaling` in config.json. `ttt`
     replaces keys of the family's TTT section (e.g. `{"use_rope": True}` for TTT-MLP)."""
-    from .checkpoint import LOADER_KEYS
+    from .layouts import LOADER_KEYS
 
     ttt_family = family(variant)
     root = Path(root)
@@ -552,7 +552,7 @@ def _save_finetune_weights(base: Path, folder: Path, section: dict, seed: int, l
     with `lora`, random adapters for every linear layer of the TTT model too."""
     from safetensors.torch import save_file
 
-    from .checkpoint import find_ttt_config
+    from .layouts import find_ttt_config
     from .model import load_model
 
     lm = load_model(str(base)).lm

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # Defaults of the training code's `YaRNArgs` (moshi-finetune/finetune/args.py), which its
 # loader also falls back to for absent keys.

@@ -27,8 +27,8 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
-from .errors import MoshiTTTError
-from .results import REPORT_NAME, REPORT_SCHEMA, FileResult, Report, sha256_of
+from ..errors import MoshiTTTError
+from .schema import REPORT_NAME, REPORT_SCHEMA, FileResult, Report, RunSettings, sha256_of
 
 # Settings each process decides for itself (auto batch size from its own file count and memory,
 # its threads and device): differing between shards is expected, not worth a warning.
@@ -273,7 +273,7 @@ def merge_reports(report: Path, lock_folder: Path | None = None) -> MergeOutcome
     each input once (see `pick`), totals recomputed, `wall_s` the sum of the parts' (processing
     time, so the real-time factor stays seconds of work per second of audio). Parts are kept:
     merging again gives the same report. Raises `MoshiTTTError` when there is nothing to merge."""
-    from .guard import OutputLock
+    from ..jobs.guard import OutputLock
 
     report = Path(report).absolute()
     lock_folder = lock_folder or report.parent
@@ -286,10 +286,11 @@ def merge_reports(report: Path, lock_folder: Path | None = None) -> MergeOutcome
         raise MoshiTTTError("no such folder", report.parent)
     # The settings of the newest part that streamed something (an empty shard loads no model).
     newest = max(parts.values(), key=lambda r: (bool(r.data.get("files")), r.mtime_ns))
-    settings = dict(newest.data.get("settings") or {})
-    settings.pop("shard", None)
+    settings = RunSettings.from_json(newest.data.get("settings"))
+    settings.extra.pop("shard", None)
+    newest_json = settings.to_json()
     differing = sorted({key for part in parts.values() for key, value in (part.data.get("settings") or {}).items()
-                        if key not in PER_PROCESS_SETTINGS and settings.get(key) != value})
+                        if key not in PER_PROCESS_SETTINGS and newest_json.get(key) != value})
     with OutputLock(lock_folder):  # no unsharded run (nor another merge) writes the report meanwhile
         states = shard_states(parts, lock_folder)
         merged = Report(settings=settings, files=merged_entries(reports),

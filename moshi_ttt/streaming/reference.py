@@ -19,22 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import MoshiTTTError
-from .model import LoadedModel
-from .results import LayerReport
-from .sampling import Sampling
+from ..checkpoints.model import LoadedModel
+from ..report.schema import LayerReport
+from ..options import Sampling, check_seed
 from .transcripts import TimedWord, timed_words
 
 ProgressFn = tp.Callable[[int, int], None]  # (frames done, frames total)
-# numpy's seed must fit in 32 bits; torch's and random's take that range too.
-SEED_RANGE = range(0, 2 ** 32)
-
-
-def check_seed(seed: int) -> int:
-    """Refuse a seed that `seed_all` would reject at the first file (and so fail every file)."""
-    if seed not in SEED_RANGE:
-        raise MoshiTTTError(f"--seed must be between 0 and {SEED_RANGE.stop - 1}, got {seed}")
-    return seed
 
 
 @dataclass

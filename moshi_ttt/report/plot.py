@@ -19,8 +19,8 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoshiTTTError
-from .results import REPORT_SCHEMA, SECONDS_PER_TOKEN, FileResult, LayerReport, UpdateRecord
+from ..errors import MoshiTTTError
+from .schema import REPORT_SCHEMA, SECONDS_PER_TOKEN, FileResult, LayerReport, UpdateRecord
 
 DEFAULT_WIDTH, PANEL_HEIGHT = 1400, 260  # pixels; the default height grows with the panels
 DPI = 100
