@@ -35,10 +35,26 @@ def run(args: list[str], graphs: bool) -> tuple[float, subprocess.CompletedProce
 
 def numbers(report: Path) -> list:
     data = json.loads(report.read_text())
-    return [(Path(f["input"]).name, f["status"], f["steps"], f.get("transcript"), f.get("output_sha256"),
-             [(layer["layer"], layer["updates"], layer["clipped_updates"], round(layer["drift"], 4),
-               [round(u["drift"], 4) for u in layer.get("timeline") or []])
-              for layer in (f["ttt"] or {}).get("layers", [])]) for f in data["files"]]
+    return [
+        (
+            Path(f["input"]).name,
+            f["status"],
+            f["steps"],
+            f.get("transcript"),
+            f.get("output_sha256"),
+            [
+                (
+                    layer["layer"],
+                    layer["updates"],
+                    layer["clipped_updates"],
+                    round(layer["drift"], 4),
+                    [round(u["drift"], 4) for u in layer.get("timeline") or []],
+                )
+                for layer in (f["ttt"] or {}).get("layers", [])
+            ],
+        )
+        for f in data["files"]
+    ]
 
 
 def main() -> None:
@@ -51,8 +67,16 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="moshi-ttt-graphs-"))
     recordings = root / "rec"
-    subprocess.run([sys.executable, "-c", "import sys; from moshi_ttt.tiny import write_sample_recordings as w; "
-                    f"w(sys.argv[1], durations=(1.6, 2.4, {args.seconds}))", str(recordings)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from moshi_ttt.tiny import write_sample_recordings as w; "
+            f"w(sys.argv[1], durations=(1.6, 2.4, {args.seconds}))",
+            str(recordings),
+        ],
+        check=True,
+    )
     setups: dict[str, tuple[list[str], list[str]]] = {
         "inplace": (["--variant", "inplace"], []),
         "inplace-tight-clip": (["--variant", "inplace"], ["--delta-clip", "1e-5"]),
@@ -65,8 +89,9 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         folder = root / name
-        made = subprocess.run([sys.executable, "-c", CLI, "make-tiny", str(folder), *make_args],
-                              capture_output=True, text=True)
+        made = subprocess.run(
+            [sys.executable, "-c", CLI, "make-tiny", str(folder), *make_args], capture_output=True, text=True
+        )
         if made.returncode:
             print(f"{name}: make-tiny failed: {made.stderr.strip()[-300:]}")
             failures += 1
@@ -80,9 +105,26 @@ def main() -> None:
         results = {}
         for graphs in (True, False):
             out = root / f"out-{name}-{'graphs' if graphs else 'eager'}"
-            seconds, done = run(["infer", str(recordings), str(out), "--base", str(folder / "base"),
-                                 "--checkpoint", str(folder / variant), "--device", args.device, "--dtype", args.dtype,
-                                 "--text", "--quiet", *(["--timeline"] if args.timeline else []), *infer_args], graphs)
+            seconds, done = run(
+                [
+                    "infer",
+                    str(recordings),
+                    str(out),
+                    "--base",
+                    str(folder / "base"),
+                    "--checkpoint",
+                    str(folder / variant),
+                    "--device",
+                    args.device,
+                    "--dtype",
+                    args.dtype,
+                    "--text",
+                    "--quiet",
+                    *(["--timeline"] if args.timeline else []),
+                    *infer_args,
+                ],
+                graphs,
+            )
             if done.returncode:
                 print(f"{name} graphs={graphs}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
                 failures += 1
@@ -93,8 +135,10 @@ def main() -> None:
         same = results[True][1] == results[False][1]
         failures += not same
         layers = results[True][1][-1][5]
-        print(f"{name:20s} same with and without CUDA graphs: {same}; wall {results[True][0]:.1f} s (graphs) "
-              f"vs {results[False][0]:.1f} s (eager); last file's layers (layer, updates, clipped, drift): {layers}")
+        print(
+            f"{name:20s} same with and without CUDA graphs: {same}; wall {results[True][0]:.1f} s (graphs) "
+            f"vs {results[False][0]:.1f} s (eager); last file's layers (layer, updates, clipped, drift): {layers}"
+        )
         if not same:
             for a, b in zip(results[True][1], results[False][1]):
                 if a != b:

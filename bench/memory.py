@@ -74,9 +74,13 @@ def main() -> None:
         row = []
         for mode in ("product", "joined"):
             out = root / f"{mode}-{minutes}.wav"
-            done = subprocess.run([sys.executable, "-c", CHILD, mode, str(paths.base), str(paths.finetune),
-                                   str(recording), str(out)], capture_output=True, text=True, check=True,
-                                  env={**os.environ, "NO_TORCH_COMPILE": "1"})
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, mode, str(paths.base), str(paths.finetune), str(recording), str(out)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "NO_TORCH_COMPILE": "1"},
+            )
             numbers = json.loads(done.stdout.strip().splitlines()[-1])
             row.append(numbers["last"] - numbers["first"])
         print(f"{minutes:7.1f}  {row[0]:34.1f}  {row[1]:6.1f}", flush=True)

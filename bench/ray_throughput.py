@@ -20,11 +20,13 @@ from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-from moshi_ttt.options import RayOptions  # noqa: E402
 from moshi_ttt.backends.ray import require_ray
-from moshi_ttt.options import RunOptions  # noqa: E402
-from moshi_ttt.run import run_batch
 from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
+from moshi_ttt.options import (
+    RayOptions,  # noqa: E402
+    RunOptions,  # noqa: E402
+)
+from moshi_ttt.run import run_batch
 
 
 def main() -> None:
@@ -42,31 +44,48 @@ def main() -> None:
     audio_s = args.files * args.seconds
 
     def options(**extra) -> RunOptions:
-        return RunOptions(base=str(tiny.base), checkpoint=str(tiny.finetune), device="cpu", threads=1,
-                          batch_size=args.batch_size, **extra)
+        return RunOptions(
+            base=str(tiny.base),
+            checkpoint=str(tiny.finetune),
+            device="cpu",
+            threads=1,
+            batch_size=args.batch_size,
+            **extra,
+        )
 
     def timed(name: str, folder: str, **extra) -> float:
         start = time.perf_counter()
         outcome = run_batch(src, root / folder, options(**extra))
         wall = time.perf_counter() - start
         assert outcome.exit_code == 0, [(f.input, f.reason) for f in outcome.report.files]
-        print(f"{name:16s} {wall:8.2f} s  {3600 * args.files / wall:10.0f} files/h  RTF {wall / audio_s:.3f}",
-              flush=True)
+        print(
+            f"{name:16s} {wall:8.2f} s  {3600 * args.files / wall:10.0f} files/h  RTF {wall / audio_s:.3f}", flush=True
+        )
         return wall
 
-    print(f"{args.files} files x {args.seconds:.1f} s, batch size {args.batch_size}, tiny In-Place checkpoint, "
-          f"CPU, {os.cpu_count()} cores")
+    print(
+        f"{args.files} files x {args.seconds:.1f} s, batch size {args.batch_size}, tiny In-Place checkpoint, "
+        f"CPU, {os.cpu_count()} cores"
+    )
     timed("warm-up (local)", "warm-up")  # imports and first-load costs out of the comparison
     local = timed("local", "local")
     ray = require_ray()
     start = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"NO_TORCH_COMPILE": "1"}})
+    ray.init(
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"NO_TORCH_COMPILE": "1"}},
+    )
     print(f"{'ray.init':16s} {time.perf_counter() - start:8.2f} s  (once per driver)")
     try:
         for run, workers in enumerate(args.workers):
-            wall = timed(f"ray, {workers} worker{'s' if workers > 1 else ''}", f"ray-{run}", backend="ray",
-                         ray=RayOptions(workers=workers))
+            wall = timed(
+                f"ray, {workers} worker{'s' if workers > 1 else ''}",
+                f"ray-{run}",
+                backend="ray",
+                ray=RayOptions(workers=workers),
+            )
             print(f"{'':16s} overhead vs local: {wall / local:.2f}x", flush=True)
     finally:
         ray.shutdown()

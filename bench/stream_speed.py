@@ -19,10 +19,10 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moshi_ttt.jobs.audio import SAMPLE_RATE, read_audio  # noqa: E402
 from moshi_ttt.checkpoints.model import load_model  # noqa: E402
-from moshi_ttt.streaming.reference import StreamingRunner  # noqa: E402
 from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
+from moshi_ttt.jobs.audio import SAMPLE_RATE, read_audio  # noqa: E402
+from moshi_ttt.streaming.reference import StreamingRunner  # noqa: E402
 
 
 def main() -> None:
@@ -37,12 +37,15 @@ def main() -> None:
     recording = write_sample_recordings(root / "rec", durations=(args.seconds,))[0]
     pcm = read_audio(recording)
     audio_s = len(pcm) / SAMPLE_RATE
-    setups = {"plain": (paths["inplace"].base, None), "inplace": (paths["inplace"].base, paths["inplace"].finetune),
-              "ttt-mlp": (paths["ttt-mlp"].base, paths["ttt-mlp"].finetune)}
+    setups = {
+        "plain": (paths["inplace"].base, None),
+        "inplace": (paths["inplace"].base, paths["inplace"].finetune),
+        "ttt-mlp": (paths["ttt-mlp"].base, paths["ttt-mlp"].finetune),
+    }
     print(f"{audio_s:.1f} s of audio, {args.threads} thread(s), best of {args.repeats}")
     for name, (base, finetune) in setups.items():
         runner = StreamingRunner(load_model(str(base), None if finetune is None else str(finetune)))
-        runner.run(pcm[: SAMPLE_RATE])  # warm-up
+        runner.run(pcm[:SAMPLE_RATE])  # warm-up
         best = min(_timed(runner, pcm) for _ in range(args.repeats))
         steps = len(pcm) // 1920 + 1
         print(f"{name:8s} {1000 * best / steps:6.2f} ms/step  real-time factor {best / audio_s:.3f}")

@@ -21,10 +21,10 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import torch  # noqa: E402
 
-from moshi_ttt.jobs.audio import SAMPLE_RATE, read_audio, to_pcm16  # noqa: E402
-from moshi_ttt.streaming.batched import BatchedRunner  # noqa: E402
 from moshi_ttt.checkpoints.model import load_model  # noqa: E402
 from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
+from moshi_ttt.jobs.audio import SAMPLE_RATE, read_audio, to_pcm16  # noqa: E402
+from moshi_ttt.streaming.batched import BatchedRunner  # noqa: E402
 
 
 def main() -> None:
@@ -43,8 +43,11 @@ def main() -> None:
     recordings = write_sample_recordings(root / "rec", durations=[args.seconds] * args.files)
     pcms = [(path.name, read_audio(path)) for path in recordings]
     audio_s = sum(len(pcm) for _, pcm in pcms) / SAMPLE_RATE
-    setups = {"plain": (paths["inplace"].base, None), "inplace": (paths["inplace"].base, paths["inplace"].finetune),
-              "ttt-mlp": (paths["ttt-mlp"].base, paths["ttt-mlp"].finetune)}
+    setups = {
+        "plain": (paths["inplace"].base, None),
+        "inplace": (paths["inplace"].base, paths["inplace"].finetune),
+        "ttt-mlp": (paths["ttt-mlp"].base, paths["ttt-mlp"].finetune),
+    }
     print(f"{args.files} files x {args.seconds:.1f} s, {args.threads} thread(s), {args.device}, tiny checkpoints")
     print("setup     B  chunk  files/hour  speed-up  RTF/stream  max LSB  tokens")
     for name in args.setups:
@@ -62,12 +65,16 @@ def main() -> None:
                 per_hour = 3600 * args.files / wall
                 first = first or per_hour
                 reference = reference or results
-                lsb = max(int(abs(to_pcm16(results[k].pcm).astype(int) - to_pcm16(reference[k].pcm)).max(initial=0))
-                          for k in results)
+                lsb = max(
+                    int(abs(to_pcm16(results[k].pcm).astype(int) - to_pcm16(reference[k].pcm)).max(initial=0))
+                    for k in results
+                )
                 same = all(results[k].text_tokens == reference[k].text_tokens for k in results)
-                print(f"{name:8s} {batch_size:2d}  {chunk:5d}  {per_hour:10.0f}  {per_hour / first:7.2f}x  "
-                      f"{wall * min(batch_size, args.files) / audio_s:10.3f}  {lsb:7d}  {'same' if same else 'DIFFER'}",
-                      flush=True)
+                print(
+                    f"{name:8s} {batch_size:2d}  {chunk:5d}  {per_hour:10.0f}  {per_hour / first:7.2f}x  "
+                    f"{wall * min(batch_size, args.files) / audio_s:10.3f}  {lsb:7d}  {'same' if same else 'DIFFER'}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -25,13 +25,22 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it (imported on first use).
 _API = {
-    "run_batch": "run", "RunOutcome": "run",
-    "RunOptions": "options", "Sampling": "options", "RayOptions": "options", "ScoreOptions": "options",
-    "OptionError": "options", "MoshiTTTError": "errors",
-    "load_model": "checkpoints.model", "LoadedModel": "checkpoints.model",
+    "run_batch": "run",
+    "RunOutcome": "run",
+    "RunOptions": "options",
+    "Sampling": "options",
+    "RayOptions": "options",
+    "ScoreOptions": "options",
+    "OptionError": "options",
+    "MoshiTTTError": "errors",
+    "load_model": "checkpoints.model",
+    "LoadedModel": "checkpoints.model",
     "inspect_finetune": "checkpoints.inspection",
-    "ProgressBar": "events", "SilentEvents": "events", "BatchEvents": "events",
-    "Report": "report.schema", "FileResult": "report.schema",
+    "ProgressBar": "events",
+    "SilentEvents": "events",
+    "BatchEvents": "events",
+    "Report": "report.schema",
+    "FileResult": "report.schema",
 }
 __all__ = ["__version__", *_API]
 

@@ -33,7 +33,7 @@ class BatchEvents(tp.Protocol):
 class SilentEvents:
     """Hears nothing; also a context manager, like the front ends' event sinks."""
 
-    def __enter__(self) -> "SilentEvents":
+    def __enter__(self) -> SilentEvents:
         return self
 
     def __exit__(self, *exc: tp.Any) -> None:

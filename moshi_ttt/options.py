@@ -71,7 +71,7 @@ class Sampling:
     top_k_text: int | None = None
     greedy: bool = False  # argmax everywhere (LMGen's use_sampling=False)
 
-    def validate(self) -> "Sampling":
+    def validate(self) -> Sampling:
         """Refuse values `LMGen` would misuse: a temperature must be a positive finite number (0
         divides by zero; use greedy), top-k at least 1."""
         for name in ("temp", "temp_text"):
@@ -84,8 +84,11 @@ class Sampling:
 
     def overrides(self) -> dict:
         """The `LMGen` kwargs this run sets."""
-        kwargs: dict = {name: getattr(self, name) for name in ("temp", "temp_text", "top_k", "top_k_text")
-                        if getattr(self, name) is not None}
+        kwargs: dict = {
+            name: getattr(self, name)
+            for name in ("temp", "temp_text", "top_k", "top_k_text")
+            if getattr(self, name) is not None
+        }
         if self.greedy:
             kwargs["use_sampling"] = False
         return kwargs
@@ -110,10 +113,9 @@ class RayOptions:
 
     def given(self) -> list[str]:
         """The settings a user set that only mean something with Ray."""
-        return [f"ray.{name}" for name in ("address", "workers", "gpus_per_worker")
-                if getattr(self, name) is not None]
+        return [f"ray.{name}" for name in ("address", "workers", "gpus_per_worker") if getattr(self, name) is not None]
 
-    def validate(self) -> "RayOptions":
+    def validate(self) -> RayOptions:
         if self.workers is not None:
             _whole("ray.workers", self.workers, 1)
         if self.gpus_per_worker is not None:
@@ -139,16 +141,23 @@ class ScoreOptions:
     first_codebook_weight: float | None = None
     text_padding_weight: float | None = None
 
-    def validate(self) -> "ScoreOptions":
+    def validate(self) -> ScoreOptions:
         if self.user_stream not in USER_STREAMS:
-            raise OptionError("score.user_stream", f"must be one of {', '.join(USER_STREAMS)}, got {self.user_stream!r}")
+            raise OptionError(
+                "score.user_stream", f"must be one of {', '.join(USER_STREAMS)}, got {self.user_stream!r}"
+            )
         if self.text_stream not in TEXT_STREAMS:
-            raise OptionError("score.text_stream", f"must be one of {', '.join(TEXT_STREAMS)}, got {self.text_stream!r}")
+            raise OptionError(
+                "score.text_stream", f"must be one of {', '.join(TEXT_STREAMS)}, got {self.text_stream!r}"
+            )
         _positive_number("score.bucket_seconds", self.bucket_seconds)
         for name in ("first_codebook_weight", "text_padding_weight"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not (math.isfinite(value) and value >= 0)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
                 raise OptionError(f"score.{name}", f"must be a number >= 0, got {value!r}")
         return self
 
@@ -190,7 +199,7 @@ class RunOptions:
     ray: RayOptions = field(default_factory=RayOptions)
     score: ScoreOptions | None = None  # set: score every token (teacher-forced) instead of generating
 
-    def validate(self) -> "RunOptions":
+    def validate(self) -> RunOptions:
         """These options in canonical form, every check and implication applied; `OptionError`
         (naming the setting) for the first that cannot be honoured."""
         changes: dict[str, tp.Any] = {}
@@ -210,8 +219,9 @@ class RunOptions:
         if self.text_format != "txt" and not self.text:
             changes["text"] = True  # asking for a transcript format asks for transcripts
         if self.audio_format is not None and self.audio_format not in FOLDER_AUDIO_FORMATS:
-            raise OptionError("audio_format", f"must be one of {', '.join(FOLDER_AUDIO_FORMATS)}, "
-                              f"got {self.audio_format!r}")
+            raise OptionError(
+                "audio_format", f"must be one of {', '.join(FOLDER_AUDIO_FORMATS)}, got {self.audio_format!r}"
+            )
         try:
             channel = parse_channel(self.channel)
         except MoshiTTTError:
@@ -254,13 +264,17 @@ class RunOptions:
         if self.delta_clip is None:
             return {}
         # The report's origin keeps the name users know it by.
-        return {"delta_clip": None if self.delta_clip == "none" else self.delta_clip,
-                "delta_clip_origin": "--delta-clip"}
+        return {
+            "delta_clip": None if self.delta_clip == "none" else self.delta_clip,
+            "delta_clip_origin": "--delta-clip",
+        }
 
     def changed(self) -> dict[str, tp.Any]:
         """The settings that differ from the defaults (for logs and tests)."""
         default = RunOptions()
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)
+        }
 
 
 def check_seed(seed: int) -> int:

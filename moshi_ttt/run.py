@@ -55,7 +55,7 @@ class RunOutcome:
         return EXIT_FILES_FAILED if self.report.totals()["failed"] else EXIT_OK
 
 
-def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int = 1) -> "FileWorker":
+def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int = 1) -> FileWorker:
     """Load the model and wrap it in a `FileWorker` streaming up to `options.batch_size` of
     `files` recordings at once (`auto`: see `streaming/batch_size.py`; chosen after loading,
     from the memory the model left free): what `run_batch` runs, and what each Ray actor runs."""
@@ -65,30 +65,53 @@ def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int =
     from .streaming.batched import BatchedRunner
 
     options = options.validate()
-    model = load_model(options.base, options.checkpoint, device=device, dtype=dtype,
-                       ttt_overrides=options.ttt_overrides(), step=options.step)
+    model = load_model(
+        options.base,
+        options.checkpoint,
+        device=device,
+        dtype=dtype,
+        ttt_overrides=options.ttt_overrides(),
+        step=options.step,
+    )
     batch_size, reason = choose_batch_size(options.batch_size, model, files)
-    runner = BatchedRunner(model, batch_size, seed=options.seed, ttt_enabled=options.ttt_enabled,
-                           timeline=options.timeline, sampling=options.sampling, decode_chunk=options.decode_chunk)
+    runner = BatchedRunner(
+        model,
+        batch_size,
+        seed=options.seed,
+        ttt_enabled=options.ttt_enabled,
+        timeline=options.timeline,
+        sampling=options.sampling,
+        decode_chunk=options.decode_chunk,
+    )
     return FileWorker(runner, text_format=options.text_format, channel=options.channel, batch_size_reason=reason)
 
 
-def run_settings(options: RunOptions, worker: "FileWorker", threads: int | None) -> RunSettings:
+def run_settings(options: RunOptions, worker: FileWorker, threads: int | None) -> RunSettings:
     """The report's `settings`: what produced its outputs."""
     runner = worker.runner
     model = runner.model
     ttt = model.describe_ttt()
-    return RunSettings(base=options.base, checkpoint=options.checkpoint, seed=options.seed, device=str(model.device),
-                       dtype=str(model.dtype).removeprefix("torch."), threads=threads,
-                       channel=0 if worker.channel is None else worker.channel, lm=model.describe_lm(),
-                       sampling=runner.lm_gen_config, sampling_overrides=options.sampling.overrides(),
-                       batch_size=runner.batch_size, batch_size_reason=worker.batch_size_reason,
-                       decode_chunk=runner.decode_chunk,
-                       ttt=None if ttt is None else {**ttt, "enabled": options.ttt_enabled})
+    return RunSettings(
+        base=options.base,
+        checkpoint=options.checkpoint,
+        seed=options.seed,
+        device=str(model.device),
+        dtype=str(model.dtype).removeprefix("torch."),
+        threads=threads,
+        channel=0 if worker.channel is None else worker.channel,
+        lm=model.describe_lm(),
+        sampling=runner.lm_gen_config,
+        sampling_overrides=options.sampling.overrides(),
+        batch_size=runner.batch_size,
+        batch_size_reason=worker.batch_size_reason,
+        decode_chunk=runner.decode_chunk,
+        ttt=None if ttt is None else {**ttt, "enabled": options.ttt_enabled},
+    )
 
 
-def run_batch(source: Path | str, target: Path | str, options: RunOptions | None = None,
-              events: BatchEvents | None = None) -> RunOutcome:
+def run_batch(
+    source: Path | str, target: Path | str, options: RunOptions | None = None, events: BatchEvents | None = None
+) -> RunOutcome:
     """Stream every recording of `source` (a file, a folder or a `.jsonl` manifest) into `target`;
     see the module docstring for the order of things. Raises `MoshiTTTError` (`OptionError` for a
     bad setting) when the run cannot start. Without `events`, a library run shows a tqdm progress
@@ -105,10 +128,17 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
     device, dtype, threads = prepare_runtime("cpu" if on_ray else options.device, options.dtype, options.threads)
     from .checkpoints.model import resolve_checkpoints
 
-    plan = prepare_batch(Path(source), target, pattern=options.pattern, text=options.text,
-                         report=options.report, include_hidden=options.include_hidden,
-                         text_format=options.text_format, audio_format=options.audio_format,
-                         shard=tp.cast(tp.Any, options.shard))
+    plan = prepare_batch(
+        Path(source),
+        target,
+        pattern=options.pattern,
+        text=options.text,
+        report=options.report,
+        include_hidden=options.include_hidden,
+        text_format=options.text_format,
+        audio_format=options.audio_format,
+        shard=tp.cast(tp.Any, options.shard),
+    )
     backend: tp.Any = None
     batch: BatchRunner | None = None
     try:
@@ -128,8 +158,15 @@ def run_batch(source: Path | str, target: Path | str, options: RunOptions | None
                 backend = make_worker(options, device, dtype, len(plan.jobs))
             events.batch_size_chosen(backend.runner.batch_size, backend.batch_size_reason)
             settings = run_settings(options, backend, threads)
-        batch = BatchRunner(backend, settings, report_path=plan.report_path, overwrite=options.overwrite,
-                            events=events, earlier=plan.earlier, text_format=options.text_format)
+        batch = BatchRunner(
+            backend,
+            settings,
+            report_path=plan.report_path,
+            overwrite=options.overwrite,
+            events=events,
+            earlier=plan.earlier,
+            text_format=options.text_format,
+        )
         if plan.shard is not None:
             batch.report.shard = {"index": plan.shard.index, "count": plan.shard.count, "planned": len(plan.jobs)}
         with events:

@@ -33,8 +33,9 @@ def prepare_environment(device: str | None = None) -> None:
         os.environ["NO_TORCH_COMPILE"] = "1"
 
 
-def prepare_runtime(device: str = "auto", dtype: str = "auto",
-                    threads: int | None = None) -> tuple["torch.device", "torch.dtype", int]:
+def prepare_runtime(
+    device: str = "auto", dtype: str = "auto", threads: int | None = None
+) -> tuple[torch.device, torch.dtype, int]:
     """Everything a run settles about the process before moshi loads: the device (remembered in
     $MOSHI_TTT_DEVICE for `prepare_environment`), the dtype and the intra-op threads."""
     os.environ[DEVICE_VARIABLE] = device
@@ -43,7 +44,7 @@ def prepare_runtime(device: str = "auto", dtype: str = "auto",
     return torch_device, resolve_dtype(dtype, torch_device), set_threads(threads, torch_device)
 
 
-def resolve_device(device: str = "auto") -> "torch.device":
+def resolve_device(device: str = "auto") -> torch.device:
     import torch
 
     if device == "auto":
@@ -55,7 +56,7 @@ def resolve_device(device: str = "auto") -> "torch.device":
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on GPU (what Moshi ships in) and float32 on CPU (bf16 matmuls are slow there)."""
     import torch
 
@@ -68,7 +69,7 @@ def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
     return getattr(torch, dtype)
 
 
-def default_threads(device: "torch.device") -> int:
+def default_threads(device: torch.device) -> int:
     """Intra-op thread count chosen on purpose rather than left to torch.
 
     Streaming runs one 80 ms frame at a time: small matmuls and convs where thread hand-off
@@ -82,7 +83,7 @@ def default_threads(device: "torch.device") -> int:
     return min(8, cores // 2)
 
 
-def set_threads(threads: int | None, device: "torch.device") -> int:
+def set_threads(threads: int | None, device: torch.device) -> int:
     import torch
 
     n = threads if threads is not None else default_threads(device)

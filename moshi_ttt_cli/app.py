@@ -14,7 +14,6 @@ import typing as tp
 from enum import Enum
 from pathlib import Path
 
-
 # Ctrl-C while modules import (torch takes seconds) must be one line, not an import traceback.
 # Some import-time code swallows KeyboardInterrupt, so the interrupt is also remembered and acted
 # on once the imports are done.
@@ -70,8 +69,12 @@ except KeyboardInterrupt:
     sys.stderr.write("interrupted during start-up\n")
     raise SystemExit(130) from None
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Offline inference for Moshi fine-tuned with Test-Time Training layers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Offline inference for Moshi fine-tuned with Test-Time Training layers.",
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -111,13 +114,26 @@ def _terminate(signum: int, frame: tp.Any) -> None:
 
 
 # The flag of each `RunOptions` setting, for errors that name a setting.
-FLAGS = {"ttt_enabled": "--no-ttt", "pattern": "--glob", "text_format": "--text-format", "audio_format": "--format",
-         "include_hidden": "--include-hidden", "sampling.temp": "--temp", "sampling.temp_text": "--temp-text",
-         "sampling.top_k": "--top-k", "sampling.top_k_text": "--top-k-text", "sampling.greedy": "--greedy",
-         "ray.address": "--ray-address", "ray.workers": "--workers", "ray.gpus_per_worker": "--gpus-per-worker",
-         "score.user_stream": "--user-stream", "score.text_stream": "--text-stream",
-         "score.bucket_seconds": "--bucket-seconds", "score.first_codebook_weight": "--first-codebook-weight",
-         "score.text_padding_weight": "--text-padding-weight"}
+FLAGS = {
+    "ttt_enabled": "--no-ttt",
+    "pattern": "--glob",
+    "text_format": "--text-format",
+    "audio_format": "--format",
+    "include_hidden": "--include-hidden",
+    "sampling.temp": "--temp",
+    "sampling.temp_text": "--temp-text",
+    "sampling.top_k": "--top-k",
+    "sampling.top_k_text": "--top-k-text",
+    "sampling.greedy": "--greedy",
+    "ray.address": "--ray-address",
+    "ray.workers": "--workers",
+    "ray.gpus_per_worker": "--gpus-per-worker",
+    "score.user_stream": "--user-stream",
+    "score.text_stream": "--text-stream",
+    "score.bucket_seconds": "--bucket-seconds",
+    "score.first_codebook_weight": "--first-codebook-weight",
+    "score.text_padding_weight": "--text-padding-weight",
+}
 
 
 def flag_of(setting: str) -> str:
@@ -151,8 +167,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Offline inference for Moshi fine-tuned with Test-Time Training layers."""
 
 
@@ -167,78 +186,141 @@ def _load_model_stack(device: str, dtype: str, threads: int | None) -> None:
 
 @app.command()
 def infer(
-    source: Path = typer.Argument(..., metavar="IN", help="A recording, a folder searched recursively, or a "
-                                  ".jsonl manifest of {\"path\", \"duration\"} lines (paths relative to it)."),
-    target: str = typer.Argument(..., metavar="OUT", help="Output file (format by extension), or folder "
-                                 "mirroring IN's layout (end it with / to create one for a single file)."),
+    source: Path = typer.Argument(
+        ...,
+        metavar="IN",
+        help="A recording, a folder searched recursively, or a "
+        '.jsonl manifest of {"path", "duration"} lines (paths relative to it).',
+    ),
+    target: str = typer.Argument(
+        ...,
+        metavar="OUT",
+        help="Output file (format by extension), or folder "
+        "mirroring IN's layout (end it with / to create one for a single file).",
+    ),
     base: str = typer.Option(DEFAULT_BASE, help="Base Moshi: Hugging Face repo id or local folder."),
-    checkpoint: tp.Optional[str] = typer.Option(None, help="TTT fine-tune folder (consolidated/, checkpoint or run folder)."),
-    step: tp.Optional[int] = typer.Option(None, help="Run folder: load checkpoint_NNNNNN of this step (default: latest)."),
+    checkpoint: str | None = typer.Option(None, help="TTT fine-tune folder (consolidated/, checkpoint or run folder)."),
+    step: int | None = typer.Option(None, help="Run folder: load checkpoint_NNNNNN of this step (default: latest)."),
     no_ttt: bool = typer.Option(False, "--no-ttt", help="Keep fast weights frozen (ablation)."),
-    delta_clip: tp.Optional[str] = typer.Option(
-        None, "--delta-clip", metavar="TAU|none",
+    delta_clip: str | None = typer.Option(
+        None,
+        "--delta-clip",
+        metavar="TAU|none",
         help="In-Place TTT: bound on each chunk's delta norm (before the learning rate), overriding "
-             "the checkpoint; 'none' turns clipping off."),
+        "the checkpoint; 'none' turns clipping off.",
+    ),
     device: Device = typer.Option(Device.auto),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on GPU, float32 on CPU."),
     seed: int = typer.Option(4242, help="RNG seed (0 to 2^32-1), reapplied at the start of every file."),
-    threads: tp.Optional[int] = typer.Option(None, help="CPU intra-op threads (default: chosen for this machine)."),
-    channel: tp.Optional[str] = typer.Option(None, metavar="N|left|right|mix",
-                                             help="Input channel to stream (default 0; moshi-finetune dialogues: "
-                                                  "Moshi left, user right)."),
-    glob: tp.Optional[str] = typer.Option(None, help="Only inputs whose relative path or name matches."),
-    include_hidden: bool = typer.Option(False, "--include-hidden",
-                                        help="Also take hidden files and folders as inputs (never macOS ._ files)."),
+    threads: int | None = typer.Option(None, help="CPU intra-op threads (default: chosen for this machine)."),
+    channel: str | None = typer.Option(
+        None,
+        metavar="N|left|right|mix",
+        help="Input channel to stream (default 0; moshi-finetune dialogues: Moshi left, user right).",
+    ),
+    glob: str | None = typer.Option(None, help="Only inputs whose relative path or name matches."),
+    include_hidden: bool = typer.Option(
+        False, "--include-hidden", help="Also take hidden files and folders as inputs (never macOS ._ files)."
+    ),
     text: bool = typer.Option(False, "--text", help="Also write Moshi's text stream beside each output."),
-    text_format: TextFormat = typer.Option(TextFormat.txt, "--text-format",
-                                           help="Transcripts as txt (words), jsonl (one timed word a line) or srt; jsonl/srt imply --text."),
-    audio_format: tp.Optional[AudioFormat] = typer.Option(None, "--format",
-                                                          help="Format of outputs written into a folder (default wav)."),
-    temp: tp.Optional[float] = typer.Option(None, help="Audio sampling temperature (default: the checkpoint's)."),
-    temp_text: tp.Optional[float] = typer.Option(None, help="Text sampling temperature (default: the checkpoint's)."),
-    top_k: tp.Optional[int] = typer.Option(None, help="Audio top-k (default: the checkpoint's)."),
-    top_k_text: tp.Optional[int] = typer.Option(None, help="Text top-k (default: the checkpoint's)."),
+    text_format: TextFormat = typer.Option(
+        TextFormat.txt,
+        "--text-format",
+        help="Transcripts as txt (words), jsonl (one timed word a line) or srt; jsonl/srt imply --text.",
+    ),
+    audio_format: AudioFormat | None = typer.Option(
+        None, "--format", help="Format of outputs written into a folder (default wav)."
+    ),
+    temp: float | None = typer.Option(None, help="Audio sampling temperature (default: the checkpoint's)."),
+    temp_text: float | None = typer.Option(None, help="Text sampling temperature (default: the checkpoint's)."),
+    top_k: int | None = typer.Option(None, help="Audio top-k (default: the checkpoint's)."),
+    top_k_text: int | None = typer.Option(None, help="Text top-k (default: the checkpoint's)."),
     greedy: bool = typer.Option(False, "--greedy", help="Argmax instead of sampling (seed-independent output)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo files whose output exists."),
-    report: tp.Optional[Path] = typer.Option(None, help="JSON report (default in folder mode: OUT/moshi-ttt-report.json)."),
-    details: tp.Optional[bool] = typer.Option(None, "--details/--no-details",
-                                              help="Per-layer TTT table after each file (default: single file only)."),
+    report: Path | None = typer.Option(None, help="JSON report (default in folder mode: OUT/moshi-ttt-report.json)."),
+    details: bool | None = typer.Option(
+        None, "--details/--no-details", help="Per-layer TTT table after each file (default: single file only)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables; errors still print."),
-    timeline: bool = typer.Option(False, "--timeline",
-                                  help="Record every TTT update in the report (for `moshi-ttt plot`; can be large)."),
-    json_summary: bool = typer.Option(False, "--json", help="Print one JSON summary line to stdout (totals, "
-                                      "report path) and nothing else there; progress goes to stderr."),
-    batch_size: str = typer.Option("auto", "--batch-size", metavar="B|auto",
-                                   help="Recordings streamed at once, each with its own fast weights (auto: as "
-                                   "many as fit in free GPU memory; at most 16 on CPU)."),
-    decode_chunk: tp.Optional[int] = typer.Option(None, "--decode-chunk", metavar="FRAMES",
-                                                  help="Decode audio in chunks of this many frames: faster on CPU, "
-                                                  "audio within one 16-bit step of the default frame-by-frame decode."),
-    shard: tp.Optional[str] = typer.Option(None, "--shard", metavar="I/N",
-                                           help="Process only shard I of N (by a hash of each file's relative "
-                                                "path) into OUT/moshi-ttt-report.shard-I-of-N.json; "
-                                                "`moshi-ttt report merge OUT` joins the parts."),
-    backend: BackendName = typer.Option(BackendName.local, help="local: stream in this process; ray: on a Ray "
-                                        "actor pool (pip install 'moshi-ttt[ray]'), outputs and report as local."),
-    ray_address: tp.Optional[str] = typer.Option(None, "--ray-address", metavar="ADDR",
-                                                 help="--backend ray: a running cluster (e.g. auto, "
-                                                      "ray://head:10001); default: start a local Ray instance."),
-    workers: tp.Optional[int] = typer.Option(None, help="--backend ray: actors, each with its own model (default: "
-                                             "one per GPU on GPU, one per --threads cores on CPU)."),
-    gpus_per_worker: tp.Optional[float] = typer.Option(None, "--gpus-per-worker",
-                                                       help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."),
+    timeline: bool = typer.Option(
+        False, "--timeline", help="Record every TTT update in the report (for `moshi-ttt plot`; can be large)."
+    ),
+    json_summary: bool = typer.Option(
+        False,
+        "--json",
+        help="Print one JSON summary line to stdout (totals, "
+        "report path) and nothing else there; progress goes to stderr.",
+    ),
+    batch_size: str = typer.Option(
+        "auto",
+        "--batch-size",
+        metavar="B|auto",
+        help="Recordings streamed at once, each with its own fast weights (auto: as "
+        "many as fit in free GPU memory; at most 16 on CPU).",
+    ),
+    decode_chunk: int | None = typer.Option(
+        None,
+        "--decode-chunk",
+        metavar="FRAMES",
+        help="Decode audio in chunks of this many frames: faster on CPU, "
+        "audio within one 16-bit step of the default frame-by-frame decode.",
+    ),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        metavar="I/N",
+        help="Process only shard I of N (by a hash of each file's relative "
+        "path) into OUT/moshi-ttt-report.shard-I-of-N.json; "
+        "`moshi-ttt report merge OUT` joins the parts.",
+    ),
+    backend: BackendName = typer.Option(
+        BackendName.local,
+        help="local: stream in this process; ray: on a Ray "
+        "actor pool (pip install 'moshi-ttt[ray]'), outputs and report as local.",
+    ),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        metavar="ADDR",
+        help="--backend ray: a running cluster (e.g. auto, ray://head:10001); default: start a local Ray instance.",
+    ),
+    workers: int | None = typer.Option(
+        None,
+        help="--backend ray: actors, each with its own model (default: "
+        "one per GPU on GPU, one per --threads cores on CPU).",
+    ),
+    gpus_per_worker: float | None = typer.Option(
+        None, "--gpus-per-worker", help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."
+    ),
 ) -> None:
     """Stream recordings through Moshi (+ TTT) and write what it says back."""
     with user_errors():
         options = RunOptions(
-            base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, delta_clip=delta_clip,
-            device=device.value, dtype=dtype.value, threads=threads, seed=seed, pattern=glob,
-            include_hidden=include_hidden, text=text, text_format=text_format.value, channel=channel,
+            base=base,
+            checkpoint=checkpoint,
+            step=step,
+            ttt_enabled=not no_ttt,
+            delta_clip=delta_clip,
+            device=device.value,
+            dtype=dtype.value,
+            threads=threads,
+            seed=seed,
+            pattern=glob,
+            include_hidden=include_hidden,
+            text=text,
+            text_format=text_format.value,
+            channel=channel,
             audio_format=audio_format.value if audio_format else None,
             sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy),
-            overwrite=overwrite, report=report, timeline=timeline, batch_size=batch_size, decode_chunk=decode_chunk,
-            shard=shard, backend=backend.value,
-            ray=RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)).validate()
+            overwrite=overwrite,
+            report=report,
+            timeline=timeline,
+            batch_size=batch_size,
+            decode_chunk=decode_chunk,
+            shard=shard,
+            backend=backend.value,
+            ray=RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker),
+        ).validate()
         if options.backend == "ray":
             from moshi_ttt.backends.ray import require_ray
 
@@ -246,8 +328,9 @@ def infer(
     raise typer.Exit(_run(source, target, options, details, quiet, json_summary))
 
 
-def _run(source: Path, target: str | Path, options: RunOptions, details: bool | None, quiet: bool,
-         json_summary: bool = False) -> int:
+def _run(
+    source: Path, target: str | Path, options: RunOptions, details: bool | None, quiet: bool, json_summary: bool = False
+) -> int:
     """Run a batch through the library and render it; returns the exit code. With `json_summary`,
     stdout gets the one JSON line and everything for people goes to stderr."""
     people = err if json_summary else out
@@ -262,8 +345,12 @@ def _run(source: Path, target: str | Path, options: RunOptions, details: bool | 
             outcome = run_batch(source, target, options, events)
     except KeyboardInterrupt as exc:
         _said_interrupted.append(True)
-        err.print("interrupted: files in progress were discarded; finished files and the report are kept" if started
-                  else "interrupted before any file was processed", soft_wrap=True)
+        err.print(
+            "interrupted: files in progress were discarded; finished files and the report are kept"
+            if started
+            else "interrupted before any file was processed",
+            soft_wrap=True,
+        )
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     report_path = outcome.report_path if outcome.report_error is None else None
     if not quiet:
@@ -271,8 +358,11 @@ def _run(source: Path, target: str | Path, options: RunOptions, details: bool | 
     if json_summary:
         render.json_summary(out, outcome.report, report_path, outcome.exit_code)
     if outcome.report_error is not None:
-        err.print(f"[bold red]error:[/] {render.shown(outcome.report_path)}: {escape(outcome.report_error)}",
-                  highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error:[/] {render.shown(outcome.report_path)}: {escape(outcome.report_error)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     return outcome.exit_code
 
 
@@ -296,8 +386,9 @@ app.add_typer(report_app, name="report")
 @report_app.command("merge")
 def report_merge(
     folder: Path = typer.Argument(..., metavar="OUT", help="The output folder the shards wrote into."),
-    report: tp.Optional[Path] = typer.Option(None, help="The report the shards were given with --report "
-                                             "(default: OUT/moshi-ttt-report.json)."),
+    report: Path | None = typer.Option(
+        None, help="The report the shards were given with --report (default: OUT/moshi-ttt-report.json)."
+    ),
 ) -> None:
     """Merge the report parts of `infer --shard I/N` runs (and any earlier report) into one report.
 
@@ -306,8 +397,9 @@ def report_merge(
     from moshi_ttt.report.shards import default_report_of, merge_reports
 
     with user_errors():
-        outcome = merge_reports(Path(report) if report is not None else default_report_of(folder),
-                                lock_folder=Path(folder).absolute())
+        outcome = merge_reports(
+            Path(report) if report is not None else default_report_of(folder), lock_folder=Path(folder).absolute()
+        )
     render.merge_summary(out, err, outcome)
     raise typer.Exit(1 if outcome.incomplete else 0)
 
@@ -316,13 +408,18 @@ def report_merge(
 def make_tiny(
     folder: Path = typer.Argument(..., metavar="DIR"),
     seed: int = typer.Option(0),
-    variant: Variant = typer.Option(Variant.base, help="base: DIR is a base checkpoint; inplace / ttt-mlp: "
-                                    "DIR/base plus DIR/<variant> fine-tune."),
+    variant: Variant = typer.Option(
+        Variant.base, help="base: DIR is a base checkpoint; inplace / ttt-mlp: DIR/base plus DIR/<variant> fine-tune."
+    ),
     yarn: bool = typer.Option(False, "--yarn", help="Fine-tune with YaRN RoPE scaling (yarn_config, scale 4)."),
     lora: bool = typer.Option(False, "--lora", help="Fine-tune carrying LoRA adapters beside the TTT tensors."),
-    ttt: tp.List[str] = typer.Option([], "--ttt", metavar="KEY=VALUE",
-                                     help="Set a key of the fine-tune's TTT section (VALUE as JSON), e.g. "
-                                          "use_rope=true or delta_clip_fro_norm=1e-5; repeatable."),
+    ttt: list[str] = typer.Option(
+        [],
+        "--ttt",
+        metavar="KEY=VALUE",
+        help="Set a key of the fine-tune's TTT section (VALUE as JSON), e.g. "
+        "use_rope=true or delta_clip_fro_norm=1e-5; repeatable.",
+    ),
 ) -> None:
     """Write a tiny random-weight checkpoint in the real on-disk layout (offline)."""
     with user_errors():
@@ -336,17 +433,19 @@ def make_tiny(
             written = tiny.write_tiny_base(folder, seed=seed)
             out.print(f"wrote base checkpoint [bold]{written}[/]")
         else:
-            paths = tiny.write_tiny_variant(folder, variant.value, seed=seed,
-                                            yarn=tiny.TINY_YARN if yarn else None, lora=lora, ttt=section)
-            out.print(f"wrote base checkpoint [bold]{paths.base}[/] and {variant.value} fine-tune "
-                      f"[bold]{paths.finetune}[/]")
+            paths = tiny.write_tiny_variant(
+                folder, variant.value, seed=seed, yarn=tiny.TINY_YARN if yarn else None, lora=lora, ttt=section
+            )
+            out.print(
+                f"wrote base checkpoint [bold]{paths.base}[/] and {variant.value} fine-tune [bold]{paths.finetune}[/]"
+            )
 
 
 @app.command()
 def inspect(
     checkpoint: str = typer.Argument(..., metavar="FINETUNE"),
-    base: tp.Optional[str] = typer.Option(None, help="Load the base too, to count parameters."),
-    step: tp.Optional[int] = typer.Option(None, help="Run folder: inspect checkpoint_NNNNNN of this step."),
+    base: str | None = typer.Option(None, help="Load the base too, to count parameters."),
+    step: int | None = typer.Option(None, help="Run folder: inspect checkpoint_NNNNNN of this step."),
 ) -> None:
     """Show a fine-tune's TTT config, which layers carry TTT, and parameter counts."""
     with user_errors():
@@ -360,11 +459,12 @@ def inspect(
 @app.command()
 def plot(
     report: Path = typer.Argument(..., metavar="REPORT", help="A report written by `infer --timeline`."),
-    output: tp.Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: REPORT with .png)."),
-    compare: tp.Optional[Path] = typer.Option(None, "--compare", metavar="OTHER_REPORT",
-                                              help="A second report drawn beside it (e.g. a --no-ttt run)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="PNG to write (default: REPORT with .png)."),
+    compare: Path | None = typer.Option(
+        None, "--compare", metavar="OTHER_REPORT", help="A second report drawn beside it (e.g. a --no-ttt run)."
+    ),
     width: int = typer.Option(1400, help="Figure width in pixels."),
-    height: tp.Optional[int] = typer.Option(None, help="Figure height in pixels (default: grows with the files)."),
+    height: int | None = typer.Option(None, help="Figure height in pixels (default: grows with the files)."),
 ) -> None:
     """Plot what TTT did in each file: drift, update norms, clips, TTT-MLP inner losses."""
     with user_errors():
@@ -376,9 +476,9 @@ def plot(
 
 @app.command()
 def demo(
-    folder: tp.Optional[Path] = typer.Option(None, "--out", help="Where to write (default: the user cache dir)."),
+    folder: Path | None = typer.Option(None, "--out", help="Where to write (default: the user cache dir)."),
     seed: int = typer.Option(0),
-    threads: tp.Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ) -> None:
     """Make a tiny In-Place TTT checkpoint and recordings, then run `infer` on them. Offline."""
     with user_errors():
@@ -390,8 +490,15 @@ def demo(
         paths = tiny.write_tiny_variant(root / "checkpoint", "inplace", seed=seed)
         recordings = root / "recordings"
         tiny.write_sample_recordings(recordings, seed=seed)
-    options = RunOptions(base=str(paths.base), checkpoint=str(paths.finetune), device="cpu", dtype="float32",
-                         threads=threads, text=True, overwrite=True)
+    options = RunOptions(
+        base=str(paths.base),
+        checkpoint=str(paths.finetune),
+        device="cpu",
+        dtype="float32",
+        threads=threads,
+        text=True,
+        overwrite=True,
+    )
     with user_errors():
         options = options.validate()
     raise typer.Exit(_run(recordings, root / "outputs", options, details=True, quiet=False))

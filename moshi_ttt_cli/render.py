@@ -7,14 +7,21 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from moshi_ttt.report.schema import FileResult, Report
-from moshi_ttt.jobs.plan import Job
-from moshi_ttt.events import SilentEvents
 from moshi_ttt.errors import printable
+from moshi_ttt.events import SilentEvents
+from moshi_ttt.jobs.plan import Job
+from moshi_ttt.report.schema import FileResult, Report
 
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
 
@@ -27,15 +34,21 @@ def shown(path: tp.Any) -> str:
 
 def ttt_table(result: FileResult) -> Table:
     table = Table(title=f"TTT layers: {shown(Path(result.input).name)}", title_justify="left")
-    for column in ("layer", "tokens", "updates", "clipped", "pending", "||W0||", "||W_final||", "drift",
-                   "rel. drift"):
+    for column in ("layer", "tokens", "updates", "clipped", "pending", "||W0||", "||W_final||", "drift", "rel. drift"):
         table.add_column(column, justify="right")
     assert result.ttt is not None
     for layer in result.ttt.layers:
-        table.add_row(str(layer.layer), str(layer.tokens), str(layer.updates),
-                      _clipped(layer.clipped_updates, layer.updates), str(layer.pending_tokens),
-                      f"{layer.norm_initial:.4g}", f"{layer.norm_final:.4g}", _number(layer.drift, "{:.4g}"),
-                      _number(layer.relative_drift, "{:.3%}"))
+        table.add_row(
+            str(layer.layer),
+            str(layer.tokens),
+            str(layer.updates),
+            _clipped(layer.clipped_updates, layer.updates),
+            str(layer.pending_tokens),
+            f"{layer.norm_initial:.4g}",
+            f"{layer.norm_final:.4g}",
+            _number(layer.drift, "{:.4g}"),
+            _number(layer.relative_drift, "{:.3%}"),
+        )
     return table
 
 
@@ -61,7 +74,7 @@ def _line(result: FileResult) -> str:
     text = f"[{STATUS_STYLE[result.status]}]{result.status}[/] {shown(result.input)}"
     if result.status == "skipped" and result.output and (result.reason or "").startswith(EXISTS):
         # Say which output, and how to redo it.
-        rest = tp.cast(str, result.reason)[len(EXISTS):]
+        rest = tp.cast(str, result.reason)[len(EXISTS) :]
         text += f": {shown(result.output)} exists{shown(rest)} (--overwrite redoes it)"
     elif result.reason:
         text += f": {shown(result.reason)}"
@@ -79,9 +92,17 @@ class RichEvents:
         self.errors = errors or console
         self.details = details  # None: a per-layer table only when the run has a single file
         self.live = console.is_terminal
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=console, transient=True, disable=not self.live)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not self.live,
+        )
         self.files_task = self.progress.add_task("files", total=None)
         self.audio_task = self.progress.add_task("audio s", total=None)
         self._audio_base = 0.0  # seconds of audio streamed in finished files
@@ -92,7 +113,7 @@ class RichEvents:
         # audio bar's total, so it shows an ETA from the audio processed so far.
         self._planned: list[float | None] = []
 
-    def __enter__(self) -> "RichEvents":
+    def __enter__(self) -> RichEvents:
         self.progress.__enter__()
         return self
 
@@ -119,11 +140,13 @@ class RichEvents:
             self.details = total == 1
         self._streaming[index] = (audio_s, 0.0)
         self._set_planned(index, audio_s)  # the header's estimate, or unknown until read
-        self.progress.update(self.files_task, total=total, completed=self._finished,
-                             description=f"files: {shown(job.input.name)}")
+        self.progress.update(
+            self.files_task, total=total, completed=self._finished, description=f"files: {shown(job.input.name)}"
+        )
         if not self.live:
-            self.console.print(f"[{index + 1}/{total}] {shown(job.input)} ({audio_s:.1f} s)", highlight=False,
-                               soft_wrap=True)
+            self.console.print(
+                f"[{index + 1}/{total}] {shown(job.input)} ({audio_s:.1f} s)", highlight=False, soft_wrap=True
+            )
 
     def batch_size_chosen(self, size: int, reason: str) -> None:
         if size > 1:
@@ -163,8 +186,9 @@ def _warn(errors: Console, job: Job, message: str) -> None:
 
 
 def _report_failed(errors: Console, path: Path, reason: str) -> None:
-    errors.print(f"[bold red]error:[/] {shown(path)}: {shown(reason)}; the run goes on", highlight=False,
-                 soft_wrap=True)
+    errors.print(
+        f"[bold red]error:[/] {shown(path)}: {shown(reason)}; the run goes on", highlight=False, soft_wrap=True
+    )
 
 
 class QuietEvents(SilentEvents):
@@ -190,8 +214,15 @@ def make_events(console: Console, errors: Console, quiet: bool, details: bool | 
 
 def summary(console: Console, report: Report, report_path: Path | None) -> None:
     table = Table(title="moshi-ttt run", title_justify="left")
-    for column, justify in (("file", "left"), ("status", "left"), ("audio s", "right"), ("updates", "right"),
-                            ("clipped", "right"), ("max rel. drift", "right"), ("note", "left")):
+    for column, justify in (
+        ("file", "left"),
+        ("status", "left"),
+        ("audio s", "right"),
+        ("updates", "right"),
+        ("clipped", "right"),
+        ("max rel. drift", "right"),
+        ("note", "left"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for result in report.all_files():
         layers = result.ttt.layers if result.ttt is not None else []
@@ -201,55 +232,98 @@ def summary(console: Console, report: Report, report_path: Path | None) -> None:
         drifts = [layer.relative_drift for layer in layers if layer.relative_drift is not None]
         drift = f"{max(drifts):.3%}" if drifts else "-"
         note = (result.reason or "") + (" (numbers from an earlier run)" if result.from_earlier_run else "")
-        table.add_row(shown(Path(result.input).name), f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
-                      f"{result.duration_s:.1f}", updates, clipped, drift, shown(note))
+        table.add_row(
+            shown(Path(result.input).name),
+            f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
+            f"{result.duration_s:.1f}",
+            updates,
+            clipped,
+            drift,
+            shown(note),
+        )
     console.print(table)
     t = report.totals()
-    console.print(f"{plural(t['files'], 'file')}: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
-                  f"[yellow]{t['skipped']} skipped[/]; {t['audio_s']:.1f} s of audio in {t['wall_s']:.1f} s "
-                  f"(real-time factor {t['real_time_factor']:.3f})", highlight=False)
+    console.print(
+        f"{plural(t['files'], 'file')}: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
+        f"[yellow]{t['skipped']} skipped[/]; {t['audio_s']:.1f} s of audio in {t['wall_s']:.1f} s "
+        f"(real-time factor {t['real_time_factor']:.3f})",
+        highlight=False,
+    )
     if report_path is not None:
         console.print(f"report: {shown(report_path)}", highlight=False, soft_wrap=True)
 
 
-SHARD_STATE_STYLE = {"complete": "green", "missing": "bold red", "running": "yellow", "interrupted": "bold red",
-                     "unfinished": "bold red"}
-SHARD_STATE_NOTE = {"missing": "no report part: this shard never ran (or wrote elsewhere)",
-                    "running": "its run holds the shard's lock now: merge again when it ends",
-                    "interrupted": "stopped by a signal: rerun this shard to finish it",
-                    "unfinished": "stopped short of its files (killed?): rerun this shard to finish it"}
+SHARD_STATE_STYLE = {
+    "complete": "green",
+    "missing": "bold red",
+    "running": "yellow",
+    "interrupted": "bold red",
+    "unfinished": "bold red",
+}
+SHARD_STATE_NOTE = {
+    "missing": "no report part: this shard never ran (or wrote elsewhere)",
+    "running": "its run holds the shard's lock now: merge again when it ends",
+    "interrupted": "stopped by a signal: rerun this shard to finish it",
+    "unfinished": "stopped short of its files (killed?): rerun this shard to finish it",
+}
 
 
 def merge_summary(console: Console, errors: Console, outcome: tp.Any) -> None:
     """`report merge`: one row per shard, then the merged totals; what to rerun on stderr."""
     table = Table(title="shards", title_justify="left")
-    for column, justify in (("shard", "left"), ("state", "left"), ("files", "right"), ("planned", "right"),
-                            ("part", "left")):
+    for column, justify in (
+        ("shard", "left"),
+        ("state", "left"),
+        ("files", "right"),
+        ("planned", "right"),
+        ("part", "left"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for state in outcome.shards:
-        table.add_row(str(state.shard), f"[{SHARD_STATE_STYLE[state.state]}]{state.state}[/]", str(state.files),
-                      "-" if state.planned is None else str(state.planned),
-                      "-" if state.path is None else shown(state.path.name))
+        table.add_row(
+            str(state.shard),
+            f"[{SHARD_STATE_STYLE[state.state]}]{state.state}[/]",
+            str(state.files),
+            "-" if state.planned is None else str(state.planned),
+            "-" if state.path is None else shown(state.path.name),
+        )
     console.print(table)
     t = outcome.report.totals()
-    console.print(f"merged {plural(t['files'], 'file')}: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
-                  f"[yellow]{t['skipped']} skipped[/]; {t['audio_s']:.1f} s of audio in {t['wall_s']:.1f} s of "
-                  f"processing", highlight=False)
+    console.print(
+        f"merged {plural(t['files'], 'file')}: [green]{t['ok']} ok[/], [red]{t['failed']} failed[/], "
+        f"[yellow]{t['skipped']} skipped[/]; {t['audio_s']:.1f} s of audio in {t['wall_s']:.1f} s of "
+        f"processing",
+        highlight=False,
+    )
     console.print(f"report: {shown(outcome.path)}", highlight=False, soft_wrap=True)
     for key in outcome.differing_settings:
-        errors.print(f"[yellow]warning:[/] the shards ran with different settings.{shown(key)}; the report keeps "
-                     "the newest part's", highlight=False, soft_wrap=True)
+        errors.print(
+            f"[yellow]warning:[/] the shards ran with different settings.{shown(key)}; the report keeps "
+            "the newest part's",
+            highlight=False,
+            soft_wrap=True,
+        )
     for state in outcome.incomplete:
-        errors.print(f"[yellow]warning:[/] shard {state.shard} {state.state}: {SHARD_STATE_NOTE[state.state]}",
-                     highlight=False, soft_wrap=True)
+        errors.print(
+            f"[yellow]warning:[/] shard {state.shard} {state.state}: {SHARD_STATE_NOTE[state.state]}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def json_summary(console: Console, report: Report, report_path: Path | None, exit_code: int) -> None:
     """`--json`: the run's totals, report path and exit code as one JSON line on stdout."""
     import json
 
-    line = json.dumps({"totals": report.totals(), "report": None if report_path is None else str(report_path),
-                       "exit_code": exit_code, "interrupted": report.interrupted}, allow_nan=False)
+    line = json.dumps(
+        {
+            "totals": report.totals(),
+            "report": None if report_path is None else str(report_path),
+            "exit_code": exit_code,
+            "interrupted": report.interrupted,
+        },
+        allow_nan=False,
+    )
     console.file.write(line + "\n")
     console.file.flush()
 

@@ -1,8 +1,8 @@
 """Running a batch's files on a Ray cluster (`infer --backend ray`): the driver plans, guards and
 reports as a local run does; Ray Data runs the streaming on a pool of actors.
 
-The driver (`run.run_batch` with `RunOptions.backend == "ray"`, its `RunOptions.ray` saying how) keeps everything that makes a
-run safe: the plan, the source checks, the OUT lock, skipping existing outputs, and the report,
+The driver (`run.run_batch` with `RunOptions.backend == "ray"`, `RunOptions.ray` saying how) keeps
+everything that makes a run safe: the plan, the source checks, the OUT lock, skipping existing outputs, and the report,
 written after every file. `RayBackend.results` hands the files left to do to Ray Data as small
 rows (index, input, output, transcript paths) and `map_batches` them through a fixed pool of
 `FileActor`s. Each actor loads the model once and runs the library's own `jobs.worker.FileWorker`, the
@@ -82,9 +82,12 @@ class FileActor:
         self.settings = json.dumps(strict_json(run_settings(options, self.worker, threads).to_json()))
 
     def __call__(self, batch: dict[str, tp.Any]) -> dict[str, list]:
-        jobs = [(int(index), Job(Path(str(source)), Path(str(output)), Path(str(text)) if text else None))
-                for index, source, output, text in zip(batch["index"], batch["input"], batch["output"],
-                                                       batch["text_output"])]
+        jobs = [
+            (int(index), Job(Path(str(source)), Path(str(output)), Path(str(text)) if text else None))
+            for index, source, output, text in zip(
+                batch["index"], batch["input"], batch["output"], batch["text_output"]
+            )
+        ]
         total = int(batch["total"][0]) if len(batch["total"]) else len(jobs)
         rows: dict[str, list] = {"index": [], "result": [], "settings": []}
         for index, result in self.worker.results(jobs, total, SilentEvents()):
@@ -111,25 +114,33 @@ class RayBackend:
     def __post_init__(self) -> None:
         # Actors may start in another folder (or on another machine): local checkpoint folders
         # are passed by absolute path.
-        self.options = replace(self.options, base=_absolute_if_local(self.options.base),
-                               checkpoint=None if self.options.checkpoint is None
-                               else _absolute_if_local(self.options.checkpoint))
-        self.settings = RunSettings(base=self.options.base, checkpoint=self.options.checkpoint,
-                                    seed=self.options.seed, backend="ray")
+        self.options = replace(
+            self.options,
+            base=_absolute_if_local(self.options.base),
+            checkpoint=None if self.options.checkpoint is None else _absolute_if_local(self.options.checkpoint),
+        )
+        self.settings = RunSettings(
+            base=self.options.base, checkpoint=self.options.checkpoint, seed=self.options.seed, backend="ray"
+        )
 
     @property
     def ray_options(self) -> RayOptions:
         return self.options.ray
 
-    def connect(self) -> "Resolved":
+    def connect(self) -> Resolved:
         """Join the cluster at `address`, or start a local Ray instance; decide the defaults."""
         ray = require_ray()
         if not ray.is_initialized():  # else: joined by the caller (a notebook, a test), left running
             # Ray's own log lines (its C++ core's warnings too) are not ours to show: errors only.
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
             try:
-                ray.init(address=self.ray_options.address, include_dashboard=False, log_to_driver=False,
-                         logging_level=logging.ERROR, configure_logging=True)
+                ray.init(
+                    address=self.ray_options.address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                    configure_logging=True,
+                )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 where = self.ray_options.address or "a local Ray instance"
                 raise MoshiTTTError(f"cannot start Ray on {where}: {str(exc).splitlines()[0]}") from None
@@ -165,14 +176,22 @@ class RayBackend:
             return self.options.batch_size
         return GPU_FILES_PER_TASK if on_gpu else CPU_BATCH_SIZE
 
-    def results(self, jobs: list[tuple[int, Job]], total: int,
-                events: BatchEvents | None = None) -> tp.Iterator[tuple[int, FileResult]]:
+    def results(
+        self, jobs: list[tuple[int, Job]], total: int, events: BatchEvents | None = None
+    ) -> tp.Iterator[tuple[int, FileResult]]:
         events = events or SilentEvents()
         ray = require_ray()
         resolved = self.connect()
-        rows = [{"index": index, "input": str(job.input), "output": str(job.output),
-                 "text_output": "" if job.text_output is None else str(job.text_output), "total": total}
-                for index, job in jobs]
+        rows = [
+            {
+                "index": index,
+                "input": str(job.input),
+                "output": str(job.output),
+                "text_output": "" if job.text_output is None else str(job.text_output),
+                "total": total,
+            }
+            for index, job in jobs
+        ]
         by_index = dict(jobs)
         context = ray.data.DataContext.get_current()
         saved = (context.max_errored_blocks, context.enable_progress_bars)
@@ -188,12 +207,16 @@ class RayBackend:
             with warnings.catch_warnings():  # actor restarts are only reachable through ray_remote_args
                 warnings.simplefilter("ignore")
                 dataset = dataset.map_batches(
-                    FileActor, fn_constructor_kwargs={"options": self.options, "files": per_task},
-                    batch_size=per_task, compute=ray.data.ActorPoolStrategy(size=resolved.workers),
-                    num_cpus=resolved.cpus_per_worker, num_gpus=resolved.gpus_per_worker or None,
+                    FileActor,
+                    fn_constructor_kwargs={"options": self.options, "files": per_task},
+                    batch_size=per_task,
+                    compute=ray.data.ActorPoolStrategy(size=resolved.workers),
+                    num_cpus=resolved.cpus_per_worker,
+                    num_gpus=resolved.gpus_per_worker or None,
                     runtime_env={"env_vars": self.env} if self.env else None,
                     max_restarts=self.ray_options.max_restarts,
-                    max_task_retries=self.ray_options.max_task_retries)
+                    max_task_retries=self.ray_options.max_task_retries,
+                )
             for row in dataset.iter_rows():
                 index = int(row["index"])
                 if index in seen:  # a retried task may return a file again: the first word stands
@@ -212,9 +235,13 @@ class RayBackend:
         finally:
             context.max_errored_blocks, context.enable_progress_bars = saved
         retries = self.ray_options.max_task_retries
-        reason = (f"its Ray worker failed ({error})" if error else
-                  f"its Ray worker died while streaming it, and again on each of {retries} retries" if retries else
-                  "its Ray worker died while streaming it (no retries)")
+        reason = (
+            f"its Ray worker failed ({error})"
+            if error
+            else f"its Ray worker died while streaming it, and again on each of {retries} retries"
+            if retries
+            else "its Ray worker died while streaming it (no retries)"
+        )
         for index, job in jobs:
             if index not in seen:
                 yield index, FileResult(str(job.input), None, "failed", reason)
@@ -223,8 +250,19 @@ class RayBackend:
     def _take_settings(self, text: str) -> None:
         """The model's part of the settings, as the actor that streamed the first file saw it."""
         theirs = RunSettings.from_json(json.loads(text))
-        for name in ("device", "dtype", "threads", "channel", "lm", "sampling", "sampling_overrides", "batch_size",
-                     "batch_size_reason", "decode_chunk", "ttt"):
+        for name in (
+            "device",
+            "dtype",
+            "threads",
+            "channel",
+            "lm",
+            "sampling",
+            "sampling_overrides",
+            "batch_size",
+            "batch_size_reason",
+            "decode_chunk",
+            "ttt",
+        ):
             setattr(self.settings, name, getattr(theirs, name))
         self.settings.extra.update(theirs.extra)
 

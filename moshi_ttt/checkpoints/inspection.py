@@ -7,9 +7,19 @@ import re
 import typing as tp
 from dataclasses import dataclass, field
 
-from .layouts import (LORA_SUFFIXES, FineTune, base_checkpoint_info, check_compatible, check_safetensors, lm_settings, load_finetune, read_mapping, resolve_finetune_folder)
 from ..errors import CheckpointError
 from ..ttt.families import FAMILY_NAMES, family
+from .layouts import (
+    LORA_SUFFIXES,
+    FineTune,
+    base_checkpoint_info,
+    check_compatible,
+    check_safetensors,
+    lm_settings,
+    load_finetune,
+    read_mapping,
+    resolve_finetune_folder,
+)
 
 
 @dataclass
@@ -40,12 +50,16 @@ def inspect_finetune(checkpoint: str, base: str | None = None, step: int | None 
     base_info = base_checkpoint_info(base) if base is not None else None
     folder = resolve_finetune_folder(checkpoint, step)
     own_config = folder / "config.json"
-    lm_config = base_info.lm_config if base_info is not None else (
-        read_mapping(own_config) if own_config.is_file() else None)
+    lm_config = (
+        base_info.lm_config if base_info is not None else (read_mapping(own_config) if own_config.is_file() else None)
+    )
     num_layers = (lm_config or {}).get("num_layers")
     if not isinstance(num_layers, int):
-        raise CheckpointError("cannot tell how many layers the model has (no config.json with num_layers "
-                              "beside the fine-tune); pass --base", folder)
+        raise CheckpointError(
+            "cannot tell how many layers the model has (no config.json with num_layers "
+            "beside the fine-tune); pass --base",
+            folder,
+        )
     finetune = load_finetune(checkpoint, num_layers, step)
     if base_info is not None:
         check_compatible(finetune, base_info.lm_config)
@@ -75,8 +89,9 @@ def inspect_finetune(checkpoint: str, base: str | None = None, step: int | None 
                     result.other_tensors += count
     if finetune.lora is not None:
         lora = finetune.lora
-        result.settings["LoRA"] = (f"{len(lora.modules)} linears, rank {lora.rank}, scaling {lora.scaling}, "
-                                   f"{result.lora_parameters:,} params")
+        result.settings["LoRA"] = (
+            f"{len(lora.modules)} linears, rank {lora.rank}, scaling {lora.scaling}, {result.lora_parameters:,} params"
+        )
     return result
 
 
@@ -91,9 +106,11 @@ def _lm_rows(finetune: FineTune, lm_config: dict | None, base_info: tp.Any) -> d
         rows["context"] = (lm_config or {}).get("context")
         return rows
     yarn = lm.yarn
-    rows["rope scaling"] = (f"YaRN scale {yarn.scale:g} (original_max_seq_len {yarn.original_max_seq_len}, "
-                            f"beta_fast {yarn.beta_fast:g}, beta_slow {yarn.beta_slow:g}, mscale "
-                            f"{yarn.mscale:g}, mscale_all_dim {yarn.mscale_all_dim:g}; query factor "
-                            f"{yarn.describe()['attention_factor']:g})")
+    rows["rope scaling"] = (
+        f"YaRN scale {yarn.scale:g} (original_max_seq_len {yarn.original_max_seq_len}, "
+        f"beta_fast {yarn.beta_fast:g}, beta_slow {yarn.beta_slow:g}, mscale "
+        f"{yarn.mscale:g}, mscale_all_dim {yarn.mscale_all_dim:g}; query factor "
+        f"{yarn.describe()['attention_factor']:g})"
+    )
     rows["context"] = f"{lm.context} (extended from {lm.trained_context} by the YaRN scale)"
     return rows

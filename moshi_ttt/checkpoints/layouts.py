@@ -21,20 +21,29 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
+from ..errors import CheckpointError
 from ..ttt.config import TTTConfig, check_ttt_config, ttt_config_from_section
 from ..ttt.families import SectionLayout
-from ..errors import CheckpointError
 from .rope_scaling import DEFAULT_CONTEXT, YarnConfig, extended_context, parse_yarn_config
 
-
 # File names in a config.json that moshi's loader resolves, with its defaults.
-MOSHI_FILE_KEYS = {"moshi_name": "model.safetensors",
-                   "mimi_name": "tokenizer-e351c8d8-checkpoint125.safetensors",
-                   "tokenizer_name": "tokenizer_spm_32k_3.model"}
+MOSHI_FILE_KEYS = {
+    "moshi_name": "model.safetensors",
+    "mimi_name": "tokenizer-e351c8d8-checkpoint125.safetensors",
+    "tokenizer_name": "tokenizer_spm_32k_3.model",
+}
 # Every key moshi's loader (`CheckpointInfo.from_hf_repo`) pops from a config.json before the
 # rest becomes `LMModel(...)` kwargs: file names and generation settings.
-LOADER_KEYS = (*MOSHI_FILE_KEYS, "mimi_config_name", "lora_name", "model_type", "lm_gen_config",
-               "tts_config", "stt_config", "model_id")
+LOADER_KEYS = (
+    *MOSHI_FILE_KEYS,
+    "mimi_config_name",
+    "lora_name",
+    "model_type",
+    "lm_gen_config",
+    "tts_config",
+    "stt_config",
+    "model_id",
+)
 # Keys fine-tunes add to an LM config that `LMModel(...)` would reject.
 NON_LM_KEYS = ("ttt", "ttt_config", "yarn_config")
 WEIGHT_NAMES = ("consolidated.safetensors", "lora.safetensors")
@@ -76,6 +85,7 @@ def _lm_dims(config: dict) -> dict:
 
 # --- base ---------------------------------------------------------------------------------------
 
+
 def looks_like_repo_id(base: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", base)) and not base.startswith(".")
 
@@ -94,9 +104,12 @@ def base_checkpoint_info(base: str) -> tp.Any:
     try:
         info = loaders.CheckpointInfo.from_hf_repo(base)
     except Exception as exc:
-        raise CheckpointError(f"cannot fetch from the Hugging Face hub ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass a local "
-                              "folder with --base", base) from None
+        raise CheckpointError(
+            f"cannot fetch from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); pass a local "
+            "folder with --base",
+            base,
+        ) from None
     _sanitize_lm_config(info, Path(base))
     return info
 
@@ -125,9 +138,14 @@ def _local_checkpoint_info(folder: Path) -> tp.Any:
         lora_weights = folder / config["lora_name"]
         check_safetensors(lora_weights)
     info = loaders.CheckpointInfo.from_hf_repo(
-        str(folder), moshi_weights=paths["moshi_name"], mimi_weights=paths["mimi_name"],
-        tokenizer=paths["tokenizer_name"], config_path=config_path,
-        mimi_config_path=mimi_config_path, lora_weights=lora_weights)
+        str(folder),
+        moshi_weights=paths["moshi_name"],
+        mimi_weights=paths["mimi_name"],
+        tokenizer=paths["tokenizer_name"],
+        config_path=config_path,
+        mimi_config_path=mimi_config_path,
+        lora_weights=lora_weights,
+    )
     _sanitize_lm_config(info, config_path)
     return info
 
@@ -146,6 +164,7 @@ def _sanitize_lm_config(info: tp.Any, source: Path) -> None:
 
 
 # --- fine-tunes ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LoraAdapters:
@@ -217,8 +236,11 @@ def resolve_finetune_folder(path: str | Path, step: int | None = None) -> Path:
         return resolve_finetune_folder(steps[max(steps)])
     if _has_config(path):
         return path
-    raise CheckpointError("not a fine-tune checkpoint: no config.json / training_config.json "
-                          "or consolidated/ or checkpoints/ folder inside", path)
+    raise CheckpointError(
+        "not a fine-tune checkpoint: no config.json / training_config.json "
+        "or consolidated/ or checkpoints/ folder inside",
+        path,
+    )
 
 
 def _step_of(folder: Path) -> int | None:
@@ -251,15 +273,19 @@ def find_lora(weights: Path, lm_config: dict | None) -> LoraAdapters | None:
                 raise CheckpointError(f"LoRA adapter {module} lacks one of lora_A / lora_B", weights)
             a_shape, b_shape = (handle.get_slice(name).get_shape() for name in names)
             if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-                raise CheckpointError(f"LoRA adapter {module} has lora_A {a_shape} and lora_B {b_shape}; "
-                                      "expected [rank, in] and [out, rank]", weights)
+                raise CheckpointError(
+                    f"LoRA adapter {module} has lora_A {a_shape} and lora_B {b_shape}; "
+                    "expected [rank, in] and [out, rank]",
+                    weights,
+                )
             ranks.add(a_shape[0])
     if len(ranks) != 1:
         raise CheckpointError(f"LoRA adapters of different ranks {sorted(ranks)}", weights)
     rank = ranks.pop()
     if config.get("lora_rank", rank) != rank:
-        raise CheckpointError(f"LoRA adapters have rank {rank} but config.json says lora_rank "
-                              f"{config['lora_rank']}", weights)
+        raise CheckpointError(
+            f"LoRA adapters have rank {rank} but config.json says lora_rank {config['lora_rank']}", weights
+        )
     scaling = config.get("lora_scaling", DEFAULT_LORA_SCALING)
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise CheckpointError(f"lora_scaling must be a finite number, got {scaling!r}", weights.parent / "config.json")
@@ -282,12 +308,17 @@ def _section_layouts(folder: Path) -> list[SectionLayout]:
     """
     above = [folder.parent, folder.parent.parent.parent] if folder.name == "consolidated" else []
     config_json = folder / "config.json"
-    out = [SectionLayout(config_json, "ttt", "ttt-mlp", {"apply_output_proj": True}),
-           SectionLayout(config_json, "ttt_config", "inplace",
-                         {"apply_output_proj": True, "delta_clip": RESEARCH_DELTA_CLIP})]
+    out = [
+        SectionLayout(config_json, "ttt", "ttt-mlp", {"apply_output_proj": True}),
+        SectionLayout(
+            config_json, "ttt_config", "inplace", {"apply_output_proj": True, "delta_clip": RESEARCH_DELTA_CLIP}
+        ),
+    ]
     for where in [folder, *above]:
-        out += [SectionLayout(where / name, "ttt", "ttt-mlp", {"apply_output_proj": False})
-                for name in ("training_config.json", "args.yaml")]
+        out += [
+            SectionLayout(where / name, "ttt", "ttt-mlp", {"apply_output_proj": False})
+            for name in ("training_config.json", "args.yaml")
+        ]
     return out
 
 
@@ -303,12 +334,16 @@ def find_ttt_config(folder: Path, num_layers: int, missing_ok: bool = False) -> 
             return ttt_config_from_section(data[layout.key], num_layers, layout), layout.file
     if missing_ok:
         return None, None
-    raise CheckpointError("found no TTT config (a 'ttt' or 'ttt_config' section in config.json, or "
-                          "'ttt' in training_config.json / args.yaml)", folder)
+    raise CheckpointError(
+        "found no TTT config (a 'ttt' or 'ttt_config' section in config.json, or "
+        "'ttt' in training_config.json / args.yaml)",
+        folder,
+    )
 
 
-def load_finetune(path: str | Path, num_layers: int, step: int | None = None, *,
-                  context: int | None = None) -> FineTune:
+def load_finetune(
+    path: str | Path, num_layers: int, step: int | None = None, *, context: int | None = None
+) -> FineTune:
     """Find and parse a fine-tune (configs and file names only, no weights). `context` is the base
     model's, to bound the TTT chunk size (extended when the fine-tune's YaRN extends it); `step`
     picks a checkpoint of a run folder (default: the latest)."""
@@ -327,8 +362,16 @@ def load_finetune(path: str | Path, num_layers: int, step: int | None = None, *,
     yarn = None if lm_config is None else parse_yarn_config(lm_config, config_json)
     if ttt is not None:
         check_ttt_config(ttt, extended_context(context, yarn) if yarn and context else context, source)
-    return FineTune(folder=folder, ttt=ttt, config_source=source, weights=weights, lm_config=lm_config,
-                    step=_step_of(folder), yarn=yarn, lora=lora)
+    return FineTune(
+        folder=folder,
+        ttt=ttt,
+        config_source=source,
+        weights=weights,
+        lm_config=lm_config,
+        step=_step_of(folder),
+        yarn=yarn,
+        lora=lora,
+    )
 
 
 @dataclass(frozen=True)
@@ -354,8 +397,7 @@ def lm_settings(base_lm_config: dict | None, base_source: Path, finetune: FineTu
         yarn = parse_yarn_config(base_lm_config or {}, base_source)
     if yarn is None:
         return LMSettings()
-    context = next((c["context"] for c in (own, base_lm_config) if c is not None and "context" in c),
-                   DEFAULT_CONTEXT)
+    context = next((c["context"] for c in (own, base_lm_config) if c is not None and "context" in c), DEFAULT_CONTEXT)
     return LMSettings(yarn, extended_context(context, yarn), context)
 
 

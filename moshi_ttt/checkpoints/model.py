@@ -14,12 +14,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layouts import (LORA_SUFFIXES, FineTune, LoraAdapters, base_checkpoint_info, check_compatible, check_safetensors, lm_settings, load_finetune)
-from ..ttt.config import TTTConfig, chunk_size_of, override_ttt_config
 from ..errors import CheckpointError, MoshiTTTError
-from ..ttt.families import family_of
-from .rope_scaling import YarnConfig, apply_yarn
 from ..ttt.base import FastWeightModule, TTTController
+from ..ttt.config import TTTConfig, chunk_size_of, override_ttt_config
+from ..ttt.families import family_of
+from .layouts import (
+    LORA_SUFFIXES,
+    FineTune,
+    LoraAdapters,
+    base_checkpoint_info,
+    check_compatible,
+    check_safetensors,
+    lm_settings,
+    load_finetune,
+)
+from .rope_scaling import YarnConfig, apply_yarn
 
 
 @dataclass
@@ -50,22 +59,31 @@ class LoadedModel:
         """The TTT settings as a report records them."""
         if self.ttt is None:
             return None
-        return {"variant": self.ttt.variant, "chunk_size": chunk_size_of(self.ttt),
-                **{k: v for k, v in vars(self.ttt).items()}}
+        return {
+            "variant": self.ttt.variant,
+            "chunk_size": chunk_size_of(self.ttt),
+            **{k: v for k, v in vars(self.ttt).items()},
+        }
 
     def describe_lm(self) -> dict:
         """What the report records about the LM beyond the base: context, RoPE scaling, LoRA, step."""
         lora = None if self.finetune is None else self.finetune.lora
-        return {"context": self.context,
-                "rope_scaling": None if self.yarn is None else self.yarn.describe(),
-                "lora": None if lora is None else {"modules": len(lora.modules), "rank": lora.rank,
-                                                   "scaling": lora.scaling},
-                "step": None if self.finetune is None else self.finetune.step}
+        return {
+            "context": self.context,
+            "rope_scaling": None if self.yarn is None else self.yarn.describe(),
+            "lora": None
+            if lora is None
+            else {"modules": len(lora.modules), "rank": lora.rank, "scaling": lora.scaling},
+            "step": None if self.finetune is None else self.finetune.step,
+        }
 
 
-def resolve_checkpoints(base: str, checkpoint: str | None = None,
-                        ttt_overrides: tp.Mapping[str, tp.Any] | None = None,
-                        step: int | None = None) -> tuple[tp.Any, FineTune | None]:
+def resolve_checkpoints(
+    base: str,
+    checkpoint: str | None = None,
+    ttt_overrides: tp.Mapping[str, tp.Any] | None = None,
+    step: int | None = None,
+) -> tuple[tp.Any, FineTune | None]:
     """Find the base and the fine-tune and check their configs, reading no weights: a run calls
     this before loading anything, so bad settings fail in a moment, not after the load.
     `ttt_overrides` replace fields of the checkpoint's TTT config (e.g. `{"delta_clip": None}`);
@@ -74,8 +92,9 @@ def resolve_checkpoints(base: str, checkpoint: str | None = None,
     finetune = None
     if checkpoint is not None:
         lm_config = info.lm_config or {}
-        finetune = load_finetune(checkpoint, lm_config.get("num_layers", 32), context=lm_config.get("context"),
-                                 step=step)
+        finetune = load_finetune(
+            checkpoint, lm_config.get("num_layers", 32), context=lm_config.get("context"), step=step
+        )
         check_compatible(finetune, info.lm_config)
         finetune.ttt = override_ttt_config(finetune.ttt, ttt_overrides or {})
     else:
@@ -86,9 +105,14 @@ def resolve_checkpoints(base: str, checkpoint: str | None = None,
     return info, finetune
 
 
-def load_model(base: str, checkpoint: str | None = None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32,
-               ttt_overrides: tp.Mapping[str, tp.Any] | None = None, step: int | None = None) -> LoadedModel:
+def load_model(
+    base: str,
+    checkpoint: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ttt_overrides: tp.Mapping[str, tp.Any] | None = None,
+    step: int | None = None,
+) -> LoadedModel:
     """Base + fine-tune, TTT layers attached and loaded (see `resolve_checkpoints`)."""
     device = torch.device(device)
     info, finetune = resolve_checkpoints(base, checkpoint, ttt_overrides, step)
@@ -104,8 +128,17 @@ def load_model(base: str, checkpoint: str | None = None, device: torch.device | 
     _check_tokenizer(text_tokenizer, lm, info.tokenizer)
     if finetune is not None and (finetune.ttt is not None or finetune.lora is not None):
         apply_finetune(lm, finetune)
-    return LoadedModel(base=base, checkpoint_info=info, mimi=mimi, lm=lm, text_tokenizer=text_tokenizer,
-                       device=device, dtype=dtype, finetune=finetune, yarn=yarn)
+    return LoadedModel(
+        base=base,
+        checkpoint_info=info,
+        mimi=mimi,
+        lm=lm,
+        text_tokenizer=text_tokenizer,
+        device=device,
+        dtype=dtype,
+        finetune=finetune,
+        yarn=yarn,
+    )
 
 
 def _load(fn: tp.Callable, path: tp.Any, **kwargs: tp.Any) -> tp.Any:
@@ -120,8 +153,9 @@ def _load(fn: tp.Callable, path: tp.Any, **kwargs: tp.Any) -> tp.Any:
 
 def _check_tokenizer(tokenizer: tp.Any, lm: tp.Any, path: tp.Any) -> None:
     if tokenizer.vocab_size() > lm.text_card:
-        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size()} pieces but the LM's text_card is "
-                              f"{lm.text_card}", path)
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size()} pieces but the LM's text_card is {lm.text_card}", path
+        )
 
 
 def attach_ttt(lm: nn.Module, config: TTTConfig) -> list[FastWeightModule]:
@@ -174,14 +208,16 @@ def _load_ttt(lm: nn.Module, config: TTTConfig, weights: dict[str, torch.Tensor]
     params = dict(lm.named_parameters())
     unknown = sorted(set(ttt_weights) - set(lm.state_dict()))
     if unknown:
-        raise CheckpointError(f"{len(unknown)} tensors match no parameter of this TTT config "
-                              f"(e.g. {unknown[0]}); check the TTT layers and variant", path)
+        raise CheckpointError(
+            f"{len(unknown)} tensors match no parameter of this TTT config "
+            f"(e.g. {unknown[0]}); check the TTT layers and variant",
+            path,
+        )
     optional = ttt_family.optional_keys(config)
     required = [k for k in params if k not in base_keys and not any(u in k for u in optional)]
     missing = [k for k in required if k not in ttt_weights]
     if missing:
-        raise CheckpointError(f"missing {len(missing)} TTT tensors for the configured layers "
-                              f"(e.g. {missing[0]})", path)
+        raise CheckpointError(f"missing {len(missing)} TTT tensors for the configured layers (e.g. {missing[0]})", path)
     _copy_into(lm, ttt_weights, path)
 
 
@@ -200,15 +236,24 @@ def merge_lora(lm: nn.Module, adapters: LoraAdapters, weights: dict[str, torch.T
         if not isinstance(linear, nn.Linear):
             raise CheckpointError(f"LoRA adapter {name} names no linear layer of this model", path)
         weight = linear.weight
-        wrapper = LoRALinear(linear.in_features, linear.out_features, adapters.rank, adapters.scaling,
-                             device=weight.device, dtype=weight.dtype)
+        wrapper = LoRALinear(
+            linear.in_features,
+            linear.out_features,
+            adapters.rank,
+            adapters.scaling,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         wrapper.frozen_W = linear
         for half in ("lora_A", "lora_B"):
             value = weights[f"{name}.{half}.weight"]
             target = getattr(wrapper, half).weight
             if tuple(value.shape) != tuple(target.shape):
-                raise CheckpointError(f"tensor {name}.{half}.weight has shape {list(value.shape)}, the "
-                                      f"model expects {list(target.shape)}", path)
+                raise CheckpointError(
+                    f"tensor {name}.{half}.weight has shape {list(value.shape)}, the "
+                    f"model expects {list(target.shape)}",
+                    path,
+                )
             with torch.no_grad():
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
         parent_name, _, child = name.rpartition(".")
@@ -224,6 +269,7 @@ def _copy_into(lm: nn.Module, weights: dict[str, torch.Tensor], path: tp.Any) ->
         for key, value in weights.items():
             target = targets[key]
             if tuple(target.shape) != tuple(value.shape):
-                raise CheckpointError(f"tensor {key} has shape {list(value.shape)}, the model expects "
-                                      f"{list(target.shape)}", path)
+                raise CheckpointError(
+                    f"tensor {key} has shape {list(value.shape)}, the model expects {list(target.shape)}", path
+                )
             target.copy_(value.to(device=target.device, dtype=target.dtype))

@@ -64,8 +64,9 @@ def parse_yarn_config(lm_config: dict, source: Path) -> YarnConfig | None:
         raise CheckpointError(f"yarn_config must be a mapping, got {type(section).__name__}", source)
     unknown = sorted(set(section) - set(YARN_KEYS))
     if unknown:
-        raise CheckpointError(f"yarn_config key {unknown[0]!r} is not supported (RoPE scaling keys: "
-                              f"{', '.join(YARN_KEYS)})", source)
+        raise CheckpointError(
+            f"yarn_config key {unknown[0]!r} is not supported (RoPE scaling keys: {', '.join(YARN_KEYS)})", source
+        )
     if not section.get("enabled", False):
         return None
     values: dict[str, float] = {}
@@ -76,18 +77,26 @@ def parse_yarn_config(lm_config: dict, source: Path) -> YarnConfig | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise CheckpointError(f"yarn_config {key!r} must be a finite number, got {value!r}", source)
         values[key] = float(value)
-    config = YarnConfig(scale=values["scale"], original_max_seq_len=int(values["original_max_seq_len"]),
-                        beta_fast=values["beta_fast"], beta_slow=values["beta_slow"],
-                        mscale=values["mscale"], mscale_all_dim=values["mscale_all_dim"])
+    config = YarnConfig(
+        scale=values["scale"],
+        original_max_seq_len=int(values["original_max_seq_len"]),
+        beta_fast=values["beta_fast"],
+        beta_slow=values["beta_slow"],
+        mscale=values["mscale"],
+        mscale_all_dim=values["mscale_all_dim"],
+    )
     # The training code asserts these (YaRNArgs.__post_init__); anything else never trained.
     if config.scale < 1.0:
         raise CheckpointError(f"yarn_config 'scale' must be >= 1, got {config.scale}", source)
     if config.original_max_seq_len <= 0 or config.original_max_seq_len != values["original_max_seq_len"]:
-        raise CheckpointError("yarn_config 'original_max_seq_len' must be a positive integer, got "
-                              f"{section['original_max_seq_len']!r}", source)
+        raise CheckpointError(
+            f"yarn_config 'original_max_seq_len' must be a positive integer, got {section['original_max_seq_len']!r}",
+            source,
+        )
     if config.beta_fast <= config.beta_slow:
-        raise CheckpointError(f"yarn_config 'beta_fast' ({config.beta_fast}) must be > 'beta_slow' "
-                              f"({config.beta_slow})", source)
+        raise CheckpointError(
+            f"yarn_config 'beta_fast' ({config.beta_fast}) must be > 'beta_slow' ({config.beta_slow})", source
+        )
     return config
 
 
@@ -115,10 +124,10 @@ def yarn_inverse_frequencies(head_dim: int, max_period: float, yarn: YarnConfig)
         raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
     half = head_dim // 2
     exponent = torch.arange(half, dtype=torch.float32) / half
-    theta = 1.0 / (max_period ** exponent)
+    theta = 1.0 / (max_period**exponent)
     if yarn.scale <= 1.0:
         return theta
-    wavelength = 2 * math.pi * max_period ** exponent
+    wavelength = 2 * math.pi * max_period**exponent
     low, high = yarn.beta_slow * yarn.original_max_seq_len, yarn.beta_fast * yarn.original_max_seq_len
     ramp = ((wavelength - low) / (high - low)).clamp(0.0, 1.0)
     return (1 - ramp) * theta + ramp * (theta / yarn.scale)
@@ -143,9 +152,15 @@ def yarn_attention_factor(yarn: YarnConfig) -> float:
     return factor
 
 
-def rotate_with_frequencies(q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, inv_freq: torch.Tensor,
-                            q_factor: float = 1.0, interleave: bool = True,
-                            time_before_heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_with_frequencies(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    offset: torch.Tensor,
+    inv_freq: torch.Tensor,
+    q_factor: float = 1.0,
+    interleave: bool = True,
+    time_before_heads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE with given inverse frequencies (moshi's `apply_rope` derives them from max_period).
 
     Pair j of a head vector (interleaved: dims 2j, 2j+1; else j, j + D/2) at position t = offset +
@@ -165,7 +180,7 @@ def rotate_with_frequencies(q: torch.Tensor, k: torch.Tensor, offset: torch.Tens
         if interleave:
             pairs = x.view(*x.shape[:-1], D // 2, 2)
             return pairs[..., 0].float(), pairs[..., 1].float()
-        return x[..., : D // 2].float(), x[..., D // 2:].float()
+        return x[..., : D // 2].float(), x[..., D // 2 :].float()
 
     def join(real: torch.Tensor, imag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         real, imag = real.to(like.dtype), imag.to(like.dtype)
@@ -193,10 +208,12 @@ class YarnRotaryEmbedding(nn.Module):
         self.attention_factor = yarn_attention_factor(yarn)
         self.register_buffer("inv_freq", yarn_inverse_frequencies(head_dim, max_period, yarn), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor,
-                time_before_heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        return rotate_with_frequencies(q, k, offset, self.inv_freq, self.attention_factor,
-                                       self.interleave, time_before_heads)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, time_before_heads: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotate_with_frequencies(
+            q, k, offset, self.inv_freq, self.attention_factor, self.interleave, time_before_heads
+        )
 
 
 def apply_yarn(lm: nn.Module, yarn: YarnConfig) -> int:
@@ -218,8 +235,9 @@ def apply_yarn(lm: nn.Module, yarn: YarnConfig) -> int:
         old = transformer.rope
         first = transformer.layers[0].self_attn
         device = next(transformer.parameters()).device
-        new = YarnRotaryEmbedding(first.embed_dim // first.num_heads, old.max_period,
-                                  getattr(old, "interleave", True), yarn).to(device)
+        new = YarnRotaryEmbedding(
+            first.embed_dim // first.num_heads, old.max_period, getattr(old, "interleave", True), yarn
+        ).to(device)
         transformer.rope = new
         for layer in transformer.layers:
             if getattr(layer, "self_attn", None) is not None and layer.self_attn.rope is old:

@@ -328,8 +328,7 @@ def _make_decoder_code_sensitive(mimi: tp.Any, calibration: torch.Tensor) -> Non
     """
     quantizer = mimi.quantizer
     for rvq in (quantizer.rvq_first, quantizer.rvq_rest):
-        mean = sum(layer.project_out(layer._codebook.embedding.mean(0, keepdim=True))
-                   for layer in rvq.vq.layers)[0]
+        mean = sum(layer.project_out(layer._codebook.embedding.mean(0, keepdim=True)) for layer in rvq.vq.layers)[0]
         direction = mean / mean.norm().clamp_min(1e-12)
         projector = torch.eye(direction.numel()) - torch.outer(direction, direction)
         weight = rvq.output_proj.weight  # [out, in, 1] 1x1 conv
@@ -360,7 +359,11 @@ def build_tiny_mimi(seed: int = 0) -> tuple[tp.Any, dict[str, tp.Any]]:
 
 # --------------------------------------------------------------------------- text tokenizer
 
-_SUBJECTS = "I,you,we,they,she,he,my friend,the teacher,our neighbour,your sister,the old man,a young woman,the children".split(",")
+_SUBJECTS = (
+    "I,you,we,they,she,he,my friend,the teacher,our neighbour,your sister,the old man,a young woman,the children".split(
+        ","
+    )
+)
 _VERBS = (
     "sees likes finds brings carries wants opens closes paints builds cooks reads writes "
     "remembers forgets follows watches visits buys sells needs hears loves keeps borrows "
@@ -502,8 +505,15 @@ FINETUNE_STEP_DIR = Path("checkpoints") / "checkpoint_000100" / "consolidated"
 # make-tiny's YaRN option: the settings the training code saves (`train.py` writes every key),
 # at scale 4 (context 200 -> 800). `original_max_seq_len` 25 (2 s of frames) puts the ramp over
 # the tiny model's 16-dim heads (wavelengths 6 .. 20,000 tokens), so most frequencies change.
-TINY_YARN = {"enabled": True, "scale": 4.0, "original_max_seq_len": 25, "beta_fast": 32, "beta_slow": 1,
-             "mscale": 1.0, "mscale_all_dim": 0.0}
+TINY_YARN = {
+    "enabled": True,
+    "scale": 4.0,
+    "original_max_seq_len": 25,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.0,
+}
 # make-tiny's LoRA option: rank and scaling written to config.json as moshi-finetune does.
 TINY_LORA = {"lora_rank": 4, "lora_scaling": 2.0}
 TINY_LORA_STD = 0.05
@@ -515,9 +525,16 @@ class TinyPaths:
     finetune: Path  # the run folder; loaders take the latest checkpoint below it
 
 
-def write_tiny_variant(root: str | Path, variant: str, seed: int = 0, *, yarn: dict | None = None,
-                       lora: bool = False, name: str | None = None,
-                       ttt: tp.Mapping[str, tp.Any] | None = None) -> TinyPaths:
+def write_tiny_variant(
+    root: str | Path,
+    variant: str,
+    seed: int = 0,
+    *,
+    yarn: dict | None = None,
+    lora: bool = False,
+    name: str | None = None,
+    ttt: tp.Mapping[str, tp.Any] | None = None,
+) -> TinyPaths:
     """Write `root/base` and `root/<name or variant>`: a fine-tune of it in its family's research
     layout. `yarn` adds a `yarn_config` to the fine-tune's LM config; `lora` adds LoRA adapters
     (`lora_A`/`lora_B` for every linear layer, TTT layers' included, as moshi-finetune wraps
@@ -562,8 +579,11 @@ def _save_finetune_weights(base: Path, folder: Path, section: dict, seed: int, l
     base_keys = set(lm.state_dict())
     ttt_family.attach(lm, config)
     gen = torch.Generator().manual_seed(seed + 1)
-    tensors = {name: ttt_family.tiny_tensor(name, tuple(param.shape), section, gen).to(torch.bfloat16).contiguous()
-               for name, param in lm.named_parameters() if name not in base_keys}
+    tensors = {
+        name: ttt_family.tiny_tensor(name, tuple(param.shape), section, gen).to(torch.bfloat16).contiguous()
+        for name, param in lm.named_parameters()
+        if name not in base_keys
+    }
     if lora:
         tensors.update(_lora_adapters(lm, TINY_LORA["lora_rank"], torch.Generator().manual_seed(seed + 2)))
     save_file(tensors, str(folder / "lora.safetensors"))

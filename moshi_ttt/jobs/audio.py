@@ -20,17 +20,42 @@ from ..errors import AudioError, AudioTooShortError, MoshiTTTError
 SAMPLE_RATE = 24_000
 FRAME_SIZE = 1920  # 80 ms at 24 kHz: one Mimi frame, one LMGen step
 # What the readers (sphn's symphonia, then libsndfile) decode; used to find inputs in folders.
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".aif", ".aiff",
-                    ".aifc", ".caf", ".au", ".w64", ".wv")
+AUDIO_EXTENSIONS = (
+    ".wav",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".mp3",
+    ".m4a",
+    ".aac",
+    ".aif",
+    ".aiff",
+    ".aifc",
+    ".caf",
+    ".au",
+    ".w64",
+    ".wv",
+)
 # Below this a file holds no usable speech, and resampling it to 24 kHz only multiplies the work
 # (a 144-byte WAV at 1 Hz would become 17 minutes of audio).
 MIN_SAMPLE_RATE = 4_000
 # What we write, by output extension: (libsndfile format, subtype). 16-bit PCM where the container
 # has a choice, as moshi writes its outputs.
-OUTPUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"),
-                  ".oga": ("OGG", "VORBIS"), ".opus": ("OGG", "OPUS"), ".mp3": ("MP3", "MPEG_LAYER_III"),
-                  ".aif": ("AIFF", "PCM_16"), ".aiff": ("AIFF", "PCM_16"), ".aifc": ("AIFF", "PCM_16"),
-                  ".caf": ("CAF", "PCM_16"), ".au": ("AU", "PCM_16"), ".w64": ("W64", "PCM_16")}
+OUTPUT_FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+    ".oga": ("OGG", "VORBIS"),
+    ".opus": ("OGG", "OPUS"),
+    ".mp3": ("MP3", "MPEG_LAYER_III"),
+    ".aif": ("AIFF", "PCM_16"),
+    ".aiff": ("AIFF", "PCM_16"),
+    ".aifc": ("AIFF", "PCM_16"),
+    ".caf": ("CAF", "PCM_16"),
+    ".au": ("AU", "PCM_16"),
+    ".w64": ("W64", "PCM_16"),
+}
 # What `--format` may name for outputs written into a folder (a single OUT file's extension may
 # name any of OUTPUT_FORMATS).
 FOLDER_AUDIO_FORMATS = ("wav", "flac", "ogg")
@@ -104,12 +129,15 @@ def pick_channel(pcm: np.ndarray, channel: int | str | None, path: Path) -> Reco
         return Recording(np.ascontiguousarray(pcm.mean(axis=0, dtype=np.float32)))
     index = 0 if channel is None else int(channel)
     if index >= count:
-        raise AudioError(f"has {count} channel{'s' if count != 1 else ''}; --channel {channel} needs "
-                         f"at least {index + 1}", path)
+        raise AudioError(
+            f"has {count} channel{'s' if count != 1 else ''}; --channel {channel} needs at least {index + 1}", path
+        )
     warnings = []
     if channel is None and count > 1 and channels_differ(pcm):
-        warnings.append(f"its {count} channels differ strongly and channel 0 was taken by default; "
-                        "choose with --channel N|left|right|mix")
+        warnings.append(
+            f"its {count} channels differ strongly and channel 0 was taken by default; "
+            "choose with --channel N|left|right|mix"
+        )
     return Recording(np.ascontiguousarray(pcm[index]), warnings)
 
 
@@ -139,8 +167,11 @@ def read_recording(path: str | Path, channel: int | str | None = None) -> Record
     if pcm.ndim != 2 or pcm.shape[0] == 0:
         raise AudioError("no audio channels", path)
     if rate < MIN_SAMPLE_RATE:
-        raise AudioError(f"sample rate {rate} Hz is below the {MIN_SAMPLE_RATE} Hz minimum: too low to hold "
-                         "speech, and resampling it to 24 kHz would only multiply the work", path)
+        raise AudioError(
+            f"sample rate {rate} Hz is below the {MIN_SAMPLE_RATE} Hz minimum: too low to hold "
+            "speech, and resampling it to 24 kHz would only multiply the work",
+            path,
+        )
     recording = pick_channel(pcm, channel, path)
     mono = recording.pcm
     if not np.isfinite(mono).all():
@@ -175,7 +206,7 @@ def _read_with_soundfile(path: Path, first: Exception) -> tuple[np.ndarray, int]
     return np.ascontiguousarray(data.T), int(rate)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resampler_delay(rate: int) -> int:
     """Output samples sphn's resampler puts before the signal (16 kHz -> 24 kHz: 768), measured
     on an impulse so it holds for whatever resampler the installed sphn uses."""
@@ -195,7 +226,7 @@ def resample(pcm: np.ndarray, rate: int) -> np.ndarray:
     delay = _resampler_delay(rate)
     tail = np.zeros(int(np.ceil((delay + 64) * rate / SAMPLE_RATE)) + 64, dtype=np.float32)
     out = sphn.resample(np.concatenate([pcm, tail])[None], src_sample_rate=rate, dst_sample_rate=SAMPLE_RATE)[0]
-    out = np.asarray(out[delay:delay + length], dtype=np.float32)
+    out = np.asarray(out[delay : delay + length], dtype=np.float32)
     return np.pad(out, (0, length - len(out))) if len(out) < length else out
 
 
@@ -206,8 +237,11 @@ def output_format(path: Path) -> tuple[str, str]:
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())
     if fmt is None or not soundfile.check_format(*fmt):
         usable = ", ".join(ext for ext, f in OUTPUT_FORMATS.items() if soundfile.check_format(*f))
-        raise MoshiTTTError(f"cannot write {path.suffix or 'a file without an extension'}: the output's "
-                            f"extension names its format; use one of {usable} (or end a folder with /)", path)
+        raise MoshiTTTError(
+            f"cannot write {path.suffix or 'a file without an extension'}: the output's "
+            f"extension names its format; use one of {usable} (or end a folder with /)",
+            path,
+        )
     return fmt
 
 
@@ -228,7 +262,7 @@ def is_our_temporary(path: Path) -> int | None:
 
 def temporary_of(path: Path) -> str:
     """The final name a temporary of ours stands for (`.NAME.moshi-ttt-PID-RANDOM.partial`)."""
-    return path.name[1:path.name.rindex(TEMP_MARK)]
+    return path.name[1 : path.name.rindex(TEMP_MARK)]
 
 
 def _umask() -> int:
@@ -249,8 +283,9 @@ class AtomicFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}{TEMP_MARK}{os.getpid()}-",
-                                    suffix=PARTIAL_SUFFIX)
+        fd, name = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}{TEMP_MARK}{os.getpid()}-", suffix=PARTIAL_SUFFIX
+        )
         self.tmp = Path(name)
         try:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private
@@ -309,8 +344,9 @@ class AudioWriter:
                 import soundfile
 
                 self._wav = None
-                self._sound = soundfile.SoundFile(str(self._file.tmp), "w", samplerate=sample_rate, channels=1,
-                                                  format=fmt[0], subtype=fmt[1])
+                self._sound = soundfile.SoundFile(
+                    str(self._file.tmp), "w", samplerate=sample_rate, channels=1, format=fmt[0], subtype=fmt[1]
+                )
         except BaseException:
             self._file.abort()
             raise

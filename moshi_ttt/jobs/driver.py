@@ -19,8 +19,9 @@ class Backend(tp.Protocol):
     """What streams the jobs a run has to do: `FileWorker` in this process, or a distributed
     backend whose workers each run a `FileWorker`."""
 
-    def results(self, jobs: list[tuple[int, Job]], total: int,
-                events: BatchEvents) -> tp.Iterator[tuple[int, FileResult]]:
+    def results(
+        self, jobs: list[tuple[int, Job]], total: int, events: BatchEvents
+    ) -> tp.Iterator[tuple[int, FileResult]]:
         """Each job's result as soon as it is known (any order), keyed by its index in the plan
         of `total` jobs. A bad file gives a failed or skipped result, never an exception.
         `events` hears what the backend can tell of files in progress (starts, frames, warnings)."""
@@ -32,9 +33,16 @@ class BatchRunner:
     a `Backend`, and records every result in the report as it arrives; see the module docstring
     for the guarantees."""
 
-    def __init__(self, backend: Backend, settings: RunSettings, report_path: Path | None = None,
-                 overwrite: bool = False, events: BatchEvents | None = None,
-                 earlier: EarlierResults | None = None, text_format: str = "txt"):
+    def __init__(
+        self,
+        backend: Backend,
+        settings: RunSettings,
+        report_path: Path | None = None,
+        overwrite: bool = False,
+        events: BatchEvents | None = None,
+        earlier: EarlierResults | None = None,
+        text_format: str = "txt",
+    ):
         self.backend = backend
         self.text_format = text_format
         self.report = Report(settings=settings)
@@ -49,8 +57,9 @@ class BatchRunner:
         """`keep`: which earlier entries of files this run does not plan the report lists (all)."""
         start = time.perf_counter()
         self.report.earlier = self.earlier.others(jobs, keep)
-        self.events.batch_started([job.duration_hint if job.duration_hint is not None else probe_duration(job.input)
-                                   for job in jobs])
+        self.events.batch_started(
+            [job.duration_hint if job.duration_hint is not None else probe_duration(job.input) for job in jobs]
+        )
         done: dict[int, FileResult] = {}
 
         def record(index: int, result: FileResult) -> None:
@@ -101,7 +110,11 @@ class BatchRunner:
         """The output exists: keep it, and keep what the run that wrote it recorded about it."""
         try:
             earlier = self.earlier.for_output(job.output)
-            result = carried(earlier, "exists") if earlier else FileResult(str(job.input), str(job.output), "skipped", "exists")
+            result = (
+                carried(earlier, "exists")
+                if earlier
+                else FileResult(str(job.input), str(job.output), "skipped", "exists")
+            )
             if job.text_output is not None and not job.text_output.exists():
                 if result.transcript is not None and self.text_format == "txt":
                     write_text(job.text_output, result.transcript + "\n")

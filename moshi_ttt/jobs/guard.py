@@ -33,8 +33,9 @@ def check_sources_untouched(sources: tp.Iterable[Path], writes: tp.Iterable[Path
     for path in writes:
         key = _identity(path)
         if key is not None and key in protected:
-            raise MoshiTTTError(f"would overwrite the input {protected[key]}; sources are never written, "
-                                "choose another output", path)
+            raise MoshiTTTError(
+                f"would overwrite the input {protected[key]}; sources are never written, choose another output", path
+            )
 
 
 def nearest_existing(path: Path) -> Path:
@@ -72,7 +73,7 @@ class OutputLock:
         self._fd: int | None = None
         self._created: list[Path] = []
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         missing = []
         for parent in [self.folder, *self.folder.parents]:
             if parent.exists():
@@ -88,16 +89,19 @@ class OutputLock:
                 holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown process"
                 os.close(fd)
                 self._remove_created()
-                raise MoshiTTTError(f"in use by another moshi-ttt run ({holder}); wait for it to end or "
-                                    "choose another output", self.folder) from None
+                raise MoshiTTTError(
+                    f"in use by another moshi-ttt run ({holder}); wait for it to end or choose another output",
+                    self.folder,
+                ) from None
             # The holder we waited for may have removed the file just before we locked it:
             # then our lock is on a file nobody else will open. Start again on the new one.
             if _identity(self.path) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                 .encode())
+        os.write(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
+        )
         self._fd = fd
         return self
 
@@ -115,7 +119,7 @@ class OutputLock:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: a run that never started leaves nothing behind
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire() if self._fd is None else self
 
     def __exit__(self, *exc: tp.Any) -> None:

@@ -48,12 +48,18 @@ def _entry(line: str, root: Path, where: str, manifest: Path) -> ManifestEntry:
     if not isinstance(record, dict) or not isinstance(record.get("path"), str) or not record["path"]:
         raise MoshiTTTError(f'{where}: expected an object with a "path" string', manifest)
     duration = record.get("duration")
-    if duration is not None and (isinstance(duration, bool) or not isinstance(duration, (int, float))
-                                 or not math.isfinite(duration) or duration < 0):
+    if duration is not None and (
+        isinstance(duration, bool)
+        or not isinstance(duration, (int, float))
+        or not math.isfinite(duration)
+        or duration < 0
+    ):
         raise MoshiTTTError(f'{where}: "duration" must be a number of seconds, got {duration!r}', manifest)
     # Outputs mirror these paths under OUT, so a path may not leave the manifest's folder.
     full = Path(os.path.normpath(root / record["path"]))
     if root not in full.parents:
-        raise MoshiTTTError(f"{where}: {record['path']!r} is outside the manifest's folder (outputs mirror "
-                            "paths relative to it)", manifest)
+        raise MoshiTTTError(
+            f"{where}: {record['path']!r} is outside the manifest's folder (outputs mirror paths relative to it)",
+            manifest,
+        )
     return ManifestEntry(full.relative_to(root), None if duration is None else float(duration))

@@ -45,8 +45,9 @@ def is_inside(path: Path, folder: Path) -> bool:
     return folder.resolve() in path.resolve().parents
 
 
-def find_inputs(folder: Path, pattern: str | None = None, exclude: Path | None = None,
-                include_hidden: bool = False) -> list[Path]:
+def find_inputs(
+    folder: Path, pattern: str | None = None, exclude: Path | None = None, include_hidden: bool = False
+) -> list[Path]:
     """Audio files below `folder`, sorted; `pattern` (a glob) is matched against the path
     relative to `folder` and against the file name. Nothing under `exclude` (compared resolved,
     so `.` and `out` find the outputs of an earlier run in `./out`)."""
@@ -71,8 +72,15 @@ def matches(rel: Path, pattern: str | None) -> bool:
     return not pattern or fnmatch.fnmatch(rel.as_posix(), pattern) or fnmatch.fnmatch(rel.name, pattern)
 
 
-def plan_jobs(source: Path, target: Path | str, pattern: str | None = None, text: bool = False,
-              include_hidden: bool = False, text_format: str = "txt", audio_format: str | None = None) -> list[Job]:
+def plan_jobs(
+    source: Path,
+    target: Path | str,
+    pattern: str | None = None,
+    text: bool = False,
+    include_hidden: bool = False,
+    text_format: str = "txt",
+    audio_format: str | None = None,
+) -> list[Job]:
     """Map inputs to outputs: a file to a file (or into a folder), a folder or a `.jsonl` manifest
     to a folder mirroring the recordings' relative paths.
 
@@ -96,13 +104,17 @@ def plan_jobs(source: Path, target: Path | str, pattern: str | None = None, text
         raise MoshiTTTError("no such file or folder", source)
     else:
         inside = target if is_inside(target, source) else None  # our outputs in IN are not inputs
-        inputs = [(path, path.relative_to(source), None)
-                  for path in find_inputs(source, pattern, exclude=inside, include_hidden=include_hidden)]
+        inputs = [
+            (path, path.relative_to(source), None)
+            for path in find_inputs(source, pattern, exclude=inside, include_hidden=include_hidden)
+        ]
     if target.exists() and not target.is_dir():
         raise MoshiTTTError("input is a folder or a manifest, so the output must be a folder too", target)
     if target.resolve() == source.resolve():
-        raise MoshiTTTError("the output folder is the input folder: outputs would replace the recordings; "
-                            "choose another output folder", target)
+        raise MoshiTTTError(
+            "the output folder is the input folder: outputs would replace the recordings; choose another output folder",
+            target,
+        )
     jobs: list[Job] = []
     taken: set[Path] = set()
     for path, rel, duration in inputs:
@@ -166,9 +178,18 @@ class BatchPlan:
         return self.shard.holds(Path(entry.input).relative_to(self.root))
 
 
-def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = None, text: bool = False,
-                  report: Path | None = None, include_hidden: bool = False, text_format: str = "txt",
-                  audio_format: str | None = None, shard: Shard | None = None) -> BatchPlan:
+def prepare_batch(
+    source: Path,
+    target: Path | str,
+    *,
+    pattern: str | None = None,
+    text: bool = False,
+    report: Path | None = None,
+    include_hidden: bool = False,
+    text_format: str = "txt",
+    audio_format: str | None = None,
+    shard: Shard | None = None,
+) -> BatchPlan:
     """Plan the jobs and check, before any model loads, that the run can do what it promises:
     no source is ever written (outputs, transcripts and the report are checked against every file
     of IN), OUT and the report can be written, the report path holds our report or nothing, and no
@@ -183,8 +204,11 @@ def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = Non
     source = Path(source).absolute()
     jobs = plan_jobs(source, target, pattern, text, include_hidden, text_format, audio_format)
     if audio_format is not None and jobs[0:1] and jobs[0].output.suffix.lower() != f".{audio_format}":
-        raise MoshiTTTError(f"--format {audio_format} names outputs written into a folder, but OUT is a file "
-                            f"with another extension (end OUT with / for a folder)", jobs[0].output)
+        raise MoshiTTTError(
+            f"--format {audio_format} names outputs written into a folder, but OUT is a file "
+            f"with another extension (end OUT with / for a folder)",
+            jobs[0].output,
+        )
     if not jobs:
         raise MoshiTTTError("no audio files found" + (f" matching {pattern!r}" if pattern else ""), source)
     report_path = Path(report).absolute() if report is not None else default_report_path(source, Path(target))
@@ -234,13 +258,18 @@ def prepare_batch(source: Path, target: Path | str, *, pattern: str | None = Non
         lock.release()
         raise
     if folder_mode:  # with the lock held, no run of ours is writing these
-        finals = None if shard is None else \
-            {p for job in jobs for p in (job.output, job.text_output) if p is not None} | {tp.cast(Path, report_path)}
+        finals = (
+            None
+            if shard is None
+            else {p for job in jobs for p in (job.output, job.text_output) if p is not None}
+            | {tp.cast(Path, report_path)}
+        )
         for path in stale_partials(out_root, finals):
             with contextlib.suppress(OSError):
                 path.unlink()
-    return BatchPlan(source=source, jobs=jobs, report_path=report_path, earlier=earlier, lock=lock, shard=shard,
-                     root=root)
+    return BatchPlan(
+        source=source, jobs=jobs, report_path=report_path, earlier=earlier, lock=lock, shard=shard, root=root
+    )
 
 
 def check_no_other_kind(out_root: Path, shard: Shard | None) -> None:
@@ -250,11 +279,15 @@ def check_no_other_kind(out_root: Path, shard: Shard | None) -> None:
     if shard is not None:
         main = out_root / LOCK_NAME
         if lock_is_held(main):
-            raise MoshiTTTError(f"in use by an unsharded moshi-ttt run or a report merge ({holder_of(main)}); "
-                                "wait for it to end", out_root)
+            raise MoshiTTTError(
+                f"in use by an unsharded moshi-ttt run or a report merge ({holder_of(main)}); wait for it to end",
+                out_root,
+            )
         return
     running = running_shards(out_root)
     if running:
         names = ", ".join(f"{s} ({holder})" for s, holder in running[:3]) + (" ..." if len(running) > 3 else "")
-        raise MoshiTTTError(f"shards of a --shard run are writing here: {names}; wait for them to end, "
-                            "or run with --shard too", out_root)
+        raise MoshiTTTError(
+            f"shards of a --shard run are writing here: {names}; wait for them to end, or run with --shard too",
+            out_root,
+        )

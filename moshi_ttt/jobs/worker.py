@@ -35,24 +35,31 @@ class _InFlight:
 
 
 class FileWorker:
-    """A `driver.Backend` in this process. Runs jobs on one loaded model: reads each recording, streams up to the runner's batch size
-    at once, writes each output block by block to a temporary renamed into place when complete,
-    and describes each file in a `FileResult`. A local run and each distributed worker run this.
+    """A `driver.Backend` in this process. Runs jobs on one loaded model: reads each recording,
+    streams up to the runner's batch size at once, writes each output block by block to a
+    temporary renamed into place when complete, and describes each file in a `FileResult`. A local
+    run and each Ray actor run this.
 
     A file that cannot be read or written fails alone. A failure inside a batched step (e.g. out
     of memory) fails the files streaming at that moment, not the others: the worker starts a
     fresh batch for the files left.
     """
 
-    def __init__(self, runner: BatchedRunner, text_format: str = "txt", channel: int | str | None = None,
-                 batch_size_reason: str = ""):
+    def __init__(
+        self,
+        runner: BatchedRunner,
+        text_format: str = "txt",
+        channel: int | str | None = None,
+        batch_size_reason: str = "",
+    ):
         self.runner = runner
         self.batch_size_reason = batch_size_reason  # how the runner's batch size was chosen
         self.text_format = text_format
         self.channel = channel  # see audio.pick_channel
 
-    def results(self, jobs: list[tuple[int, Job]], total: int,
-                events: BatchEvents | None = None) -> tp.Iterator[tuple[int, FileResult]]:
+    def results(
+        self, jobs: list[tuple[int, Job]], total: int, events: BatchEvents | None = None
+    ) -> tp.Iterator[tuple[int, FileResult]]:
         events = events or SilentEvents()
         pending = iter(jobs)
         known: collections.deque[tuple[int, FileResult]] = collections.deque()  # results not streamed
@@ -73,8 +80,9 @@ class FileWorker:
                 try:
                     writer = AudioWriter(job.output)
                 except (MoshiTTTError, OSError) as exc:
-                    known.append((index, FileResult(str(job.input), None, "failed", failure_reason(exc),
-                                                    duration_s=duration)))
+                    known.append(
+                        (index, FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=duration))
+                    )
                     continue
                 flights[index] = _InFlight(job, writer, duration, begin, recording.warnings)
                 events.file_started(index, total, job, duration)
@@ -102,8 +110,14 @@ class FileWorker:
                     # The step that failed was every streaming file's: those fail, the rest go on.
                     for index, flight in flights.items():
                         flight.writer.abort()
-                        known.append((index, FileResult(str(flight.job.input), None, "failed", os_reason(exc),
-                                                        duration_s=flight.duration)))
+                        known.append(
+                            (
+                                index,
+                                FileResult(
+                                    str(flight.job.input), None, "failed", os_reason(exc), duration_s=flight.duration
+                                ),
+                            )
+                        )
                     flights.clear()
                     yield from _drain(known)
         finally:  # interrupted: no temporaries left behind
@@ -117,20 +131,34 @@ class FileWorker:
                 raise flight.error
             transcript = transcript_of(model, streamed.text_tokens)
             if job.text_output is not None:
-                write_text(job.text_output, render_transcript(self.text_format, transcript,
-                                                              timed_words_of(model, streamed)))
+                write_text(
+                    job.text_output, render_transcript(self.text_format, transcript, timed_words_of(model, streamed))
+                )
             flight.writer.commit()
             digest = sha256_of(job.output)
         except (MoshiTTTError, RuntimeError, ValueError, OSError) as exc:
             flight.writer.abort()
             return FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=flight.duration)
         model_ttt = model.describe_ttt()
-        ttt = None if model_ttt is None else FileTTT(model_ttt["variant"], model_ttt["chunk_size"],
-                                                     list(streamed.ttt_layers))
-        return FileResult(str(job.input), str(job.output), "ok", None, duration_s=round(flight.duration, 4),
-                          frames=streamed.frames, steps=streamed.steps,
-                          wall_s=round(time.perf_counter() - flight.begin, 4), ttt=ttt, transcript=transcript,
-                          output_sha256=digest, warnings=flight.warnings)
+        ttt = (
+            None
+            if model_ttt is None
+            else FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(streamed.ttt_layers))
+        )
+        return FileResult(
+            str(job.input),
+            str(job.output),
+            "ok",
+            None,
+            duration_s=round(flight.duration, 4),
+            frames=streamed.frames,
+            steps=streamed.steps,
+            wall_s=round(time.perf_counter() - flight.begin, 4),
+            ttt=ttt,
+            transcript=transcript,
+            output_sha256=digest,
+            warnings=flight.warnings,
+        )
 
 
 def _drain(known: collections.deque) -> tp.Iterator[tp.Any]:

@@ -68,8 +68,11 @@ class EarlierResults:
             if key in planned or not output.is_file() or (keep is not None and not keep(entry)):
                 continue
             earlier = self.for_output(output)
-            kept.append(carried(earlier, "not selected in this run") if earlier else
-                        FileResult(entry.input, entry.output, "skipped", "not selected in this run"))
+            kept.append(
+                carried(earlier, "not selected in this run")
+                if earlier
+                else FileResult(entry.input, entry.output, "skipped", "not selected in this run")
+            )
         return kept
 
 
@@ -95,6 +98,7 @@ def earlier_results(main_report: Path, own_path: Path, own: dict | None) -> Earl
             others.append(found)
     reports = sorted(others, key=lambda r: r.mtime_ns, reverse=True)
     own_time = own_path.stat().st_mtime_ns if own is not None else -1
-    ordered = [r.data for r in reports if r.mtime_ns > own_time] + [own] + \
-        [r.data for r in reports if r.mtime_ns <= own_time]
+    ordered = (
+        [r.data for r in reports if r.mtime_ns > own_time] + [own] + [r.data for r in reports if r.mtime_ns <= own_time]
+    )
     return EarlierResults(*ordered)

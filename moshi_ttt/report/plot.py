@@ -64,8 +64,12 @@ def seconds(records: tp.Sequence[UpdateRecord]) -> list[float]:
 
 def panels_of(files: tp.Sequence[FileResult]) -> list[str]:
     """The quantities drawn for these files: drift and update norms, inner loss if any has one."""
-    has_loss = any(r.loss_before is not None for f in files for layer in f.ttt.layers  # type: ignore[union-attr]
-                   for r in layer.timeline or [])
+    has_loss = any(
+        r.loss_before is not None
+        for f in files
+        for layer in f.ttt.layers  # type: ignore[union-attr]
+        for r in layer.timeline or []
+    )
     return ["drift", "update norm", *([LOSS_PANEL] if has_loss else [])]
 
 
@@ -88,8 +92,9 @@ def draw_layer(ax: tp.Any, panel: str, layer: LayerReport, color: tp.Any) -> Non
         ax.plot(x, [r.loss_after for r in records], color=color, label=label)
 
 
-def plot_reports(report: Path, output: Path, compare: Path | None = None,
-                 width: int = DEFAULT_WIDTH, height: int | None = None) -> Path:
+def plot_reports(
+    report: Path, output: Path, compare: Path | None = None, width: int = DEFAULT_WIDTH, height: int | None = None
+) -> Path:
     """Draw `report` (and `compare` beside it) into the PNG `output`, `width` x `height` pixels
     (height default: PANEL_HEIGHT per panel). Returns `output`."""
     if width < 100 or (height is not None and height < 100):

@@ -59,13 +59,14 @@ class LayerReport:
     timeline: list[UpdateRecord] | None = None
 
     @classmethod
-    def from_json(cls, entry: dict) -> "LayerReport":
+    def from_json(cls, entry: dict) -> LayerReport:
         """Read back a report's layer entry (unknown keys ignored)."""
         values = {k: v for k, v in entry.items() if k in {f.name for f in fields(cls)}}
         if isinstance(values.get("timeline"), list):
             record_keys = {f.name for f in fields(UpdateRecord)}
-            values["timeline"] = [UpdateRecord(**{k: v for k, v in record.items() if k in record_keys})
-                                  for record in values["timeline"]]
+            values["timeline"] = [
+                UpdateRecord(**{k: v for k, v in record.items() if k in record_keys}) for record in values["timeline"]
+            ]
         return cls(**values)
 
 
@@ -95,15 +96,17 @@ class FileResult:
     warnings: list[str] = field(default_factory=list)  # e.g. which channel was taken of a dialogue
 
     @classmethod
-    def from_json(cls, entry: dict) -> "FileResult":
+    def from_json(cls, entry: dict) -> FileResult:
         """Read back a report entry (unknown keys ignored, fields added since then defaulted)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in entry.items() if k in known}
         ttt = values.get("ttt")
         if isinstance(ttt, dict):
             values["ttt"] = FileTTT(
-                variant=ttt.get("variant", "?"), chunk_size=ttt.get("chunk_size", 0),
-                layers=[LayerReport.from_json(layer) for layer in ttt.get("layers", [])])
+                variant=ttt.get("variant", "?"),
+                chunk_size=ttt.get("chunk_size", 0),
+                layers=[LayerReport.from_json(layer) for layer in ttt.get("layers", [])],
+            )
         return cls(**values)
 
 
@@ -169,7 +172,7 @@ class RunSettings:
     _ONLY_WHEN_SET = ("backend", "workers", "gpus_per_worker")
 
     @classmethod
-    def from_json(cls, data: dict | None) -> "RunSettings":
+    def from_json(cls, data: dict | None) -> RunSettings:
         data = dict(data or {})
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: data.pop(k) for k in list(data) if k in known}
@@ -217,8 +220,12 @@ class Report:
         }
 
     def to_json(self) -> dict:
-        data = {"schema": REPORT_SCHEMA, "settings": self.settings.to_json(),
-                "files": [file_json(f) for f in self.all_files()], "totals": self.totals()}
+        data = {
+            "schema": REPORT_SCHEMA,
+            "settings": self.settings.to_json(),
+            "files": [file_json(f) for f in self.all_files()],
+            "totals": self.totals(),
+        }
         if self.interrupted:
             data["interrupted"] = True
         if self.shard is not None:

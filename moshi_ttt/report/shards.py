@@ -101,6 +101,7 @@ def find_parts(report: Path) -> dict[Shard, Path]:
 
 # -- locks -----------------------------------------------------------------------------------------
 
+
 def lock_is_held(path: Path) -> bool:
     """Whether some process holds `path`'s flock. The probe takes a *shared* lock for a moment, so
     probes never block each other (N shards starting together all probe the main lock), only an
@@ -139,6 +140,7 @@ def running_shards(folder: Path) -> list[tuple[Shard, str]]:
 
 # -- reading reports -------------------------------------------------------------------------------
 
+
 @dataclass
 class ReportFile:
     """A report (main or part) as read from disk, with when it was last written."""
@@ -174,8 +176,11 @@ def read_report_file(path: Path, shard: Shard | None = None) -> ReportFile | Non
 def reports_beside(report: Path) -> list[ReportFile]:
     """The main report and every shard part beside it, newest first (the order that decides
     which entry wins when several describe one file; see `pick`)."""
-    found = [r for r in (read_report_file(report), *(read_report_file(p, s) for s, p in find_parts(report).items()))
-             if r is not None]
+    found = [
+        r
+        for r in (read_report_file(report), *(read_report_file(p, s) for s, p in find_parts(report).items()))
+        if r is not None
+    ]
     return sorted(found, key=lambda r: r.mtime_ns, reverse=True)
 
 
@@ -202,6 +207,7 @@ def _sha_cache() -> tp.Callable[[Path], str | None]:
             except OSError:
                 cache[path] = None
         return cache[path]
+
     return sha_of
 
 
@@ -216,6 +222,7 @@ def merged_entries(reports: list[ReportFile]) -> list[FileResult]:
 
 
 # -- merging ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class ShardState:
@@ -281,20 +288,31 @@ def merge_reports(report: Path, lock_folder: Path | None = None) -> MergeOutcome
     parts = {r.shard: r for r in reports if r.shard is not None}
     if not parts:
         if report.parent.is_dir() or report.exists():
-            raise MoshiTTTError("no shard reports to merge here (expected moshi-ttt-report.shard-I-of-N.json "
-                                "from `infer --shard I/N`)", report.parent)
+            raise MoshiTTTError(
+                "no shard reports to merge here (expected moshi-ttt-report.shard-I-of-N.json from `infer --shard I/N`)",
+                report.parent,
+            )
         raise MoshiTTTError("no such folder", report.parent)
     # The settings of the newest part that streamed something (an empty shard loads no model).
     newest = max(parts.values(), key=lambda r: (bool(r.data.get("files")), r.mtime_ns))
     settings = RunSettings.from_json(newest.data.get("settings"))
     settings.extra.pop("shard", None)
     newest_json = settings.to_json()
-    differing = sorted({key for part in parts.values() for key, value in (part.data.get("settings") or {}).items()
-                        if key not in PER_PROCESS_SETTINGS and newest_json.get(key) != value})
+    differing = sorted(
+        {
+            key
+            for part in parts.values()
+            for key, value in (part.data.get("settings") or {}).items()
+            if key not in PER_PROCESS_SETTINGS and newest_json.get(key) != value
+        }
+    )
     with OutputLock(lock_folder):  # no unsharded run (nor another merge) writes the report meanwhile
         states = shard_states(parts, lock_folder)
-        merged = Report(settings=settings, files=merged_entries(reports),
-                        wall_s=sum(float(r.data.get("totals", {}).get("wall_s") or 0.0) for r in parts.values()))
+        merged = Report(
+            settings=settings,
+            files=merged_entries(reports),
+            wall_s=sum(float(r.data.get("totals", {}).get("wall_s") or 0.0) for r in parts.values()),
+        )
         merged.interrupted = False
         merged.write(report)
     return MergeOutcome(merged, report, states, differing)

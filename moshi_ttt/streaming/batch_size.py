@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import typing as tp
 
-
 CPU_BATCH_SIZE = 16
 MAX_AUTO_BATCH_SIZE = 64
 # Activations, allocator slack and Mimi's convolution states on top of the caches and fast weights.
@@ -83,7 +82,7 @@ def choose_batch_size(requested: int | str, model: tp.Any, files: int) -> tuple[
     size = max(1, min(fit, cap, files))
     why = [f"auto: at most {cap} on {where}"]
     if free is not None:
-        gib = 1024 ** 3
+        gib = 1024**3
         why.append(f"{fit} fit in {free / gib:.1f} GiB free at {per_stream / gib:.2f} GiB each")
     if size == files and files < min(fit, cap):
         why.append(f"{files} file{'s' if files > 1 else ''} in the run")

@@ -1,5 +1,5 @@
 """Many recordings at once: B slots streamed through one model, each slot taking the next file
-as soon as its file ends (issue 12).
+as soon as its file ends.
 
 Every slot is an independent stream of the batch, with moshi's own machinery for desynchronised
 streams: `set_exec_mask` (a masked stream's state does not move), `reset_streaming(reset_mask)`
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from ..checkpoints.model import LoadedModel
-from .reference import StreamResult, make_lm_gen, split_frames
 from ..options import Sampling, check_seed
+from .reference import StreamResult, make_lm_gen, split_frames
 from .sampler import StreamSampler
 
 Key = tp.TypeVar("Key")
@@ -73,9 +73,17 @@ class _Slot(tp.Generic[Key]):
 class BatchedRunner:
     """Streams up to `batch_size` recordings at once through a loaded model."""
 
-    def __init__(self, model: LoadedModel, batch_size: int, seed: int = 4242, ttt_enabled: bool = True,
-                 timeline: bool = False, sampling: Sampling | None = None, counter_noise: bool | None = None,
-                 decode_chunk: int | None = None):
+    def __init__(
+        self,
+        model: LoadedModel,
+        batch_size: int,
+        seed: int = 4242,
+        ttt_enabled: bool = True,
+        timeline: bool = False,
+        sampling: Sampling | None = None,
+        counter_noise: bool | None = None,
+        decode_chunk: int | None = None,
+    ):
         """As `StreamingRunner`'s arguments; `counter_noise`: sample from the graph-safe counter hash
         (default: on CUDA only); `decode_chunk`: frames of tokens per Mimi decode call (default 1:
         moshi's frame-by-frame decode)."""
@@ -95,8 +103,12 @@ class BatchedRunner:
         return torch.tensor(list(rows), dtype=torch.bool, device=self.model.device)
 
     @torch.no_grad()
-    def run(self, recordings: tp.Iterable[tuple[Key, np.ndarray]], on_audio: AudioFn | None = None,
-            progress: FrameProgressFn | None = None) -> tp.Iterator[tuple[Key, StreamResult]]:
+    def run(
+        self,
+        recordings: tp.Iterable[tuple[Key, np.ndarray]],
+        on_audio: AudioFn | None = None,
+        progress: FrameProgressFn | None = None,
+    ) -> tp.Iterator[tuple[Key, StreamResult]]:
         """Yield `(key, result)` for every recording as soon as it is done (completion order).
 
         Recordings are pulled from `recordings` only when a slot frees, so at most `batch_size`
@@ -207,6 +219,13 @@ class BatchedRunner:
         self.controller.flush([index])
         reports = self.controller.reports(index) if self.controller else []
         audio = np.concatenate(slot.pcm) if slot.pcm else np.zeros(0, dtype=np.float32)
-        return StreamResult(pcm=audio, samples=slot.samples, text_tokens=slot.text_tokens, text_steps=slot.text_steps,
-                            max_delay=int(self.lm_gen.max_delay), frames=len(slot.frames), steps=slot.steps,
-                            ttt_layers=reports)
+        return StreamResult(
+            pcm=audio,
+            samples=slot.samples,
+            text_tokens=slot.text_tokens,
+            text_steps=slot.text_steps,
+            max_delay=int(self.lm_gen.max_delay),
+            frames=len(slot.frames),
+            steps=slot.steps,
+            ttt_layers=reports,
+        )

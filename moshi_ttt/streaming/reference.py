@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..checkpoints.model import LoadedModel
-from ..report.schema import LayerReport
 from ..options import Sampling, check_seed
+from ..report.schema import LayerReport
 from .transcripts import TimedWord, timed_words
 
 ProgressFn = tp.Callable[[int, int], None]  # (frames done, frames total)
@@ -50,11 +50,12 @@ def split_frames(pcm: np.ndarray, frame_size: int) -> list[np.ndarray]:
     to the device one frame per step, so device memory does not grow with its length); a trailing
     partial frame is dropped, as moshi's `run_inference` does."""
     pcm = np.ascontiguousarray(pcm, dtype=np.float32)
-    return [pcm[i:i + frame_size] for i in range(0, len(pcm) - frame_size + 1, frame_size)]
+    return [pcm[i : i + frame_size] for i in range(0, len(pcm) - frame_size + 1, frame_size)]
 
 
-def make_lm_gen(model: LoadedModel, batch_size: int, sampling: Sampling | None,
-                **kwargs: tp.Any) -> tuple[tp.Any, dict]:
+def make_lm_gen(
+    model: LoadedModel, batch_size: int, sampling: Sampling | None, **kwargs: tp.Any
+) -> tuple[tp.Any, dict]:
     """moshi's `LMGen` for `batch_size` streams, and the sampling settings it uses: the run's
     controls over the checkpoint's `lm_gen_config`, key by key."""
     from moshi.models import LMGen
@@ -69,8 +70,14 @@ def make_lm_gen(model: LoadedModel, batch_size: int, sampling: Sampling | None,
 class StreamingRunner:
     """Runs recordings through a loaded model, one at a time, each independent of the others."""
 
-    def __init__(self, model: LoadedModel, seed: int = 4242, ttt_enabled: bool = True, timeline: bool = False,
-                 sampling: Sampling | None = None):
+    def __init__(
+        self,
+        model: LoadedModel,
+        seed: int = 4242,
+        ttt_enabled: bool = True,
+        timeline: bool = False,
+        sampling: Sampling | None = None,
+    ):
         self.model = model
         self.seed = check_seed(seed)
         self.lm_gen, self.lm_gen_config = make_lm_gen(model, 1, sampling)
@@ -111,9 +118,15 @@ class StreamingRunner:
             self.controller.flush()
             reports = self.controller.reports()
         audio = np.concatenate(out_pcm) if out_pcm else np.zeros(0, dtype=np.float32)
-        return StreamResult(pcm=audio, text_tokens=text_tokens, text_steps=text_steps,
-                            max_delay=int(lm_gen.max_delay), frames=len(frames), steps=steps,
-                            ttt_layers=reports)
+        return StreamResult(
+            pcm=audio,
+            text_tokens=text_tokens,
+            text_steps=text_steps,
+            max_delay=int(lm_gen.max_delay),
+            frames=len(frames),
+            steps=steps,
+            ttt_layers=reports,
+        )
 
     def transcript(self, text_tokens: tp.Iterable[int]) -> str:
         return transcript_of(self.model, text_tokens)
@@ -127,8 +140,12 @@ def text_pieces(model: LoadedModel, text_tokens: tp.Iterable[int]) -> list[str |
     lm = model.lm
     skip = {lm.text_padding_token_id, lm.end_of_text_padding_id}
     tokenizer = model.text_tokenizer
-    return [tokenizer.id_to_piece(t) if t not in skip and t < tokenizer.vocab_size()
-            and not tokenizer.is_control(t) else None for t in text_tokens]
+    return [
+        tokenizer.id_to_piece(t)
+        if t not in skip and t < tokenizer.vocab_size() and not tokenizer.is_control(t)
+        else None
+        for t in text_tokens
+    ]
 
 
 def transcript_of(model: LoadedModel, text_tokens: tp.Iterable[int]) -> str:

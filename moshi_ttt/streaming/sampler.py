@@ -27,7 +27,6 @@ import typing as tp
 
 import torch
 
-
 _MASK32 = 0xFFFFFFFF
 
 
@@ -54,8 +53,11 @@ def counter_exponential(seeds: torch.Tensor, draws: torch.Tensor, shape: torch.S
     return (-torch.log(uniform)).float().view(shape)
 
 
-def _draw_rows(probs: torch.Tensor, generators: tp.Sequence[torch.Generator] | "CounterNoise",
-               active: tp.Sequence[bool] | None = None) -> torch.Tensor:
+def _draw_rows(
+    probs: torch.Tensor,
+    generators: tp.Sequence[torch.Generator] | CounterNoise,
+    active: tp.Sequence[bool] | None = None,
+) -> torch.Tensor:
     """One index per row of `probs` [B, ..., V] (rows along dim 0), row b drawn with generator b:
     `argmax(p / q)`, `q ~ Exp(1)`, the exponential race moshi's `multinomial` uses. Rows not
     `active` (streams masked this step, whose tokens are discarded) draw nothing, so a stream's
@@ -71,10 +73,15 @@ def _draw_rows(probs: torch.Tensor, generators: tp.Sequence[torch.Generator] | "
     return (probs / noise).argmax(dim=-1, keepdim=True)
 
 
-def sample_token(logits: torch.Tensor, use_sampling: bool, temp: float, top_k: int, top_p: float,
-                 generators: tp.Sequence[torch.Generator] | "CounterNoise",
-                 active: tp.Sequence[bool] | None = None
-                 ) -> torch.Tensor:
+def sample_token(
+    logits: torch.Tensor,
+    use_sampling: bool,
+    temp: float,
+    top_k: int,
+    top_p: float,
+    generators: tp.Sequence[torch.Generator] | CounterNoise,
+    active: tp.Sequence[bool] | None = None,
+) -> torch.Tensor:
     """moshi's `sample_token` (same arguments, same output [B, ...]) with per-row generators."""
     if not (use_sampling and temp > 0.0):
         return torch.argmax(logits, dim=-1, keepdim=True)[..., 0]
@@ -120,8 +127,9 @@ class StreamSampler:
 
     def __init__(self, batch_size: int, device: torch.device | str = "cpu", counter: bool | None = None):
         device = torch.device(device)
-        self.counter = CounterNoise(batch_size, device) if (device.type == "cuda" if counter is None else counter) \
-            else None
+        self.counter = (
+            CounterNoise(batch_size, device) if (device.type == "cuda" if counter is None else counter) else None
+        )
         self.generators = [] if self.counter else [torch.Generator(device=device) for _ in range(batch_size)]
         self._active: list[bool] | None = None
 
@@ -143,8 +151,9 @@ class StreamSampler:
         else:
             self.generators[stream].manual_seed(seed)
 
-    def sample_token(self, logits: torch.Tensor, use_sampling: bool = False, temp: float = 1.0,
-                     top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    def sample_token(
+        self, logits: torch.Tensor, use_sampling: bool = False, temp: float = 1.0, top_k: int = 0, top_p: float = 0.0
+    ) -> torch.Tensor:
         # Under CFG moshi samples after folding the two halves back to B rows.
         source = self.counter if self.counter is not None else self.generators
         return sample_token(logits, use_sampling, temp, top_k, top_p, source, self._active)

@@ -58,8 +58,10 @@ def timed_words(pieces: list[str | None], steps: list[int], max_delay: int) -> l
 
 
 def as_jsonl(words: list[TimedWord]) -> str:
-    return "".join(json.dumps({**asdict(w), "start": round(w.start, 3), "end": round(w.end, 3)},
-                              ensure_ascii=False) + "\n" for w in words)
+    return "".join(
+        json.dumps({**asdict(w), "start": round(w.start, 3), "end": round(w.end, 3)}, ensure_ascii=False) + "\n"
+        for w in words
+    )
 
 
 def _srt_time(seconds: float) -> str:
@@ -73,8 +75,12 @@ def srt_cues(words: list[TimedWord]) -> list[TimedWord]:
     cues: list[TimedWord] = []
     for word in words:
         last = cues[-1] if cues else None
-        if last is None or len(last.text) + 1 + len(word.text) > SRT_MAX_CHARS \
-                or word.start - last.end > SRT_MAX_GAP_S or last.text.endswith((".", "?", "!")):
+        if (
+            last is None
+            or len(last.text) + 1 + len(word.text) > SRT_MAX_CHARS
+            or word.start - last.end > SRT_MAX_GAP_S
+            or last.text.endswith((".", "?", "!"))
+        ):
             cues.append(TimedWord(word.text, word.start, word.end))
         else:
             last.text += " " + word.text
@@ -83,8 +89,9 @@ def srt_cues(words: list[TimedWord]) -> list[TimedWord]:
 
 
 def as_srt(words: list[TimedWord]) -> str:
-    return "\n".join(f"{i}\n{_srt_time(c.start)} --> {_srt_time(c.end)}\n{c.text}\n"
-                     for i, c in enumerate(srt_cues(words), start=1))
+    return "\n".join(
+        f"{i}\n{_srt_time(c.start)} --> {_srt_time(c.end)}\n{c.text}\n" for i, c in enumerate(srt_cues(words), start=1)
+    )
 
 
 def render_transcript(text_format: str, transcript: str, words: list[TimedWord]) -> str:

@@ -74,8 +74,10 @@ class StreamRows:
         self.ids = tuple(ids)
         contiguous = self.ids == tuple(range(self.ids[0], self.ids[0] + len(self.ids)))
         self.index: slice | torch.Tensor = (
-            slice(self.ids[0], self.ids[-1] + 1) if contiguous
-            else torch.tensor(self.ids, dtype=torch.long).to(device, non_blocking=True))
+            slice(self.ids[0], self.ids[-1] + 1)
+            if contiguous
+            else torch.tensor(self.ids, dtype=torch.long).to(device, non_blocking=True)
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -137,8 +139,9 @@ def timeline_rows(applied: AppliedUpdate, drift: torch.Tensor) -> torch.Tensor:
     """The commit's timeline rows [S, len(TIMELINE_COLUMNS)], float64, without a host sync."""
     missing = torch.full_like(drift, math.nan)
     columns = {"drift": drift, **{name: getattr(applied, name) for name in TIMELINE_COLUMNS if name != "drift"}}
-    return torch.stack([missing if columns[name] is None else columns[name].to(torch.float64)
-                        for name in TIMELINE_COLUMNS], dim=1)
+    return torch.stack(
+        [missing if columns[name] is None else columns[name].to(torch.float64) for name in TIMELINE_COLUMNS], dim=1
+    )
 
 
 def update_records(entries: tp.Sequence[TimelineEntry]) -> list[UpdateRecord]:
@@ -153,11 +156,18 @@ def update_records(entries: tp.Sequence[TimelineEntry]) -> list[UpdateRecord]:
     records = []
     for entry, row in zip(entries, rows):
         values = dict(zip(TIMELINE_COLUMNS, row))
-        records.append(UpdateRecord(
-            token=entry.token, tokens=entry.tokens, update_norm=optional(values["update_norm"]),
-            update_norm_unclipped=optional(values["update_norm_unclipped"]),
-            clipped=values["clipped"] == 1.0, drift=optional(values["drift"]),
-            loss_before=optional(values["loss_before"]), loss_after=optional(values["loss_after"])))
+        records.append(
+            UpdateRecord(
+                token=entry.token,
+                tokens=entry.tokens,
+                update_norm=optional(values["update_norm"]),
+                update_norm_unclipped=optional(values["update_norm_unclipped"]),
+                clipped=values["clipped"] == 1.0,
+                drift=optional(values["drift"]),
+                loss_before=optional(values["loss_before"]),
+                loss_after=optional(values["loss_after"]),
+            )
+        )
     return records
 
 
@@ -195,14 +205,18 @@ class FastWeightState(State):
     unacked: int = 0
 
     @classmethod
-    def fresh(cls, batch_size: int, initial: dict[str, torch.Tensor],
-              scratch: dict[str, torch.Tensor], timeline: bool = False) -> FastWeightState:
+    def fresh(
+        cls, batch_size: int, initial: dict[str, torch.Tensor], scratch: dict[str, torch.Tensor], timeline: bool = False
+    ) -> FastWeightState:
         device = next(iter(initial.values())).device
         return cls(
-            batch_size, device,
+            batch_size,
+            device,
             # A copy per stream, never a view of `initial` (which may be the module's parameter).
-            fast={name: value.expand(batch_size, *value.shape).clone(memory_format=torch.contiguous_format)
-                  for name, value in initial.items()},
+            fast={
+                name: value.expand(batch_size, *value.shape).clone(memory_format=torch.contiguous_format)
+                for name, value in initial.items()
+            },
             initial=initial,
             scratch=scratch,
             write_pos=torch.zeros(batch_size, dtype=torch.long, device=device),
@@ -310,8 +324,9 @@ class FastWeightModule(StreamingModule[FastWeightState]):
 
     # -- streaming state --------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> FastWeightState:
-        return FastWeightState.fresh(batch_size, self.initial_fast_weights(), self._make_scratch(batch_size),
-                                     timeline=self.record_timeline)
+        return FastWeightState.fresh(
+            batch_size, self.initial_fast_weights(), self._make_scratch(batch_size), timeline=self.record_timeline
+        )
 
     def _streaming_state_or_raise(self) -> FastWeightState:
         state = self._streaming_state
@@ -398,11 +413,18 @@ class FastWeightModule(StreamingModule[FastWeightState]):
         counters = state.streams[b]
         broken_at = int(state.first_nonfinite[b])
         if broken_at >= 0:
-            raise StreamingError(f"TTT layer {self.layer_index}: fast weights became NaN/Inf at update "
-                                 f"{broken_at} of {counters.updates}")
-        report = fast_weight_report(self.layer_index, state.initial, {k: v[b] for k, v in state.fast.items()},
-                                    counters.tokens, counters.updates, counters.pending,
-                                    clipped_updates=int(state.clipped_updates[b]))
+            raise StreamingError(
+                f"TTT layer {self.layer_index}: fast weights became NaN/Inf at update {broken_at} of {counters.updates}"
+            )
+        report = fast_weight_report(
+            self.layer_index,
+            state.initial,
+            {k: v[b] for k, v in state.fast.items()},
+            counters.tokens,
+            counters.updates,
+            counters.pending,
+            clipped_updates=int(state.clipped_updates[b]),
+        )
         if state.timeline is not None:
             report.timeline = update_records(state.timeline[b])
         return report
@@ -410,22 +432,36 @@ class FastWeightModule(StreamingModule[FastWeightState]):
 
 def running_drift(state: FastWeightState, rows: StreamRows) -> torch.Tensor:
     """||W - W0||_F of streams `rows` over all fast weights together, [S] float64 (device-side)."""
-    squares = [(rows.read(value).double() - state.initial[name].double()).square().flatten(1).sum(1)
-               for name, value in state.fast.items()]
+    squares = [
+        (rows.read(value).double() - state.initial[name].double()).square().flatten(1).sum(1)
+        for name, value in state.fast.items()
+    ]
     return torch.stack(squares).sum(0).sqrt()
 
 
-def fast_weight_report(layer: int, initial: tp.Mapping[str, torch.Tensor],
-                       final: tp.Mapping[str, torch.Tensor], tokens: int, updates: int,
-                       pending: int, clipped_updates: int = 0) -> LayerReport:
+def fast_weight_report(
+    layer: int,
+    initial: tp.Mapping[str, torch.Tensor],
+    final: tp.Mapping[str, torch.Tensor],
+    tokens: int,
+    updates: int,
+    pending: int,
+    clipped_updates: int = 0,
+) -> LayerReport:
     """Norms over all fast weights of a layer taken together (concatenated)."""
     norm_initial = math.sqrt(sum(float(v.detach().double().square().sum()) for v in initial.values()))
     norm_final = math.sqrt(sum(float(v.detach().double().square().sum()) for v in final.values()))
-    drift = math.sqrt(sum(float((final[k].detach().double() - v.detach().double()).square().sum())
-                          for k, v in initial.items()))
+    drift = math.sqrt(
+        sum(float((final[k].detach().double() - v.detach().double()).square().sum()) for k, v in initial.items())
+    )
     return LayerReport(
-        layer=layer, tokens=tokens, updates=updates, pending_tokens=pending,
-        norm_initial=norm_initial, norm_final=norm_final, drift=drift,
+        layer=layer,
+        tokens=tokens,
+        updates=updates,
+        pending_tokens=pending,
+        norm_initial=norm_initial,
+        norm_final=norm_final,
+        drift=drift,
         relative_drift=drift / norm_initial if norm_initial > 0 else 0.0,
         clipped_updates=clipped_updates,
     )

@@ -24,8 +24,9 @@ class TTTConfig(tp.Protocol):
     variant: tp.ClassVar[str]  # the family's name
 
 
-def parse_layers(spec: tp.Any, num_layers: int, source: Path,
-                 start_layer: int | None = None, layer_frequency: int | None = None) -> list[int]:
+def parse_layers(
+    spec: tp.Any, num_layers: int, source: Path, start_layer: int | None = None, layer_frequency: int | None = None
+) -> list[int]:
     """Which temporal-transformer layers carry TTT.
 
     Accepts a list of indices, a comma string ("29,30,31"), "all", "none", "middle" (the middle
@@ -39,19 +40,26 @@ def parse_layers(spec: tp.Any, num_layers: int, source: Path,
         layers = [i for i in range(num_layers) if i >= start_layer and (i - start_layer) % frequency == 0]
     elif isinstance(spec, str) and spec.strip().lower() in ("all", "none", "middle"):
         word = spec.strip().lower()
-        layers = {"all": list(range(num_layers)), "none": [],
-                  "middle": list(range(num_layers // 4, 3 * num_layers // 4))}[word]
+        layers = {
+            "all": list(range(num_layers)),
+            "none": [],
+            "middle": list(range(num_layers // 4, 3 * num_layers // 4)),
+        }[word]
     elif isinstance(spec, str):
         try:
             layers = [int(part) for part in spec.split(",") if part.strip()]
         except ValueError:
-            raise CheckpointError(f"cannot read TTT layers {spec!r}: expected indices like '29,30,31', "
-                                  "'all', 'none' or 'middle'", source) from None
+            raise CheckpointError(
+                f"cannot read TTT layers {spec!r}: expected indices like '29,30,31', 'all', 'none' or 'middle'", source
+            ) from None
     elif isinstance(spec, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
         layers = list(spec)
     else:
-        raise CheckpointError(f"cannot read TTT layers {spec!r}: give a list of indices, 'all', 'none', "
-                              "'middle', or start_layer + layer_frequency", source)
+        raise CheckpointError(
+            f"cannot read TTT layers {spec!r}: give a list of indices, 'all', 'none', "
+            "'middle', or start_layer + layer_frequency",
+            source,
+        )
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise CheckpointError(f"TTT layers {bad} do not exist in a model with {num_layers} layers", source)
@@ -81,8 +89,7 @@ def family_name_of_section(section: dict, layout: SectionLayout) -> str:
         marked = [n for n in FAMILY_NAMES if any(key in section for key in family(n).marker_keys)]
         name = marked[0] if marked else layout.default_family
     if name not in FAMILY_NAMES:
-        raise CheckpointError(f"unknown TTT variant {name!r}; expected one of {', '.join(FAMILY_NAMES)}",
-                              layout.file)
+        raise CheckpointError(f"unknown TTT variant {name!r}; expected one of {', '.join(FAMILY_NAMES)}", layout.file)
     return name
 
 
@@ -94,12 +101,19 @@ def ttt_config_from_section(section: tp.Any, num_layers: int, layout: SectionLay
     if not section.get("enabled", section.get("enable", True)):
         return None
     ttt_family = family(family_name_of_section(section, layout))
-    layers = parse_layers(section.get("layers"), num_layers, source,
-                          start_layer=number(section, "start_layer", source, int, None),
-                          layer_frequency=number(section, "layer_frequency", source, int, None))
+    layers = parse_layers(
+        section.get("layers"),
+        num_layers,
+        source,
+        start_layer=number(section, "start_layer", source, int, None),
+        layer_frequency=number(section, "layer_frequency", source, int, None),
+    )
     if not layers:  # silently running without TTT would ignore the fine-tune's weights
-        raise CheckpointError(f"TTT is enabled but its layer selection picks no layer of this {num_layers}-layer "
-                              "model; fix 'layers' / 'start_layer', or set enabled: false", source)
+        raise CheckpointError(
+            f"TTT is enabled but its layer selection picks no layer of this {num_layers}-layer "
+            "model; fix 'layers' / 'start_layer', or set enabled: false",
+            source,
+        )
     config = ttt_family.parse(section, layers, source, layout)
     size = ttt_family.chunk_size(config)
     if size < 1:
@@ -138,8 +152,7 @@ def check_ttt_config(config: TTTConfig, context: int | None, source: Path) -> No
         if getattr(config, name, 0.0) < 0:
             raise CheckpointError(f"TTT config {name!r} must be >= 0, got {getattr(config, name)}", source)
     if getattr(config, "delta_clip_epsilon", 0.0) < 0:
-        raise CheckpointError(f"TTT config 'delta_clip_epsilon' must be >= 0, got {config.delta_clip_epsilon}",
-                              source)
+        raise CheckpointError(f"TTT config 'delta_clip_epsilon' must be >= 0, got {config.delta_clip_epsilon}", source)
     size = chunk_size_of(config)
     if context is not None and size > context:
         raise CheckpointError(f"TTT chunk size {size} is larger than the model's context ({context} tokens)", source)

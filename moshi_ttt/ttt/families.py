@@ -65,7 +65,7 @@ class TTTFamily(abc.ABC):
         """Tokens per fast-weight update (chunk or mini-batch)."""
 
     @abc.abstractmethod
-    def attach(self, lm: "nn.Module", config: tp.Any) -> list["FastWeightModule"]:
+    def attach(self, lm: nn.Module, config: tp.Any) -> list[FastWeightModule]:
         """Turn the configured layers of a loaded moshi LM into TTT layers (weights still to load)."""
 
     def optional_keys(self, config: tp.Any) -> tuple[str, ...]:
@@ -84,8 +84,7 @@ class TTTFamily(abc.ABC):
     def write_tiny_config(self, folder: Path, lm_config: dict, section: dict, run_dir: Path, seed: int) -> None:
         """Write the fine-tune's config file(s) into `folder` the way its training code does."""
 
-    def tiny_tensor(self, name: str, shape: tuple[int, ...], section: dict,
-                    generator: "torch.Generator") -> "torch.Tensor":
+    def tiny_tensor(self, name: str, shape: tuple[int, ...], section: dict, generator: torch.Generator) -> torch.Tensor:
         """A random value for one fine-tune tensor of make-tiny's checkpoint."""
         import torch
 

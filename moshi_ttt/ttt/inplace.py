@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import number
 from ..errors import CheckpointError
-from .families import SectionLayout, TTTFamily
 from .base import AppliedUpdate, FastWeightModule, FastWeightState, StreamRows, chunk_buffer
+from .config import number
+from .families import SectionLayout, TTTFamily
 
 
 @dataclass
@@ -113,8 +113,9 @@ def clip_scale(norm: torch.Tensor, delta_clip: float | None, eps: float) -> torc
     return (delta_clip / (norm + eps)).clamp(max=1.0)
 
 
-def chunk_scales(v: torch.Tensor, z: torch.Tensor, chunk_ids: torch.Tensor, n_chunks: int,
-                 delta_clip: float | None, eps: float) -> torch.Tensor:
+def chunk_scales(
+    v: torch.Tensor, z: torch.Tensor, chunk_ids: torch.Tensor, n_chunks: int, delta_clip: float | None, eps: float
+) -> torch.Tensor:
     """Per-token factor that applies each chunk's delta clipping, [B, T].
 
     ||V_c^T Z_c||_F^2 = sum_{t,u in c} (v_t . v_u)(z_t . z_u), so the norms come from Gram
@@ -130,10 +131,16 @@ def chunk_scales(v: torch.Tensor, z: torch.Tensor, chunk_ids: torch.Tensor, n_ch
     return clip_scale(sq.clamp_min(0).sqrt(), delta_clip, eps)[:, chunk_ids]
 
 
-def inplace_ttt_parallel(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor,
-                         target: TargetGenerator, chunk_size: int, lr: float,
-                         delta_clip: float | None = None, delta_clip_epsilon: float = 1e-12
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def inplace_ttt_parallel(
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    w0: torch.Tensor,
+    target: TargetGenerator,
+    chunk_size: int,
+    lr: float,
+    delta_clip: float | None = None,
+    delta_clip_epsilon: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk-parallel In-Place TTT over whole sequences (as in training).
 
     z [B, T, H], x0 [B, T, D], w0 [D, H] -> outputs [B, T, D] and final fast weights [B, D, H],
@@ -169,8 +176,7 @@ class InPlaceTTTGating(FastWeightModule):
     (the research module's name for the fast weight), which then loads over it.
     """
 
-    def __init__(self, gating: nn.Module, layer_index: int, config: InPlaceTTTConfig,
-                 x0_tap: TokenEmbeddingTap):
+    def __init__(self, gating: nn.Module, layer_index: int, config: InPlaceTTTConfig, x0_tap: TokenEmbeddingTap):
         super().__init__(layer_index, config.chunk_size)
         self.linear_in = gating.linear_in
         self.linear_out = gating.linear_out
@@ -211,8 +217,15 @@ class InPlaceTTTGating(FastWeightModule):
         state = self._streaming_state
         if state is None:
             out, w_final = inplace_ttt_parallel(
-                z, x0, self.w_down, self.target_generator, self.chunk_size,
-                self.learning_rate, self.config.delta_clip, self.config.delta_clip_epsilon)
+                z,
+                x0,
+                self.w_down,
+                self.target_generator,
+                self.chunk_size,
+                self.learning_rate,
+                self.config.delta_clip,
+                self.config.delta_clip_epsilon,
+            )
             self.last_parallel_state = {"W": w_final}
             return out.to(x.dtype)
         self._begin_step(state, x.shape[1])
@@ -234,16 +247,21 @@ class InPlaceTTTGating(FastWeightModule):
         if state.timeline is None:
             return AppliedUpdate(clipped=scale < 1.0)
         # The applied change is lr * scale * D, so its norm is |lr| * scale * ||D||_F.
-        return AppliedUpdate(clipped=scale < 1.0, update_norm=abs(lr) * scale * norm,
-                             update_norm_unclipped=abs(lr) * norm)
+        return AppliedUpdate(
+            clipped=scale < 1.0, update_norm=abs(lr) * scale * norm, update_norm_unclipped=abs(lr) * norm
+        )
 
 
 # -- the family: config, attachment, checkpoint keys, tiny checkpoints ----------------------------
 
+
 def _delta_clip(section: dict, source: Path, default: float | None) -> tuple[float | None, str]:
     """tau from `delta_clip_fro_norm` (research key) or `delta_clip` (alias); null or <= 0 is off."""
-    values = {key: number(section, key, source, float, None)
-              for key in ("delta_clip_fro_norm", "delta_clip") if key in section}
+    values = {
+        key: number(section, key, source, float, None)
+        for key in ("delta_clip_fro_norm", "delta_clip")
+        if key in section
+    }
     if not values:
         return default, "config" if default is None else "research default (no delta_clip_fro_norm in config)"
     if len(set(map(str, values.values()))) > 1:
@@ -264,8 +282,13 @@ class InPlaceFamily(TTTFamily):
     # update); at 400 it fires on some chunks of the sample recordings and not on others (their
     # deltas' norms are ~270-480), so clipped and unclipped updates both get exercised.
     tiny_section = {
-        "enabled": True, "start_layer": 1, "layer_frequency": 2, "chunk_size": 8,
-        "learning_rate": 0.002, "conv_kernel_size": 2, "delta_clip_fro_norm": 400.0,
+        "enabled": True,
+        "start_layer": 1,
+        "layer_frequency": 2,
+        "chunk_size": 8,
+        "learning_rate": 0.002,
+        "conv_kernel_size": 2,
+        "delta_clip_fro_norm": 400.0,
     }
     tiny_std = 0.3
 
@@ -292,8 +315,11 @@ class InPlaceFamily(TTTFamily):
         modules: list[FastWeightModule] = []
         for index in config.layers:
             layer = lm.transformer.layers[index]
-            if not isinstance(layer.gating, nn.Module) or not hasattr(layer.gating, "linear_out") \
-                    or isinstance(layer.gating, nn.ModuleList):
+            if (
+                not isinstance(layer.gating, nn.Module)
+                or not hasattr(layer.gating, "linear_out")
+                or isinstance(layer.gating, nn.ModuleList)
+            ):
                 raise CheckpointError(f"layer {index} has no gated MLP to adapt (In-Place TTT needs one)")
             layer.gating = InPlaceTTTGating(layer.gating, index, config, tap)
             modules.append(layer.gating)
@@ -307,8 +333,14 @@ class InPlaceFamily(TTTFamily):
         return key_in_layer.startswith(("gating.target_generator.", "gating.w_down"))
 
     def write_tiny_config(self, folder: Path, lm_config: dict, section: dict, run_dir: Path, seed: int) -> None:
-        config = {**lm_config, "ttt_config": section, "yarn_config": {"enabled": False},
-                  "lora": True, "lora_rank": 16, "lora_scaling": 2.0}
+        config = {
+            **lm_config,
+            "ttt_config": section,
+            "yarn_config": {"enabled": False},
+            "lora": True,
+            "lora_rank": 16,
+            "lora_scaling": 2.0,
+        }
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
-from .config import number
 from ..errors import CheckpointError, StreamingError
-from .families import SectionLayout, TTTFamily
 from .base import AppliedUpdate, FastWeightModule, FastWeightState, StreamRows, chunk_buffer
+from .config import number
+from .families import SectionLayout, TTTFamily
 
 # The training ops' LayerNorm (`ln_fwd`, `ln_fused_l2_bwd`) uses 1e-8, not torch's 1e-5 / 1e-6.
 INNER_LN_EPS = 1e-8
@@ -81,6 +81,7 @@ class TTTMLPConfig:
 
 # -- rotary embedding of the inner model's inputs ----------------------------------------------
 
+
 def audio_rope_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """Angular frequency of each (even, odd) channel pair, [HD / 2], float32.
 
@@ -104,6 +105,7 @@ def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 # -- analytic pieces of the inner gradient -------------------------------------------------------
 
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
@@ -115,8 +117,9 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + tanh_u) + 0.5 * x * (1.0 - tanh_u.square()) * du_dx
 
 
-def reconstruction_target(v: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                          eps: float = TARGET_STD_EPS) -> torch.Tensor:
+def reconstruction_target(
+    v: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = TARGET_STD_EPS
+) -> torch.Tensor:
     """What the inner model regresses onto: the residual `D = V - K`, standardised per head.
 
     `D_hat = gamma * (D - mean(D)) / (std(D) + eps) + beta` over the head dim, with the
@@ -131,16 +134,18 @@ def reconstruction_target(v: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor,
     return gamma.unsqueeze(-2) * (d - mu) / (std + eps) + beta.unsqueeze(-2)
 
 
-def head_layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                    eps: float = INNER_LN_EPS) -> torch.Tensor:
+def head_layer_norm(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = INNER_LN_EPS
+) -> torch.Tensor:
     """LayerNorm over the last dim with per-head affine; gamma/beta are [H, HD], x is [..., H, n, HD]."""
     mu = x.mean(-1, keepdim=True)
     var = (x - mu).square().mean(-1, keepdim=True)
     return (x - mu) * torch.rsqrt(var + eps) * gamma.unsqueeze(-2) + beta.unsqueeze(-2)
 
 
-def ln_l2_backward(z: torch.Tensor, target: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                   eps: float = INNER_LN_EPS) -> torch.Tensor:
+def ln_l2_backward(
+    z: torch.Tensor, target: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = INNER_LN_EPS
+) -> torch.Tensor:
     """Gradient wrt `z` of `0.5 * ||head_layer_norm(z) - target||^2`, per row.
 
     Derivation: with xhat = (z - mu) / std and g = dl/dxhat = (gamma xhat + beta - target) gamma,
@@ -157,9 +162,13 @@ def ln_l2_backward(z: torch.Tensor, target: torch.Tensor, gamma: torch.Tensor, b
     return (d * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True)) * (inv_std / d)
 
 
-def inner_gradients(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, target: torch.Tensor,
-                    gamma: torch.Tensor, beta: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inner_gradients(
+    weights: tp.Mapping[str, torch.Tensor],
+    k: torch.Tensor,
+    target: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token (G1 = dl/dZ1, G2 = dl/dZ2, X2) of the inner loss at `weights`, all [B, H, n, *].
 
     `target` is `reconstruction_target(V, K, ...)`: the inner model maps K to the standardised
@@ -173,8 +182,13 @@ def inner_gradients(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, tar
     return g1, g2, x2
 
 
-def inner_loss(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, target: torch.Tensor,
-               gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def inner_loss(
+    weights: tp.Mapping[str, torch.Tensor],
+    k: torch.Tensor,
+    target: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+) -> torch.Tensor:
     """The inner model's self-supervised loss on a mini-batch, averaged: [B].
 
         loss = 0.5 * mean_{h, t} ||LN_h(f_h(K_{h,t})) - D_hat_{h,t}||^2
@@ -189,16 +203,23 @@ def inner_loss(weights: tp.Mapping[str, torch.Tensor], k: torch.Tensor, target: 
     return 0.5 * (head_layer_norm(z2, gamma, beta) - target).square().sum(-1).mean((-2, -1))
 
 
-def mlp_output(weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor, gamma: torch.Tensor,
-               beta: torch.Tensor) -> torch.Tensor:
+def mlp_output(
+    weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
     """Output with uncorrected weights: Q + LN(f(Q)). Used when the fast weights are frozen."""
     z2 = gelu_tanh(q @ weights["W1"] + weights["b1"]) @ weights["W2"] + weights["b2"]
     return q + head_layer_norm(z2, gamma, beta)
 
 
-def dual_form_minibatch(weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                        target: torch.Tensor, eta: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor
-                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dual_form_minibatch(
+    weights: tp.Mapping[str, torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    target: torch.Tensor,
+    eta: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One mini-batch of n tokens in the causal dual form.
 
     weights: W1 [B,H,HD,F], b1 [B,H,1,F], W2 [B,H,F,HD], b2 [B,H,1,HD]; q/k/target [B,H,n,HD];
@@ -230,6 +251,7 @@ def dual_form_minibatch(weights: tp.Mapping[str, torch.Tensor], q: torch.Tensor,
 
 # -- modules ------------------------------------------------------------------------------------
 
+
 class TTTMLP(FastWeightModule):
     """The TTT-MLP sequence mixer of one layer: x1 [B, T, D] -> [B, T, D].
 
@@ -238,10 +260,21 @@ class TTTMLP(FastWeightModule):
     per batch element (keys W1, b1, W2, b2, leading batch dim).
     """
 
-    def __init__(self, d_model: int, num_heads: int, layer_index: int, mini_batch_size: int,
-                 base_lr: float, *, apply_output_proj: bool = True, mlp_expansion: int = 4,
-                 use_rope: bool = False, rope_theta: float = 10000.0,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        layer_index: int,
+        mini_batch_size: int,
+        base_lr: float,
+        *,
+        apply_output_proj: bool = True,
+        mlp_expansion: int = 4,
+        use_rope: bool = False,
+        rope_theta: float = 10000.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(layer_index, mini_batch_size)
         if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"d_model {d_model} is not divisible into {num_heads} TTT heads")
@@ -268,9 +301,11 @@ class TTTMLP(FastWeightModule):
         self.W2 = nn.Parameter(torch.empty(h, hidden, hd, **factory).normal_(0, 0.02))
         self.b2 = nn.Parameter(torch.zeros(h, 1, hd, **factory))
         # A non-persistent buffer: it follows the module's device but is never in a checkpoint.
-        self.register_buffer("rope_frequencies",
-                             audio_rope_frequencies(hd, rope_theta).to(device=device) if use_rope else None,
-                             persistent=False)
+        self.register_buffer(
+            "rope_frequencies",
+            audio_rope_frequencies(hd, rope_theta).to(device=device) if use_rope else None,
+            persistent=False,
+        )
         self.last_parallel_state: dict[str, torch.Tensor] | None = None
 
     # -- FastWeightModule contract --------------------------------------------------------------
@@ -282,9 +317,12 @@ class TTTMLP(FastWeightModule):
     def _make_scratch(self, batch_size: int) -> dict[str, torch.Tensor]:
         # Running eta-weighted gradient sums of each stream's current mini-batch; fast - sum is
         # the weight set its latest token reads, and committing is `fast -= sum`.
-        scratch = {name: torch.zeros(batch_size, *getattr(self, name).shape, dtype=torch.float32,
-                                     device=getattr(self, name).device)
-                   for name in FAST_WEIGHT_NAMES}
+        scratch = {
+            name: torch.zeros(
+                batch_size, *getattr(self, name).shape, dtype=torch.float32, device=getattr(self, name).device
+            )
+            for name in FAST_WEIGHT_NAMES
+        }
         if self.record_timeline:
             # --timeline: the mini-batch's K and target (heads flattened), for its inner losses.
             for name in TIMELINE_INPUTS:
@@ -297,8 +335,10 @@ class TTTMLP(FastWeightModule):
         steps = {name: rows.read(state.scratch[name]) for name in FAST_WEIGHT_NAMES}
         recording = state.timeline is not None
         if recording:
-            k, target = (rows.read(state.scratch[name])[:, :n].unflatten(-1, (self.num_heads, self.head_dim))
-                         .transpose(1, 2) for name in TIMELINE_INPUTS)  # [S, H, n, HD]
+            k, target = (
+                rows.read(state.scratch[name])[:, :n].unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+                for name in TIMELINE_INPUTS
+            )  # [S, H, n, HD]
             before = self._inner_loss(state, rows, k, target)
         for name in FAST_WEIGHT_NAMES:
             rows.add_(state.fast[name], steps[name], alpha=-1.0)
@@ -308,15 +348,17 @@ class TTTMLP(FastWeightModule):
         norm = torch.stack([step.square().flatten(1).sum(1) for step in steps.values()]).sum(0).sqrt()
         return AppliedUpdate(update_norm=norm, loss_before=before, loss_after=after)
 
-    def _inner_loss(self, state: FastWeightState, rows: StreamRows, k: torch.Tensor,
-                    target: torch.Tensor) -> torch.Tensor:
+    def _inner_loss(
+        self, state: FastWeightState, rows: StreamRows, k: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
         """`inner_loss` of streams `rows` at their current fast weights, [S]."""
         gamma, beta = self._norm_params()
         return inner_loss({name: rows.read(state.fast[name]) for name in FAST_WEIGHT_NAMES}, k, target, gamma, beta)
 
     # -- forward --------------------------------------------------------------------------------
-    def _project(self, x: torch.Tensor, positions: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Q, K (L2-normalised, then rotated), the inner target, all [B, H, T, HD] float32, and
         eta [B, H, T]. `positions` [B or 1, T] are the tokens' indices inside their mini-batch
         (RoPE): per stream when streaming, where streams sit at different places in theirs."""
@@ -345,8 +387,9 @@ class TTTMLP(FastWeightModule):
         out = out.transpose(1, 2).reshape(b, t, self.d_model)
         # Some fine-tuning code saved post_norm/wo without applying them; the config decides.
         if self.apply_output_proj:
-            out = F.layer_norm(out, (self.d_model,), self.post_norm.weight.float(),
-                               self.post_norm.bias.float(), POST_NORM_EPS)
+            out = F.layer_norm(
+                out, (self.d_model,), self.post_norm.weight.float(), self.post_norm.bias.float(), POST_NORM_EPS
+            )
             out = self.wo(out.to(self.wo.weight.dtype))
         return out.to(dtype)
 
@@ -363,8 +406,7 @@ class TTTMLP(FastWeightModule):
         b, t, _ = x.shape
         q, k, target, eta = self._project(x, (torch.arange(t, device=x.device) % self.chunk_size)[None])
         gamma, beta = self._norm_params()
-        weights = {name: w.unsqueeze(0).expand(b, *w.shape)
-                   for name, w in self.initial_fast_weights().items()}
+        weights = {name: w.unsqueeze(0).expand(b, *w.shape) for name, w in self.initial_fast_weights().items()}
         if self.frozen:
             out = mlp_output(weights, q, gamma, beta)
         else:
@@ -372,8 +414,14 @@ class TTTMLP(FastWeightModule):
             for start in range(0, t, self.chunk_size):
                 stop = min(start + self.chunk_size, t)  # the last mini-batch may be shorter
                 part, weights = dual_form_minibatch(
-                    weights, q[:, :, start:stop], k[:, :, start:stop], target[:, :, start:stop],
-                    eta[:, :, start:stop], gamma, beta)
+                    weights,
+                    q[:, :, start:stop],
+                    k[:, :, start:stop],
+                    target[:, :, start:stop],
+                    eta[:, :, start:stop],
+                    gamma,
+                    beta,
+                )
                 outs.append(part)
             out = torch.cat(outs, dim=2) if outs else q
         self.last_parallel_state = {name: w.detach().clone() for name, w in weights.items()}
@@ -433,8 +481,14 @@ def gate_scale(alpha: torch.Tensor) -> torch.Tensor:
 class SSMGating(nn.Module):
     """Per-channel tanh gate on the TTT branch; alpha = 0 makes the branch vanish exactly."""
 
-    def __init__(self, d_model: int, initial_alpha: float, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        initial_alpha: float,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.gating_alpha = nn.Parameter(torch.full((d_model,), float(initial_alpha), device=device, dtype=dtype))
 
@@ -445,12 +499,30 @@ class SSMGating(nn.Module):
 class TTTMLPBlock(nn.Module):
     """`seq_modeling_block` of a TTT layer: x2 = x1 + tanh(clamp(alpha, -3, 3)) * TTT(x1)."""
 
-    def __init__(self, d_model: int, num_heads: int, layer_index: int, config: TTTMLPConfig, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        layer_index: int,
+        config: TTTMLPConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
-        ttt = TTTMLP(d_model, num_heads, layer_index, config.mini_batch_size, config.base_lr,
-                     apply_output_proj=config.apply_output_proj, mlp_expansion=config.mlp_expansion,
-                     use_rope=config.use_rope, rope_theta=config.rope_theta, device=device, dtype=dtype)
+        ttt = TTTMLP(
+            d_model,
+            num_heads,
+            layer_index,
+            config.mini_batch_size,
+            config.base_lr,
+            apply_output_proj=config.apply_output_proj,
+            mlp_expansion=config.mlp_expansion,
+            use_rope=config.use_rope,
+            rope_theta=config.rope_theta,
+            device=device,
+            dtype=dtype,
+        )
         self.ttt_layer = TTTLayer(ttt)
         self.forward_ssm_gating = SSMGating(d_model, config.initial_gating_alpha, device=device, dtype=dtype)
 
@@ -482,6 +554,7 @@ class TTTMLPTransformerLayer(StreamingTransformerLayer):
 # Checked against moshi 0.2.13: `StreamingTransformerLayer.forward` calls `self._sa_block(x)`, and
 # `StreamingModule` caches its streaming children in `_cached_children` on first use.
 
+
 def _become_ttt_layer(layer: StreamingTransformerLayer, block: TTTMLPBlock) -> None:
     """Give a built moshi layer the TTT block, in place (see `TTTMLPTransformerLayer`)."""
     layer.seq_modeling_block = block
@@ -489,8 +562,9 @@ def _become_ttt_layer(layer: StreamingTransformerLayer, block: TTTMLPBlock) -> N
     layer._cached_children = None  # the new streaming child must be found when streaming starts
 
 
-def attach_ttt_mlp(layer: StreamingTransformerLayer, layer_index: int, config: TTTMLPConfig, *,
-                   num_heads: int | None = None) -> TTTMLPBlock:
+def attach_ttt_mlp(
+    layer: StreamingTransformerLayer, layer_index: int, config: TTTMLPConfig, *, num_heads: int | None = None
+) -> TTTMLPBlock:
     """Add a TTT-MLP block to `layer` in place and return it.
 
     `num_heads` defaults to the layer's attention heads. Must be called before the model first
@@ -505,8 +579,9 @@ def attach_ttt_mlp(layer: StreamingTransformerLayer, layer_index: int, config: T
     attn = layer.self_attn
     # norm params may be float32 in a bf16 model (rms_norm_f32); the projections carry the model dtype.
     ref = attn.in_projs[0].weight
-    block = TTTMLPBlock(attn.embed_dim, num_heads or attn.num_heads, layer_index, config,
-                        device=ref.device, dtype=ref.dtype)
+    block = TTTMLPBlock(
+        attn.embed_dim, num_heads or attn.num_heads, layer_index, config, device=ref.device, dtype=ref.dtype
+    )
     _become_ttt_layer(layer, block)
     if config.ttt_layer_context is not None:
         attn.context = config.ttt_layer_context
@@ -514,6 +589,7 @@ def attach_ttt_mlp(layer: StreamingTransformerLayer, layer_index: int, config: T
 
 
 # -- the family: config, attachment, checkpoint keys, tiny checkpoints ----------------------------
+
 
 class TTTMLPFamily(TTTFamily):
     """moshi-finetune TTT fine-tunes: `ttt` in training_config.json (or args.yaml), bf16 tensors
@@ -523,17 +599,26 @@ class TTTMLPFamily(TTTFamily):
     marker_keys = ("mini_batch_size", "base_lr")
     # "middle" on 4 layers is layers 1 and 2.
     tiny_section = {
-        "enable": True, "layers": "middle", "base_lr": 0.3, "mini_batch_size": 8, "persistent_states": True,
-        "initial_gating_alpha": 0.1, "ttt_layer_context": None, "non_ttt_layer_context": None,
-        "ttt_mlp_layers": 2, "ttt_mlp_expansion_factor": 4, "use_rope": False,
+        "enable": True,
+        "layers": "middle",
+        "base_lr": 0.3,
+        "mini_batch_size": 8,
+        "persistent_states": True,
+        "initial_gating_alpha": 0.1,
+        "ttt_layer_context": None,
+        "non_ttt_layer_context": None,
+        "ttt_mlp_layers": 2,
+        "ttt_mlp_expansion_factor": 4,
+        "use_rope": False,
     }
     tiny_std = 0.05
 
     def parse(self, section: dict, layers: list[int], source: Path, layout: SectionLayout) -> TTTMLPConfig:
         inner_layers = section.get("ttt_mlp_layers")
         if inner_layers not in (None, 2):
-            raise CheckpointError(f"only 2-layer TTT-MLP inner models are supported, got ttt_mlp_layers="
-                                  f"{inner_layers}", source)
+            raise CheckpointError(
+                f"only 2-layer TTT-MLP inner models are supported, got ttt_mlp_layers={inner_layers}", source
+            )
         config = TTTMLPConfig(
             layers=layers,
             mini_batch_size=number(section, "mini_batch_size", source, int),
@@ -579,12 +664,17 @@ class TTTMLPFamily(TTTFamily):
 
     def write_tiny_config(self, folder: Path, lm_config: dict, section: dict, run_dir: Path, seed: int) -> None:
         (folder / "config.json").write_text(json.dumps(lm_config, indent=2) + "\n")
-        training = {"run_dir": str(run_dir), "seed": seed, "max_steps": 100, "batch_size": 1,
-                    "lora": {"enable": False}, "ttt": section}
+        training = {
+            "run_dir": str(run_dir),
+            "seed": seed,
+            "max_steps": 100,
+            "batch_size": 1,
+            "lora": {"enable": False},
+            "ttt": section,
+        }
         (folder / "training_config.json").write_text(json.dumps(training, indent=2) + "\n")
 
-    def tiny_tensor(self, name: str, shape: tuple[int, ...], section: dict,
-                    generator: torch.Generator) -> torch.Tensor:
+    def tiny_tensor(self, name: str, shape: tuple[int, ...], section: dict, generator: torch.Generator) -> torch.Tensor:
         value = super().tiny_tensor(name, shape, section, generator)
         if name.endswith(("ttt_norm_weight", "post_norm.weight")):
             value = 1.0 + value  # norm gains around one, as trained ones are

@@ -1,4 +1,4 @@
-"""Issue 14 (items 3-7) end to end on the tiny In-Place checkpoint: timed transcripts, stereo
+"""`infer`'s options end to end on the tiny In-Place checkpoint: timed transcripts, stereo
 dialogues and manifests, sampling controls, progress totals and --json, folder output formats."""
 
 from __future__ import annotations
@@ -13,21 +13,19 @@ import soundfile as sf
 import torch
 from rich.console import Console
 
-from moshi_ttt.jobs.audio import FRAME_SIZE, SAMPLE_RATE, read_audio
-from moshi_ttt.report.schema import REPORT_NAME, FileResult
-from moshi_ttt.jobs.plan import Job
+from helpers import sweep
+from helpers.cli import assert_no_traceback, infer, report_of
 from moshi_ttt.checkpoints.model import load_model
-from moshi_ttt.options import RunOptions
-from moshi_ttt.run import run_batch
-from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.errors import MoshiTTTError
 from moshi_ttt.events import SilentEvents
-from moshi_ttt.options import Sampling
+from moshi_ttt.jobs.audio import FRAME_SIZE, SAMPLE_RATE, read_audio
+from moshi_ttt.jobs.plan import Job
+from moshi_ttt.options import RunOptions, Sampling
+from moshi_ttt.report.schema import REPORT_NAME, FileResult
+from moshi_ttt.run import run_batch
+from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.streaming.transcripts import SRT_MAX_CHARS
 from moshi_ttt_cli import render
-
-from helpers import sweep
-from test_cli import assert_no_traceback, infer, report_of
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 
@@ -38,6 +36,7 @@ def model(tiny_inplace):
 
 
 # -- 3. timed transcripts ---------------------------------------------------------------------------
+
 
 def expected_words(runner: StreamingRunner, streamed) -> list[tuple[str, float, float]]:
     """Words with times computed from the runner's step count and LMGen's delays: the first
@@ -99,6 +98,7 @@ def test_jsonl_and_srt_times_match_the_steps(model, tiny_inplace, recordings, tm
 
 # -- 4. stereo dialogues and manifests --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dialogue(tmp_path_factory) -> Path:
     """A manifest listing one two-track dialogue (Moshi left, user right) and one stereo
@@ -129,8 +129,12 @@ def test_manifest_run_takes_the_requested_channel(dialogue, tiny_inplace, tmp_pa
     # Each is exactly the run of that channel alone, as a mono file (at the manifest run's batch size).
     alone = tmp_path / "alone"
     batch_size = report_of(tmp_path / "right" / REPORT_NAME)["settings"]["batch_size"]
-    assert infer(tiny_inplace, dialogue / "right.wav", alone / "right.wav", "--quiet",
-                 "--batch-size", str(batch_size)).exit_code == 0
+    assert (
+        infer(
+            tiny_inplace, dialogue / "right.wav", alone / "right.wav", "--quiet", "--batch-size", str(batch_size)
+        ).exit_code
+        == 0
+    )
     assert (alone / "right.wav").read_bytes() == outputs["right"]
 
 
@@ -143,12 +147,15 @@ def test_default_channel_warns_once_on_a_dialogue(dialogue, tiny_inplace, tmp_pa
     assert files["d.wav"]["warnings"] and files["same.wav"]["warnings"] == []
 
 
-@pytest.mark.parametrize("line, reason", [
-    ("{not json", "line 2: not JSON"),
-    ('{"duration": 1.0}', 'line 2: expected an object with a "path" string'),
-    ('{"path": "../x.wav"}', "line 2: '../x.wav' is outside the manifest's folder"),
-    ('{"path": "a.wav", "duration": "long"}', 'line 2: "duration" must be a number'),
-])
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ("{not json", "line 2: not JSON"),
+        ('{"duration": 1.0}', 'line 2: expected an object with a "path" string'),
+        ('{"path": "../x.wav"}', "line 2: '../x.wav' is outside the manifest's folder"),
+        ('{"path": "a.wav", "duration": "long"}', 'line 2: "duration" must be a number'),
+    ],
+)
 def test_bad_manifest_line_is_one_line_naming_it(line, reason, tiny_inplace, tmp_path: Path) -> None:
     manifest = tmp_path / "data.jsonl"
     manifest.write_text('{"path": "a.wav"}\n' + line + "\n")
@@ -174,10 +181,18 @@ def test_bad_channel_is_refused_before_loading(tiny_inplace, recordings, tmp_pat
 
 # -- 5. sampling controls ---------------------------------------------------------------------------
 
+
 def test_greedy_ignores_the_seed_and_temperature_matters(tiny_inplace, recordings, tmp_path: Path) -> None:
     def run(name: str, *args: object) -> bytes:
-        result = infer(tiny_inplace, recordings[0], tmp_path / f"{name}.wav", "--quiet", "--report",
-                       tmp_path / f"{name}.json", *args)
+        result = infer(
+            tiny_inplace,
+            recordings[0],
+            tmp_path / f"{name}.wav",
+            "--quiet",
+            "--report",
+            tmp_path / f"{name}.json",
+            *args,
+        )
         assert result.exit_code == 0, result.output
         return (tmp_path / f"{name}.wav").read_bytes()
 
@@ -189,12 +204,18 @@ def test_greedy_ignores_the_seed_and_temperature_matters(tiny_inplace, recording
     assert report_of(tmp_path / "greedy1.json")["settings"]["sampling"]["use_sampling"] is False
 
 
-@pytest.mark.parametrize("args, message", [(["--temp", "0"], "--temp must be a positive number"),
-                                           (["--temp-text", "nan"], "--temp-text must be a positive number"),
-                                           (["--top-k", "0"], "--top-k must be at least 1"),
-                                           (["--top-k-text", "-3"], "--top-k-text must be at least 1")])
-def test_bad_sampling_values_exit_2_before_loading(args, message, tiny_inplace, recordings, tmp_path: Path,
-                                                   monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temp", "0"], "--temp must be a positive number"),
+        (["--temp-text", "nan"], "--temp-text must be a positive number"),
+        (["--top-k", "0"], "--top-k must be at least 1"),
+        (["--top-k-text", "-3"], "--top-k-text must be at least 1"),
+    ],
+)
+def test_bad_sampling_values_exit_2_before_loading(
+    args, message, tiny_inplace, recordings, tmp_path: Path, monkeypatch
+) -> None:
     from moshi_ttt.checkpoints import model as model_module
     from moshi_ttt_cli import app as app_module
 
@@ -215,6 +236,7 @@ def test_bad_sampling_values_exit_2_before_loading(args, message, tiny_inplace, 
 
 # -- 6. progress and summaries ----------------------------------------------------------------------
 
+
 class Recorder(SilentEvents):
     def __init__(self) -> None:
         self.durations: list = []
@@ -230,8 +252,9 @@ def test_audio_total_is_known_before_decoding(tiny_inplace, recordings, tmp_path
         (src / path.name).write_bytes(path.read_bytes())
     (src / "z_unknown.m4a").write_bytes(b"not really audio")  # no header to read: unknown, allowed
     events = Recorder()
-    options = RunOptions(base=str(tiny_inplace.base), checkpoint=str(tiny_inplace.finetune), device="cpu",
-                         pattern="*_0[01]_*")
+    options = RunOptions(
+        base=str(tiny_inplace.base), checkpoint=str(tiny_inplace.finetune), device="cpu", pattern="*_0[01]_*"
+    )
     run_batch(src, tmp_path / "out", options, events)
     expected = [sf.info(str(src / p.name)).duration for p in recordings[:2]]
     assert events.durations == pytest.approx(expected)
@@ -259,6 +282,7 @@ def test_json_prints_one_summary_line_and_skips_name_the_output(tiny_inplace, re
 
 
 # -- 7. folder output formats -----------------------------------------------------------------------
+
 
 def test_format_names_folder_outputs(tiny_inplace, recordings, tmp_path: Path) -> None:
     src = tmp_path / "in"

@@ -6,14 +6,12 @@ resuming, and real interruptions (SIGINT and SIGKILL of a running process).
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +20,21 @@ import soundfile as sf
 from rich.console import Console
 from typer.testing import CliRunner
 
+from helpers import N_LONG, files_under, partials, sweep
+from helpers.cli import (
+    assert_no_traceback,
+    check_outputs_complete,
+    expected_samples,
+    infer,
+    report_of,
+    start_and_wait_for_finished_files,
+)
 from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
-from moshi_ttt.report.schema import REPORT_NAME, REPORT_SCHEMA, FileResult
-from moshi_ttt.jobs.plan import Job
 from moshi_ttt.jobs.guard import LOCK_NAME
-from moshi_ttt.checkpoints.tiny import write_sample_recordings
+from moshi_ttt.jobs.plan import Job
+from moshi_ttt.report.schema import REPORT_NAME, REPORT_SCHEMA, FileResult
 from moshi_ttt_cli import render
 from moshi_ttt_cli.app import app
-
-from helpers import files_under, partials, sweep
 
 ANSI = re.compile(r"\x1b\[")
 ANSI_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -38,38 +42,35 @@ ANSI_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 # -- helpers --------------------------------------------------------------------------------------
 
-def infer(tiny, *args: object, env: dict | None = None):
-    argv = ["infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune), "--device", "cpu"]
-    return CliRunner().invoke(app, argv, env=env)
-
-
-def report_of(path: Path) -> dict:
-    return json.loads(path.read_text())
-
 
 def by_rel(report: dict, root: Path) -> dict[str, dict]:
     return {Path(f["input"]).relative_to(root).as_posix(): f for f in report["files"]}
 
 
-def expected_samples(source: Path) -> int:
-    """Moshi answers one 80 ms frame per full input frame (a trailing partial frame is dropped)."""
-    return sf.info(str(source)).frames // FRAME_SIZE * FRAME_SIZE
-
-
-def assert_no_traceback(result) -> None:
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-
-
 # -- a folder mixing good and bad recordings --------------------------------------------------------
 
-GOOD = ["mono.wav", "stereo.wav", "depth/u8.wav", "depth/s16.wav", "depth/s24.wav", "depth/float.wav",
-        "rates/r16k.wav", "rates/deeper/r44k.flac", "speech/sample_00_chirp.wav",
-        "speech/sample_01_vibrato.wav", "speech/sample_02_noise_bursts.wav", "formats/tone.mp3",
-        "formats/tone.ogg"]
-FAILED = {"bad/corrupt.wav": "", "bad/text.mp3": "not a recognised audio format",
-          "bad/deeper/text.wav": "not a recognised audio format", "bad/empty.wav": "empty file",
-          "bad/header_only.wav": "cannot decode audio"}
+GOOD = [
+    "mono.wav",
+    "stereo.wav",
+    "depth/u8.wav",
+    "depth/s16.wav",
+    "depth/s24.wav",
+    "depth/float.wav",
+    "rates/r16k.wav",
+    "rates/deeper/r44k.flac",
+    "speech/sample_00_chirp.wav",
+    "speech/sample_01_vibrato.wav",
+    "speech/sample_02_noise_bursts.wav",
+    "formats/tone.mp3",
+    "formats/tone.ogg",
+]
+FAILED = {
+    "bad/corrupt.wav": "",
+    "bad/text.mp3": "not a recognised audio format",
+    "bad/deeper/text.wav": "not a recognised audio format",
+    "bad/empty.wav": "empty file",
+    "bad/header_only.wav": "cannot decode audio",
+}
 SKIPPED = {"bad/short.wav": "shorter than one 80 ms frame"}
 
 
@@ -85,17 +86,27 @@ def write_mixed(root: Path, recordings: list[Path]) -> Path:
     left, right = sweep(SAMPLE_RATE, 1.0, 300, seed=1), sweep(SAMPLE_RATE, 1.0, 900, amp=0.2, seed=2)
     sf.write(src / "mono.wav", left, SAMPLE_RATE, subtype="PCM_16")
     sf.write(src / "stereo.wav", np.stack([left, right], 1), SAMPLE_RATE, subtype="PCM_16")
-    for name, subtype, seconds in (("u8", "PCM_U8", 0.9), ("s16", "PCM_16", 0.7), ("s24", "PCM_24", 1.1),
-                                   ("float", "FLOAT", 0.5)):
+    for name, subtype, seconds in (
+        ("u8", "PCM_U8", 0.9),
+        ("s16", "PCM_16", 0.7),
+        ("s24", "PCM_24", 1.1),
+        ("float", "FLOAT", 0.5),
+    ):
         ch0 = sweep(SAMPLE_RATE, seconds, 440, seed=3)
         ch1 = sweep(SAMPLE_RATE, seconds, 900, 0.2, seed=6)
         sf.write(src / "depth" / f"{name}.wav", np.stack([ch0, ch1], 1), SAMPLE_RATE, subtype=subtype)
     sf.write(src / "rates" / "r16k.wav", sweep(16_000, 0.8, 250, seed=4), 16_000, subtype="PCM_16")
     sf.write(src / "rates" / "deeper" / "r44k.flac", np.stack([sweep(44_100, 0.6, 500, seed=5)] * 2, 1), 44_100)
-    sf.write(src / "formats" / "tone.mp3", sweep(SAMPLE_RATE, 0.6, 350, seed=7), SAMPLE_RATE, format="MP3",
-             subtype="MPEG_LAYER_III")
-    sf.write(src / "formats" / "tone.ogg", sweep(SAMPLE_RATE, 0.6, 350, seed=8), SAMPLE_RATE, format="OGG",
-             subtype="VORBIS")
+    sf.write(
+        src / "formats" / "tone.mp3",
+        sweep(SAMPLE_RATE, 0.6, 350, seed=7),
+        SAMPLE_RATE,
+        format="MP3",
+        subtype="MPEG_LAYER_III",
+    )
+    sf.write(
+        src / "formats" / "tone.ogg", sweep(SAMPLE_RATE, 0.6, 350, seed=8), SAMPLE_RATE, format="OGG", subtype="VORBIS"
+    )
     for path in recordings:
         shutil.copy(path, src / "speech" / path.name)
     good = (src / "mono.wav").read_bytes()
@@ -146,7 +157,11 @@ def test_mixed_folder_processes_good_files_and_isolates_bad_ones(mixed) -> None:
         assert files[rel]["status"] == "skipped" and reason in files[rel]["reason"]
     totals = report["totals"]
     assert (totals["files"], totals["ok"], totals["failed"], totals["skipped"]) == (
-        len(GOOD) + len(FAILED) + len(SKIPPED), len(GOOD), len(FAILED), len(SKIPPED))
+        len(GOOD) + len(FAILED) + len(SKIPPED),
+        len(GOOD),
+        len(FAILED),
+        len(SKIPPED),
+    )
 
     # Outputs mirror the input tree: a WAV and a transcript per good file, nothing for the others.
     expected = {REPORT_NAME}
@@ -243,7 +258,7 @@ def test_rerun_skips_finished_files_and_quiet_prints_nothing(mixed, tiny_inplace
     files = by_rel(report_of(out / REPORT_NAME), src)
     for rel in GOOD:
         assert (files[rel]["status"], files[rel]["reason"]) == ("skipped", "exists"), rel
-        # The run that wrote the output still describes it (issue 10, case 3).
+        # The run that wrote the output still describes it.
         assert files[rel]["from_earlier_run"] is True and files[rel]["ttt"] == first[rel]["ttt"], rel
     assert all(files[rel]["status"] == "failed" for rel in FAILED)
     assert {rel: (out / rel).read_bytes() for rel in before} == before
@@ -260,8 +275,10 @@ def test_rerun_skips_finished_files_and_quiet_prints_nothing(mixed, tiny_inplace
     # The other files of OUT are still described, by the runs that wrote them.
     others = {f["input"]: f for f in report["files"][1:]}
     assert sorted(others) == sorted(str(src / rel) for rel in GOOD if str(src / rel) != flac)
-    assert all(f["from_earlier_run"] and f["ttt"] == first[Path(f["input"]).relative_to(src).as_posix()]["ttt"]
-               for f in others.values())
+    assert all(
+        f["from_earlier_run"] and f["ttt"] == first[Path(f["input"]).relative_to(src).as_posix()]["ttt"]
+        for f in others.values()
+    )
     assert set(files_under(out)) == set(before) | {REPORT_NAME}
     assert (out / "rates/deeper/r44k.wav").read_bytes() == before["rates/deeper/r44k.wav"]
 
@@ -271,8 +288,16 @@ def test_single_file_alone_matches_it_after_other_files(mixed, tiny_inplace, tmp
     rel = "speech/sample_02_noise_bursts.wav"  # processed after most other recordings in the folder run
     target = tmp_path / "alone.wav"
     # At the folder run's batch size (the report says which): streams beside a file change nothing.
-    result = infer(tiny_inplace, src / rel, target, "--text", "--report", tmp_path / "r.json",
-                   "--batch-size", folder_report["settings"]["batch_size"])
+    result = infer(
+        tiny_inplace,
+        src / rel,
+        target,
+        "--text",
+        "--report",
+        tmp_path / "r.json",
+        "--batch-size",
+        folder_report["settings"]["batch_size"],
+    )
     assert_no_traceback(result)
     assert result.exit_code == 0, result.output
     assert target.read_bytes() == (out / Path(rel).with_suffix(".wav")).read_bytes()
@@ -286,7 +311,9 @@ def test_single_file_alone_matches_it_after_other_files(mixed, tiny_inplace, tmp
     # folder run commit in one batched update, which BLAS sums in another order).
     for mine, theirs in zip(single["files"][0]["ttt"]["layers"], in_folder["ttt"]["layers"], strict=True):
         floats = {k for k, v in theirs.items() if isinstance(v, float)}
-        assert {k: v for k, v in mine.items() if k not in floats} == {k: v for k, v in theirs.items() if k not in floats}
+        assert {k: v for k, v in mine.items() if k not in floats} == {
+            k: v for k, v in theirs.items() if k not in floats
+        }
         assert {k: mine[k] for k in floats} == pytest.approx({k: theirs[k] for k in floats}, rel=1e-5)
     assert (single["files"][0]["frames"], single["files"][0]["steps"]) == (in_folder["frames"], in_folder["steps"])
 
@@ -301,8 +328,9 @@ def test_single_file_alone_matches_it_after_other_files(mixed, tiny_inplace, tmp
 
 def test_no_ttt_is_an_ablation_with_zero_updates(mixed, tiny_inplace, tmp_path: Path) -> None:
     src, out, _, _, _ = mixed
-    result = infer(tiny_inplace, src / "mono.wav", tmp_path / "frozen.wav", "--no-ttt", "--quiet",
-                   "--report", tmp_path / "r.json")
+    result = infer(
+        tiny_inplace, src / "mono.wav", tmp_path / "frozen.wav", "--no-ttt", "--quiet", "--report", tmp_path / "r.json"
+    )
     assert result.exit_code == 0, result.output
     report = report_of(tmp_path / "r.json")
     assert report["settings"]["ttt"]["enabled"] is False
@@ -335,6 +363,7 @@ def test_single_bad_file_fails_with_exit_1_and_short_file_is_skipped(mixed, tiny
 
 # -- usage, checkpoint and config errors: exit 2, one line, nothing written --------------------------
 
+
 def _broken_checkpoint(tiny, root: Path, how: str) -> Path:
     target = root / f"ckpt_{how}"
     shutil.copytree(tiny.finetune, target)
@@ -347,9 +376,20 @@ def _broken_checkpoint(tiny, root: Path, how: str) -> Path:
     return target
 
 
-@pytest.mark.parametrize("case", ["missing_input", "no_audio", "glob_matches_nothing", "folder_to_file",
-                                  "missing_checkpoint", "malformed_config", "truncated_weights",
-                                  "missing_base", "zero_threads"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_input",
+        "no_audio",
+        "glob_matches_nothing",
+        "folder_to_file",
+        "missing_checkpoint",
+        "malformed_config",
+        "truncated_weights",
+        "missing_base",
+        "zero_threads",
+    ],
+)
 def test_errors_before_any_file_exit_2_with_one_line(case, tiny_inplace, recordings, tmp_path: Path) -> None:
     src = tmp_path / "in"
     src.mkdir()
@@ -375,8 +415,9 @@ def test_errors_before_any_file_exit_2_with_one_line(case, tiny_inplace, recordi
         base = str(tmp_path / "no_base")
     elif case == "zero_threads":
         extra = ["--threads", "0"]
-    result = CliRunner().invoke(app, ["infer", str(src), str(out), "--base", base, "--checkpoint", checkpoint,
-                                      "--device", "cpu", *extra])
+    result = CliRunner().invoke(
+        app, ["infer", str(src), str(out), "--base", base, "--checkpoint", checkpoint, "--device", "cpu", *extra]
+    )
     assert_no_traceback(result)
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
@@ -388,8 +429,10 @@ def test_errors_before_any_file_exit_2_with_one_line(case, tiny_inplace, recordi
         assert not out.exists()
 
 
-@pytest.mark.parametrize("argv", [["infer"], ["infer", "a.wav"], ["infer", "a", "b", "--dtype", "int8"],
-                                  ["infer", "a", "b", "--no-such-option"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["infer"], ["infer", "a.wav"], ["infer", "a", "b", "--dtype", "int8"], ["infer", "a", "b", "--no-such-option"]],
+)
 def test_usage_errors_exit_2_without_traceback(argv) -> None:
     result = CliRunner().invoke(app, argv)
     assert_no_traceback(result)
@@ -398,16 +441,19 @@ def test_usage_errors_exit_2_without_traceback(argv) -> None:
 
 # -- stale temporaries ---------------------------------------------------------------------------
 
+
 def _temporaries_of_a_killed_run(targets: list[Path]) -> list[Path]:
     """What a run killed mid-write leaves: real temporaries of `atomic_output`, from a process
     that is gone (os._exit skips every cleanup, as kill -9 does)."""
-    code = ("import os, sys, contextlib\nfrom pathlib import Path\nfrom moshi_ttt.jobs.audio import atomic_output\n"
-            "with contextlib.ExitStack() as stack:\n"
-            "    for name in sys.argv[1:]:\n"
-            "        tmp = stack.enter_context(atomic_output(Path(name)))\n"
-            "        tmp.write_bytes(b'RIFF half a file')\n"
-            "        print(tmp, flush=True)\n"
-            "    os._exit(0)\n")
+    code = (
+        "import os, sys, contextlib\nfrom pathlib import Path\nfrom moshi_ttt.jobs.audio import atomic_output\n"
+        "with contextlib.ExitStack() as stack:\n"
+        "    for name in sys.argv[1:]:\n"
+        "        tmp = stack.enter_context(atomic_output(Path(name)))\n"
+        "        tmp.write_bytes(b'RIFF half a file')\n"
+        "        print(tmp, flush=True)\n"
+        "    os._exit(0)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code, *map(str, targets)], capture_output=True, text=True, check=True)
     return [Path(line) for line in done.stdout.splitlines()]
 
@@ -445,58 +491,11 @@ def test_stale_partials_are_never_inputs_and_only_ours_are_cleaned_up(tiny_inpla
 
 # -- real interruptions of a running process ----------------------------------------------------------
 
-N_LONG = 6
 
-
-@pytest.fixture(scope="module")
-def long_recordings(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("long")
-    write_sample_recordings(folder / "nested", seed=3, durations=[4.0] * (N_LONG // 2))
-    write_sample_recordings(folder, seed=4, durations=[4.0] * (N_LONG - N_LONG // 2))
-    assert len(list(folder.rglob("*.wav"))) == N_LONG
-    return folder
-
-
-def _cli_command(tiny, *args: object) -> list[str]:
-    script = Path(sys.executable).with_name("moshi-ttt")
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "moshi_ttt_cli.app"]
-    return [*head, "infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune),
-            "--device", "cpu"]
-
-
-def _start_and_wait_for_finished_files(tiny, src: Path, out: Path, log: Path) -> tuple[subprocess.Popen, dict]:
-    """Start `moshi-ttt infer` and return once its report lists a finished file (bounded wait).
-
-    Every read of the report must parse: it is only ever replaced whole."""
-    with open(log, "wb") as sink:
-        # Two at a time: equal lengths finish together, so a larger batch would leave nothing to interrupt.
-        proc = subprocess.Popen(_cli_command(tiny, src, out, "--batch-size", 2), stdout=sink, stderr=subprocess.STDOUT)
-    report = out / REPORT_NAME
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc={proc.returncode}) before it could be interrupted:\n{log.read_text()}")
-        if report.exists():
-            data = json.loads(report.read_text())
-            if any(f["status"] == "ok" for f in data["files"]):
-                return proc, data
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail(f"no file finished in time:\n{log.read_text()}")
-
-
-def _check_outputs_complete(src: Path, out: Path) -> list[str]:
-    wavs = files_under(out)
-    for rel in wavs:
-        if rel.endswith(".wav"):
-            assert sf.info(str(out / rel)).frames == expected_samples(src / rel), rel
-    return [rel for rel in wavs if rel.endswith(".wav")]
-
-
-@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # issue 10, case 10: alike
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])  # SIGTERM stops as Ctrl-C
 def test_sigint_stops_cleans_up_and_writes_the_report(sig, code, tiny_inplace, long_recordings, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc, _ = _start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
+    proc, _ = start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
     try:
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
@@ -512,21 +511,21 @@ def test_sigint_stops_cleans_up_and_writes_the_report(sig, code, tiny_inplace, l
     assert 1 <= len(ok) < N_LONG  # it stopped
     assert partials(out) == []  # the current file's temporary was removed
     assert not (out / LOCK_NAME).exists()  # the lock on OUT was released
-    on_disk = _check_outputs_complete(long_recordings, out)
+    on_disk = check_outputs_complete(long_recordings, out)
     assert {str(out / rel) for rel in on_disk} >= {f["output"] for f in ok}
     assert len(on_disk) < N_LONG
 
 
 def test_kill_9_loses_nothing_finished_and_a_rerun_completes(tiny_inplace, long_recordings, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc, _ = _start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
+    proc, _ = start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     report = report_of(out / REPORT_NAME)  # parses: replaced atomically, never half-written
     assert "interrupted" not in report  # nobody got to say so
     finished = {f["input"]: f for f in report["files"] if f["status"] == "ok"}
     assert 1 <= len(finished) < N_LONG
-    on_disk = _check_outputs_complete(long_recordings, out)  # every final .wav is whole
+    on_disk = check_outputs_complete(long_recordings, out)  # every final .wav is whole
     assert {str(out / rel) for rel in on_disk} >= {f["output"] for f in finished.values()}
     assert len(on_disk) < N_LONG
 
@@ -540,13 +539,14 @@ def test_kill_9_loses_nothing_finished_and_a_rerun_completes(tiny_inplace, long_
         else:
             assert f["status"] in ("ok", "skipped"), f
     assert sum(f["status"] == "ok" for f in rerun["files"]) >= N_LONG - len(on_disk)
-    assert len(_check_outputs_complete(long_recordings, out)) == N_LONG
+    assert len(check_outputs_complete(long_recordings, out)) == N_LONG
     assert partials(out) == []
 
     # What the killed process finished is what an uninterrupted run writes.
     first = next(iter(finished.values()))
-    result = infer(tiny_inplace, first["input"], tmp_path / "ref.wav", "--quiet",
-                   "--batch-size", report["settings"]["batch_size"])
+    result = infer(
+        tiny_inplace, first["input"], tmp_path / "ref.wav", "--quiet", "--batch-size", report["settings"]["batch_size"]
+    )
     assert result.exit_code == 0
     assert (tmp_path / "ref.wav").read_bytes() == Path(first["output"]).read_bytes()
 
@@ -554,10 +554,15 @@ def test_kill_9_loses_nothing_finished_and_a_rerun_completes(tiny_inplace, long_
 def test_delta_clip_option_overrides_the_checkpoint(mixed, tiny_inplace, tmp_path: Path) -> None:
     src, _, _, _, _ = mixed
     runs = {}
-    for name, clip_args in (("tight", ["--delta-clip", "1e-5"]), ("off", ["--delta-clip", "none"]),
-                            ("checkpoint", [])):
-        result = infer(tiny_inplace, src / "speech/sample_01_vibrato.wav", tmp_path / f"{name}.wav",
-                       *clip_args, "--report", tmp_path / f"{name}.json")
+    for name, clip_args in (("tight", ["--delta-clip", "1e-5"]), ("off", ["--delta-clip", "none"]), ("checkpoint", [])):
+        result = infer(
+            tiny_inplace,
+            src / "speech/sample_01_vibrato.wav",
+            tmp_path / f"{name}.wav",
+            *clip_args,
+            "--report",
+            tmp_path / f"{name}.json",
+        )
         assert result.exit_code == 0, result.output
         runs[name] = report_of(tmp_path / f"{name}.json")
         # The per-file table and the summary both show the clip events.
@@ -571,7 +576,9 @@ def test_delta_clip_option_overrides_the_checkpoint(mixed, tiny_inplace, tmp_pat
         assert layer["clipped_updates"] == 0 and layer["updates"] > 0
     # The checkpoint's own tau (400) clips some updates only.
     assert runs["checkpoint"]["settings"]["ttt"]["delta_clip_origin"] == "config"
-    assert any(0 < layer["clipped_updates"] < layer["updates"] for layer in runs["checkpoint"]["files"][0]["ttt"]["layers"])
+    assert any(
+        0 < layer["clipped_updates"] < layer["updates"] for layer in runs["checkpoint"]["files"][0]["ttt"]["layers"]
+    )
     assert (tmp_path / "tight.wav").read_bytes() != (tmp_path / "off.wav").read_bytes()
 
     bad = infer(tiny_inplace, src / "mono.wav", tmp_path / "x.wav", "--delta-clip", "lots")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from moshi.modules.transformer import StreamingMultiheadAttention
 
-from moshi_ttt.streaming import batch_size as bs
+from moshi_ttt.checkpoints.model import load_model
 from moshi_ttt.errors import MoshiTTTError
 from moshi_ttt.options import RunOptions
-from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.streaming import batch_size as bs
 from moshi_ttt.ttt.base import FastWeightModule
 
 
@@ -39,8 +39,12 @@ def test_stream_bytes_counts_every_kv_cache_and_the_fast_weights(models) -> None
             state = module._init_streaming_state(1)
             kv += state.kv_cache.cache.numel() * state.kv_cache.cache.element_size()
     assert kv > 0 and bs.stream_bytes(plain) == int(kv * bs.STREAM_HEADROOM)
-    fast = sum(w.numel() for m in ttt.lm.modules() if isinstance(m, FastWeightModule)
-               for w in m.initial_fast_weights().values())
+    fast = sum(
+        w.numel()
+        for m in ttt.lm.modules()
+        if isinstance(m, FastWeightModule)
+        for w in m.initial_fast_weights().values()
+    )
     assert fast > 0
     assert bs.stream_bytes(ttt) == int((kv + 2 * 4 * fast) * bs.STREAM_HEADROOM)
 
@@ -62,10 +66,17 @@ def test_auto_fills_free_memory_and_is_capped(models, monkeypatch) -> None:
     assert bs.choose_batch_size(16, model, files=5) == (16, "--batch-size 16")  # as asked: reproducible
 
 
-@pytest.mark.parametrize("args, message", [(["--batch-size", "0"], "--batch-size must be a positive number or auto"),
-                                           (["--batch-size", "lots"], "--batch-size must be a positive number or auto"),
-                                           (["--decode-chunk", "0"], "--decode-chunk must be a positive number")])
-def test_bad_batch_options_exit_2_before_loading(args, message, tiny_inplace, recordings, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be a positive number or auto"),
+        (["--batch-size", "lots"], "--batch-size must be a positive number or auto"),
+        (["--decode-chunk", "0"], "--decode-chunk must be a positive number"),
+    ],
+)
+def test_bad_batch_options_exit_2_before_loading(
+    args, message, tiny_inplace, recordings, tmp_path, monkeypatch
+) -> None:
     from typer.testing import CliRunner
 
     from moshi_ttt_cli import app as app_module

@@ -15,10 +15,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moshi_ttt.jobs.audio import read_audio
 from moshi_ttt.checkpoints.model import load_model
-from moshi_ttt.report.schema import FileResult, LayerReport
+from moshi_ttt.jobs.audio import read_audio
 from moshi_ttt.options import RunOptions
+from moshi_ttt.report.schema import FileResult, LayerReport
 from moshi_ttt.run import run_batch
 from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt_cli.app import app
@@ -57,6 +57,7 @@ def test_timeline_on_a_tiny_model(family: str, tiny_inplace, tiny_ttt_mlp, recor
 
 # -- the report and the plot -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def reports(tiny_ttt_mlp, recordings: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Reports of two recordings through the TTT-MLP fine-tune: with the timeline, with it and
@@ -68,8 +69,14 @@ def reports(tiny_ttt_mlp, recordings: list[Path], tmp_path_factory: pytest.TempP
         (inputs / recording.name).write_bytes(recording.read_bytes())
     paths = {}
     for name, ttt, timeline in [("timeline", True, True), ("no-ttt", False, True), ("plain", True, False)]:
-        options = RunOptions(base=str(tiny_ttt_mlp.base), checkpoint=str(tiny_ttt_mlp.finetune), device="cpu",
-                             dtype="float32", ttt_enabled=ttt, timeline=timeline)
+        options = RunOptions(
+            base=str(tiny_ttt_mlp.base),
+            checkpoint=str(tiny_ttt_mlp.finetune),
+            device="cpu",
+            dtype="float32",
+            ttt_enabled=ttt,
+            timeline=timeline,
+        )
         outcome = run_batch(inputs, root / name, options)
         assert outcome.exit_code == 0
         paths[name] = outcome.report_path
@@ -81,7 +88,9 @@ def test_report_json_carries_the_timeline_only_when_asked(reports: dict[str, Pat
     for entry in data["files"]:
         for layer in entry["ttt"]["layers"]:
             assert len(layer["timeline"]) == layer["updates"]
-            assert {"token", "tokens", "update_norm", "drift", "loss_before", "loss_after"} <= layer["timeline"][0].keys()
+            assert {"token", "tokens", "update_norm", "drift", "loss_before", "loss_after"} <= layer["timeline"][
+                0
+            ].keys()
         read_back = FileResult.from_json(entry)
         for layer in read_back.ttt.layers:
             assert_agrees_with_totals(layer)
@@ -129,8 +138,10 @@ def test_plot_draws_a_png_of_the_requested_size(reports: dict[str, Path], tmp_pa
 
 
 def test_plot_refuses_a_report_without_timeline_in_one_line(reports: dict[str, Path], tmp_path: Path) -> None:
-    for report, reason in [(reports["plain"], "rerun `moshi-ttt infer` with --timeline"),
-                           (tmp_path / "missing.json", "cannot read a moshi-ttt report")]:
+    for report, reason in [
+        (reports["plain"], "rerun `moshi-ttt infer` with --timeline"),
+        (tmp_path / "missing.json", "cannot read a moshi-ttt report"),
+    ]:
         result = CliRunner().invoke(app, ["plot", str(report), "-o", str(tmp_path / "x.png")])
         assert result.exit_code == 2
         assert "Traceback" not in result.output and reason in result.output

@@ -19,17 +19,23 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from moshi_ttt.jobs.audio import read_audio
+from helpers import check_counts, edit_json, edit_weights
 from moshi_ttt.checkpoints.layouts import load_finetune
-from moshi_ttt.errors import CheckpointError
 from moshi_ttt.checkpoints.model import load_model
-from moshi_ttt.checkpoints.rope_scaling import (YarnConfig, YarnRotaryEmbedding, rotate_with_frequencies, yarn_attention_factor, yarn_inverse_frequencies)
-from moshi_ttt.streaming.reference import StreamingRunner
+from moshi_ttt.checkpoints.rope_scaling import (
+    YarnConfig,
+    YarnRotaryEmbedding,
+    rotate_with_frequencies,
+    yarn_attention_factor,
+    yarn_inverse_frequencies,
+)
 from moshi_ttt.checkpoints.tiny import FINETUNE_STEP_DIR, TINY_LORA, TINY_YARN, TinyPaths, write_tiny_variant
-from helpers import edit_json, edit_weights
-from test_checkpoints import check_counts
+from moshi_ttt.errors import CheckpointError
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.streaming.reference import StreamingRunner
 
 torch.set_num_threads(1)
+
 
 def stream(model, recording: Path):
     return StreamingRunner(model).run(read_audio(recording))
@@ -51,8 +57,10 @@ def plain(tiny_inplace: TinyPaths, recording: Path):
 
 # -- YaRN: the training code's formulas, re-derived independently --------------------------------
 
-def reference_frequencies(dim: int, max_period: float, scale: float, length: int, beta_fast: float,
-                          beta_slow: float) -> list[float]:
+
+def reference_frequencies(
+    dim: int, max_period: float, scale: float, length: int, beta_fast: float, beta_slow: float
+) -> list[float]:
     """moshi_in_place's YaRN frequencies in double precision, one scalar at a time."""
     out = []
     for i in range(dim // 2):
@@ -63,12 +71,15 @@ def reference_frequencies(dim: int, max_period: float, scale: float, length: int
     return out
 
 
-@pytest.mark.parametrize("dim, max_period, scale, length, beta_fast, beta_slow", [
-    (128, 10_000, 4.0, 3000, 32, 1),  # Moshi 7B heads, the published setting (3000 -> 12000)
-    (16, 10_000, 4.0, 25, 32, 1),  # the tiny model's
-    (64, 10_000, 2.5, 100, 16, 2),
-    (32, 500.0, 8.0, 10, 64, 4),
-])
+@pytest.mark.parametrize(
+    "dim, max_period, scale, length, beta_fast, beta_slow",
+    [
+        (128, 10_000, 4.0, 3000, 32, 1),  # Moshi 7B heads, the published setting (3000 -> 12000)
+        (16, 10_000, 4.0, 25, 32, 1),  # the tiny model's
+        (64, 10_000, 2.5, 100, 16, 2),
+        (32, 500.0, 8.0, 10, 64, 4),
+    ],
+)
 def test_yarn_frequencies_match_the_training_formula(dim, max_period, scale, length, beta_fast, beta_slow) -> None:
     yarn = YarnConfig(scale=scale, original_max_seq_len=length, beta_fast=beta_fast, beta_slow=beta_slow)
     got = yarn_inverse_frequencies(dim, max_period, yarn)
@@ -87,12 +98,15 @@ def test_yarn_frequencies_match_the_training_formula(dim, max_period, scale, len
             assert p / scale < f < p
 
 
-@pytest.mark.parametrize("mscale, mscale_all_dim, expected", [
-    (1.0, 0.0, 1.0),
-    (1.0, 0.707, 1.0),  # the training code skips the factor whenever mscale == 1
-    (2.0, 0.0, 0.2 * math.log(4.0) + 1),
-    (2.0, 1.0, (0.2 * math.log(4.0) + 1) / (0.1 * math.log(4.0) + 1)),
-])
+@pytest.mark.parametrize(
+    "mscale, mscale_all_dim, expected",
+    [
+        (1.0, 0.0, 1.0),
+        (1.0, 0.707, 1.0),  # the training code skips the factor whenever mscale == 1
+        (2.0, 0.0, 0.2 * math.log(4.0) + 1),
+        (2.0, 1.0, (0.2 * math.log(4.0) + 1) / (0.1 * math.log(4.0) + 1)),
+    ],
+)
 def test_yarn_attention_factor(mscale: float, mscale_all_dim: float, expected: float) -> None:
     yarn = YarnConfig(scale=4.0, original_max_seq_len=100, mscale=mscale, mscale_all_dim=mscale_all_dim)
     assert yarn_attention_factor(yarn) == pytest.approx(expected, rel=1e-12)
@@ -138,6 +152,7 @@ def test_rotation_with_plain_frequencies_is_moshis_rope() -> None:
 
 # -- YaRN: the whole model -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_yarn(tiny_root: Path, tiny_inplace: TinyPaths) -> TinyPaths:
     return write_tiny_variant(tiny_root, "inplace", seed=0, yarn=TINY_YARN, name="inplace-yarn")
@@ -154,8 +169,12 @@ def test_yarn_fine_tune_extends_context_and_scales_rope(yarn_model, recording: P
     attentions = [layer.self_attn for layer in lm.transformer.layers]
     assert {a.context for a in attentions} == {800}
     assert all(isinstance(a.rope, YarnRotaryEmbedding) and a.rope is lm.transformer.rope for a in attentions)
-    torch.testing.assert_close(lm.transformer.rope.inv_freq, torch.tensor(
-        reference_frequencies(16, 10_000, 4.0, 25, 32, 1), dtype=torch.float32), rtol=2e-6, atol=0)
+    torch.testing.assert_close(
+        lm.transformer.rope.inv_freq,
+        torch.tensor(reference_frequencies(16, 10_000, 4.0, 25, 32, 1), dtype=torch.float32),
+        rtol=2e-6,
+        atol=0,
+    )
     described = yarn_model.describe_lm()
     assert described["context"] == 800 and described["rope_scaling"]["scale"] == 4.0
     result = stream(yarn_model, recording)
@@ -170,8 +189,9 @@ def _yarn_copy(tiny_yarn: TinyPaths, root: Path, **changes: tp.Any) -> Path:
     return run
 
 
-def test_yarn_scale_one_is_plain_rope_and_mscale_scales_queries(tiny_yarn: TinyPaths, tmp_path: Path,
-                                                                recording: Path, plain, yarn_model) -> None:
+def test_yarn_scale_one_is_plain_rope_and_mscale_scales_queries(
+    tiny_yarn: TinyPaths, tmp_path: Path, recording: Path, plain, yarn_model
+) -> None:
     unit = load_model(str(tiny_yarn.base), str(_yarn_copy(tiny_yarn, tmp_path / "a", scale=1.0)))
     assert unit.context == 200 and not isinstance(unit.lm.transformer.rope, YarnRotaryEmbedding)
     assert same_stream(stream(unit, recording), plain)
@@ -188,21 +208,27 @@ def test_yarn_in_the_base_config_applies_too(tiny_inplace: TinyPaths, tmp_path: 
     assert model.context == 800 and isinstance(model.lm.transformer.rope, YarnRotaryEmbedding)
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"factor": 4.0}, "'factor' is not supported"),
-    ({"scale": None}, "no 'scale'"),
-    ({"scale": 0.5}, "'scale' must be >= 1"),
-    ({"beta_fast": 1}, "'beta_fast' (1.0) must be > 'beta_slow'"),
-    ({"mscale": "big"}, "'mscale' must be a finite number"),
-    ({"original_max_seq_len": 12.5}, "'original_max_seq_len' must be a positive integer"),
-])
-def test_yarn_settings_we_cannot_honour_are_refused(tiny_yarn: TinyPaths, tmp_path: Path, changes: dict,
-                                                    words: str) -> None:
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"factor": 4.0}, "'factor' is not supported"),
+        ({"scale": None}, "no 'scale'"),
+        ({"scale": 0.5}, "'scale' must be >= 1"),
+        ({"beta_fast": 1}, "'beta_fast' (1.0) must be > 'beta_slow'"),
+        ({"mscale": "big"}, "'mscale' must be a finite number"),
+        ({"original_max_seq_len": 12.5}, "'original_max_seq_len' must be a positive integer"),
+    ],
+)
+def test_yarn_settings_we_cannot_honour_are_refused(
+    tiny_yarn: TinyPaths, tmp_path: Path, changes: dict, words: str
+) -> None:
     run = _yarn_copy(tiny_yarn, tmp_path, **changes)
     with pytest.raises(CheckpointError) as info:
         load_finetune(run, 4)
-    assert str(info.value) == f"{run / FINETUNE_STEP_DIR / 'config.json'}: yarn_config " + str(info.value).split(
-        ": yarn_config ", 1)[1]
+    assert (
+        str(info.value)
+        == f"{run / FINETUNE_STEP_DIR / 'config.json'}: yarn_config " + str(info.value).split(": yarn_config ", 1)[1]
+    )
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
@@ -211,6 +237,7 @@ def test_disabled_yarn_is_ignored(tiny_yarn: TinyPaths, tmp_path: Path) -> None:
 
 
 # -- LoRA -----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_root: Path, tiny_inplace: TinyPaths) -> TinyPaths:
@@ -234,15 +261,18 @@ def _merged_by_hand(tiny_lora: TinyPaths, root: Path) -> tuple[Path, Path]:
         target[f"{module}.weight"] = target[f"{module}.weight"].float() + delta
     for layer in (1, 3):
         original = load_file(str(tiny_lora.base / "model.safetensors"))
-        tuned[f"transformer.layers.{layer}.gating.w_down"] = original[f"transformer.layers.{layer}.gating.linear_out.weight"]
+        tuned[f"transformer.layers.{layer}.gating.w_down"] = original[
+            f"transformer.layers.{layer}.gating.linear_out.weight"
+        ]
     save_file(base_state, str(base / "model.safetensors"))
     save_file(tuned, str(folder / "lora.safetensors"))
     edit_json(folder / "config.json", lambda d: d.update(lora=False))
     return base, run
 
 
-def test_lora_fine_tune_equals_adapters_merged_by_hand(tiny_lora: TinyPaths, tmp_path: Path, recording: Path,
-                                                       plain) -> None:
+def test_lora_fine_tune_equals_adapters_merged_by_hand(
+    tiny_lora: TinyPaths, tmp_path: Path, recording: Path, plain
+) -> None:
     model = load_model(str(tiny_lora.base), str(tiny_lora.finetune))
     lora = model.finetune.lora
     assert (lora.rank, lora.scaling) == (TINY_LORA["lora_rank"], TINY_LORA["lora_scaling"])
@@ -269,8 +299,9 @@ def test_lora_only_fine_tune_without_ttt(tiny_lora: TinyPaths, tmp_path: Path) -
     key = "transformer.layers.0.gating.linear_in"
     adapters = load_file(str(folder / "lora.safetensors"))
     base = load_file(str(tiny_lora.base / "model.safetensors"))[f"{key}.weight"]
-    expected = base + TINY_LORA["lora_scaling"] * (adapters[f"{key}.lora_B.weight"].float()
-                                                    @ adapters[f"{key}.lora_A.weight"].float())
+    expected = base + TINY_LORA["lora_scaling"] * (
+        adapters[f"{key}.lora_B.weight"].float() @ adapters[f"{key}.lora_A.weight"].float()
+    )
     assert torch.equal(model.lm.state_dict()[f"{key}.weight"], expected)
     lines = _inspect_lines(str(run))
     assert "TTT disabled in this checkpoint" in lines and "config file none (no TTT section)" in lines
@@ -294,9 +325,15 @@ def test_lora_mismatches_are_one_line_errors(tiny_lora: TinyPaths, tmp_path: Pat
 
     run, folder = _lora_copy(tiny_lora, tmp_path / "stray")
     stray = "transformer.layers.0.no_such.lora_"
-    edit_weights(folder / "lora.safetensors", lambda t: t.update({
-        stray + "A.weight": torch.zeros(4, 64, dtype=torch.bfloat16),
-        stray + "B.weight": torch.zeros(64, 4, dtype=torch.bfloat16)}))
+    edit_weights(
+        folder / "lora.safetensors",
+        lambda t: t.update(
+            {
+                stray + "A.weight": torch.zeros(4, 64, dtype=torch.bfloat16),
+                stray + "B.weight": torch.zeros(64, 4, dtype=torch.bfloat16),
+            }
+        ),
+    )
     with pytest.raises(CheckpointError) as info:
         load_model(str(tiny_lora.base), str(run))
     assert info.value.path == str(folder / "lora.safetensors")
@@ -304,6 +341,7 @@ def test_lora_mismatches_are_one_line_errors(tiny_lora: TinyPaths, tmp_path: Pat
 
 
 # -- inspect ---------------------------------------------------------------------------------------
+
 
 def _inspect_lines(*args: str) -> list[str]:
     from moshi_ttt_cli.app import app
@@ -319,14 +357,18 @@ def test_inspect_describes_yarn_lora_and_step(tiny_yarn: TinyPaths, tiny_lora: T
     assert any(line.startswith("rope scaling YaRN scale 4 (original_max_seq_len 25,") for line in lines)
     assert "step 100" in lines
     lines = _inspect_lines(str(tiny_lora.finetune), "--base", str(tiny_lora.base))
-    lora_keys = {k: v for k, v in load_file(str(tiny_lora.finetune / FINETUNE_STEP_DIR / "lora.safetensors")).items()
-                 if ".lora_" in k}
+    lora_keys = {
+        k: v
+        for k, v in load_file(str(tiny_lora.finetune / FINETUNE_STEP_DIR / "lora.safetensors")).items()
+        if ".lora_" in k
+    }
     count = sum(v.numel() for v in lora_keys.values())
     assert f"LoRA {len(lora_keys) // 2} linears, rank 4, scaling 2.0, {count:,} params" in lines
     assert "context 200" in lines
 
 
 # -- layout variants --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def two_steps(tiny_inplace: TinyPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -345,34 +387,69 @@ def test_step_picks_the_checkpoint(tiny_inplace: TinyPaths, two_steps: Path, ste
     assert finetune.folder == two_steps / "checkpoints" / f"checkpoint_{step or 100:06d}" / "consolidated"
 
 
-def test_unknown_step_lists_the_steps(tiny_inplace: TinyPaths, two_steps: Path, recording: Path,
-                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_step_lists_the_steps(
+    tiny_inplace: TinyPaths, two_steps: Path, recording: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from moshi_ttt_cli.app import app
 
     monkeypatch.setenv("MOSHI_TTT_DEVICE", "cpu")
-    result = CliRunner().invoke(app, ["infer", str(recording), str(tmp_path / "o.wav"), "--base",
-                                      str(tiny_inplace.base), "--checkpoint", str(two_steps), "--step", "7",
-                                      "--device", "cpu", "--threads", "1", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(recording),
+            str(tmp_path / "o.wav"),
+            "--base",
+            str(tiny_inplace.base),
+            "--checkpoint",
+            str(two_steps),
+            "--step",
+            "7",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {two_steps}: no checkpoint for step 7 (steps found: 50, 100)"
 
 
-def test_cli_step_and_effective_context_in_the_report(tiny_yarn: TinyPaths, recording: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_step_and_effective_context_in_the_report(
+    tiny_yarn: TinyPaths, recording: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from moshi_ttt_cli.app import app
 
     monkeypatch.setenv("MOSHI_TTT_DEVICE", "cpu")
     report = tmp_path / "report.json"
-    result = CliRunner().invoke(app, ["infer", str(recording), str(tmp_path / "o.wav"), "--base", str(tiny_yarn.base),
-                                      "--checkpoint", str(tiny_yarn.finetune), "--step", "100", "--report",
-                                      str(report), "--device", "cpu", "--threads", "1", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(recording),
+            str(tmp_path / "o.wav"),
+            "--base",
+            str(tiny_yarn.base),
+            "--checkpoint",
+            str(tiny_yarn.finetune),
+            "--step",
+            "100",
+            "--report",
+            str(report),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lm = json.loads(report.read_text())["settings"]["lm"]
     assert lm["context"] == 800 and lm["step"] == 100 and lm["rope_scaling"]["scale"] == 4.0
 
 
-def test_ttt_mlp_args_yaml_instead_of_training_config(tiny_ttt_mlp: TinyPaths, tmp_path: Path,
-                                                      recording: Path) -> None:
+def test_ttt_mlp_args_yaml_instead_of_training_config(tiny_ttt_mlp: TinyPaths, tmp_path: Path, recording: Path) -> None:
     run = shutil.copytree(tiny_ttt_mlp.finetune, tmp_path / "run")
     folder = run / FINETUNE_STEP_DIR
     training = folder / "training_config.json"

@@ -8,7 +8,6 @@ import os
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import json
-import math
 import shutil
 import typing as tp
 from dataclasses import dataclass
@@ -20,31 +19,21 @@ import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from moshi_ttt.errors import CheckpointError, MoshiTTTError
+from helpers import block_hub, check_counts, copy_tree, edit_json, edit_weights, run_stream
 from moshi_ttt.checkpoints.model import load_model
-from moshi_ttt.ttt.families import family
 from moshi_ttt.checkpoints.tiny import FINETUNE_STEP_DIR, TinyPaths
+from moshi_ttt.errors import CheckpointError, MoshiTTTError
 from moshi_ttt.ttt.base import TTTController
+from moshi_ttt.ttt.families import family
 from moshi_ttt.ttt.inplace import InPlaceTTTGating
 from moshi_ttt.ttt.mlp import TTTMLP
 
-from helpers import block_hub, copy_tree, edit_json, edit_weights, run_stream
-
 torch.set_num_threads(1)
 
-CHUNK = 8  # chunk / mini-batch size of both tiny fine-tunes
 MLP_W1 = "transformer.layers.1.seq_modeling_block.ttt_layer.ttt.W1"
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def check_counts(result, layers: list[int]) -> None:
-    assert [r.layer for r in result.ttt_layers] == layers
-    for report in result.ttt_layers:
-        assert report.tokens == result.steps
-        assert report.updates == math.ceil(result.steps / CHUNK)
-        assert report.pending_tokens == 0
-        assert report.drift > 0
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +43,10 @@ def short_recording(recordings: list[Path]) -> Path:
 
 # -- offline loading ------------------------------------------------------------------------------
 
-def test_local_folders_load_fully_offline(tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_local_folders_load_fully_offline(
+    tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = block_hub(monkeypatch)
 
     base = load_model(str(tiny_inplace.base))
@@ -73,6 +64,7 @@ def test_local_folders_load_fully_offline(tiny_inplace: TinyPaths, tiny_ttt_mlp:
 
 
 # -- one-line errors naming the file ------------------------------------------------------------
+
 
 @dataclass
 class Broken:
@@ -101,12 +93,14 @@ def _drop_layer(layer: int) -> tp.Callable[[dict], None]:
     def fn(tensors: dict) -> None:
         for key in [k for k in tensors if k.startswith(f"transformer.layers.{layer}.")]:
             del tensors[key]
+
     return fn
 
 
 def _set(key: str, value: tp.Any, section: str | None = None) -> tp.Callable[[dict], None]:
     def fn(data: dict) -> None:
         (data[section] if section else data)[key] = value
+
     return fn
 
 
@@ -193,18 +187,39 @@ def make_broken(case: str, root: Path, inplace: TinyPaths, mlp: TinyPaths) -> Br
     raise AssertionError(case)
 
 
-BASE_CASES = ["base-missing-config", "base-malformed-config", "base-missing-weights", "base-truncated-weights",
-              "base-corrupt-weights", "base-empty-weights", "base-yarn", "base-weight-shape"]
-FINETUNE_CASES = ["mlp-no-ttt-config", "mlp-missing-layer-weights", "mlp-dropped-layer-weights",
-                  "inplace-missing-layer-weights", "mlp-weight-shape", "mlp-other-model-size",
-                  "inplace-other-model-size", "inplace-yarn", "mlp-unknown-variant", "mlp-deep-inner-model",
-                  "mlp-lora-keys", "inplace-truncated-weights", "mlp-malformed-training-config", "mlp-no-weights"]
+BASE_CASES = [
+    "base-missing-config",
+    "base-malformed-config",
+    "base-missing-weights",
+    "base-truncated-weights",
+    "base-corrupt-weights",
+    "base-empty-weights",
+    "base-yarn",
+    "base-weight-shape",
+]
+FINETUNE_CASES = [
+    "mlp-no-ttt-config",
+    "mlp-missing-layer-weights",
+    "mlp-dropped-layer-weights",
+    "inplace-missing-layer-weights",
+    "mlp-weight-shape",
+    "mlp-other-model-size",
+    "inplace-other-model-size",
+    "inplace-yarn",
+    "mlp-unknown-variant",
+    "mlp-deep-inner-model",
+    "mlp-lora-keys",
+    "inplace-truncated-weights",
+    "mlp-malformed-training-config",
+    "mlp-no-weights",
+]
 CASES = BASE_CASES + FINETUNE_CASES
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_broken_checkpoint_is_one_line_naming_the_file(case: str, tmp_path: Path, tiny_inplace: TinyPaths,
-                                                      tiny_ttt_mlp: TinyPaths) -> None:
+def test_broken_checkpoint_is_one_line_naming_the_file(
+    case: str, tmp_path: Path, tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths
+) -> None:
     broken = make_broken(case, tmp_path, tiny_inplace, tiny_ttt_mlp)
     with pytest.raises(CheckpointError) as info:
         load_model(str(broken.base), None if broken.finetune is None else str(broken.finetune))
@@ -215,20 +230,48 @@ def test_broken_checkpoint_is_one_line_naming_the_file(case: str, tmp_path: Path
     assert broken.words.lower() in message.lower(), message
 
 
-@pytest.mark.parametrize("case", ["base-missing-config", "base-truncated-weights", "base-yarn",
-                                  "mlp-no-ttt-config", "mlp-missing-layer-weights", "mlp-weight-shape",
-                                  "mlp-other-model-size", "inplace-yarn", "mlp-unknown-variant", "mlp-deep-inner-model",
-                                  "mlp-lora-keys", "inplace-truncated-weights"])
-def test_cli_reports_broken_checkpoint_in_one_line(case: str, tmp_path: Path, tiny_inplace: TinyPaths,
-                                                   tiny_ttt_mlp: TinyPaths, short_recording: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "case",
+    [
+        "base-missing-config",
+        "base-truncated-weights",
+        "base-yarn",
+        "mlp-no-ttt-config",
+        "mlp-missing-layer-weights",
+        "mlp-weight-shape",
+        "mlp-other-model-size",
+        "inplace-yarn",
+        "mlp-unknown-variant",
+        "mlp-deep-inner-model",
+        "mlp-lora-keys",
+        "inplace-truncated-weights",
+    ],
+)
+def test_cli_reports_broken_checkpoint_in_one_line(
+    case: str,
+    tmp_path: Path,
+    tiny_inplace: TinyPaths,
+    tiny_ttt_mlp: TinyPaths,
+    short_recording: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from moshi_ttt_cli.app import app
 
     monkeypatch.setenv("MOSHI_TTT_DEVICE", "cpu")  # the CLI sets it; restored after the test
     broken = make_broken(case, tmp_path / "ckpt", tiny_inplace, tiny_ttt_mlp)
     target = tmp_path / "out" / "reply.wav"
-    args = ["infer", str(short_recording), str(target), "--base", str(broken.base), "--device", "cpu",
-            "--threads", "1", "--quiet"]
+    args = [
+        "infer",
+        str(short_recording),
+        str(target),
+        "--base",
+        str(broken.base),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     if broken.finetune is not None:
         args += ["--checkpoint", str(broken.finetune)]
     result = CliRunner().invoke(app, args)
@@ -241,31 +284,48 @@ def test_cli_reports_broken_checkpoint_in_one_line(case: str, tmp_path: Path, ti
     assert not target.exists() and not target.parent.exists()
 
 
-def test_cli_error_keeps_brackets_in_paths(tmp_path: Path, tiny_inplace: TinyPaths, short_recording: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_error_keeps_brackets_in_paths(
+    tmp_path: Path, tiny_inplace: TinyPaths, short_recording: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from moshi_ttt_cli.app import app
 
     monkeypatch.setenv("MOSHI_TTT_DEVICE", "cpu")
     base = copy_tree(tiny_inplace.base, tmp_path / "[old] base")
     (base / "config.json").unlink()
-    result = CliRunner().invoke(app, ["infer", str(short_recording), str(tmp_path / "o.wav"), "--base", str(base),
-                                      "--device", "cpu", "--threads", "1", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(short_recording),
+            str(tmp_path / "o.wav"),
+            "--base",
+            str(base),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 2
     assert str(base / "config.json") in result.stderr
 
 
 # -- real-layout details ---------------------------------------------------------------------------
 
-def test_ttt_mlp_backward_gating_tensors_are_accepted_and_unused(tiny_ttt_mlp: TinyPaths, tmp_path: Path,
-                                                                 short_recording: Path) -> None:
+
+def test_ttt_mlp_backward_gating_tensors_are_accepted_and_unused(
+    tiny_ttt_mlp: TinyPaths, tmp_path: Path, short_recording: Path
+) -> None:
     """moshi-finetune saves `backward_ssm_gating.gating_alpha` beside the forward one; only the
     forward gate is used, so the checkpoint must load and behave exactly as without it."""
     run = copy_tree(tiny_ttt_mlp.finetune, tmp_path / "run")
 
     def add_backward(tensors: dict) -> None:
         for i in (1, 2):
-            tensors[f"transformer.layers.{i}.seq_modeling_block.backward_ssm_gating.gating_alpha"] = \
-                torch.full((64,), 3.0, dtype=torch.bfloat16)
+            tensors[f"transformer.layers.{i}.seq_modeling_block.backward_ssm_gating.gating_alpha"] = torch.full(
+                (64,), 3.0, dtype=torch.bfloat16
+            )
 
     edit_weights(_consolidated(run) / "lora.safetensors", add_backward)
     with_backward = load_model(str(tiny_ttt_mlp.base), str(run))
@@ -278,8 +338,9 @@ def test_ttt_mlp_backward_gating_tensors_are_accepted_and_unused(tiny_ttt_mlp: T
 
 
 @pytest.mark.parametrize("variant", ["inplace", "ttt-mlp"])
-def test_full_consolidated_safetensors(variant: str, tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths,
-                                       tmp_path: Path) -> None:
+def test_full_consolidated_safetensors(
+    variant: str, tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths, tmp_path: Path
+) -> None:
     """`consolidated.safetensors` = the whole fine-tuned LM state (bf16) plus the TTT tensors: the
     base weights it carries replace the base folder's, and In-Place's W^(0) is its down projection."""
     paths = tiny_inplace if variant == "inplace" else tiny_ttt_mlp
@@ -306,6 +367,7 @@ def test_full_consolidated_safetensors(variant: str, tiny_inplace: TinyPaths, ti
 
 # -- fine-tune folder resolution -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def two_checkpoints(tiny_ttt_mlp: TinyPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run with checkpoint_000100 (the fixture's) and an older checkpoint_000050 whose TTT
@@ -313,8 +375,9 @@ def two_checkpoints(tiny_ttt_mlp: TinyPaths, tmp_path_factory: pytest.TempPathFa
     run = copy_tree(tiny_ttt_mlp.finetune, tmp_path_factory.mktemp("resolve") / "run")
     older = run / "checkpoints" / "checkpoint_000050" / "consolidated"
     shutil.copytree(_consolidated(run), older)
-    edit_weights(older / "lora.safetensors",
-                 lambda t: t.__setitem__(MLP_W1, (t[MLP_W1].float() * -2.0).to(torch.bfloat16)))
+    edit_weights(
+        older / "lora.safetensors", lambda t: t.__setitem__(MLP_W1, (t[MLP_W1].float() * -2.0).to(torch.bfloat16))
+    )
     return run
 
 
@@ -322,15 +385,18 @@ def _loaded_w1(model) -> torch.Tensor:
     return model.lm.transformer.layers[1].seq_modeling_block.ttt.W1.detach()
 
 
-@pytest.mark.parametrize("relative, step", [
-    ("", 100),
-    ("checkpoints/checkpoint_000100", 100),
-    ("checkpoints/checkpoint_000100/consolidated", 100),
-    ("checkpoints/checkpoint_000050", 50),
-    ("checkpoints/checkpoint_000050/consolidated", 50),
-    ("checkpoints/checkpoint_000050/consolidated/lora.safetensors", 50),
-    ("checkpoints/checkpoint_000100/consolidated/lora.safetensors", 100),
-])
+@pytest.mark.parametrize(
+    "relative, step",
+    [
+        ("", 100),
+        ("checkpoints/checkpoint_000100", 100),
+        ("checkpoints/checkpoint_000100/consolidated", 100),
+        ("checkpoints/checkpoint_000050", 50),
+        ("checkpoints/checkpoint_000050/consolidated", 50),
+        ("checkpoints/checkpoint_000050/consolidated/lora.safetensors", 50),
+        ("checkpoints/checkpoint_000100/consolidated/lora.safetensors", 100),
+    ],
+)
 def test_finetune_resolution(tiny_ttt_mlp: TinyPaths, two_checkpoints: Path, relative: str, step: int) -> None:
     path = two_checkpoints / relative if relative else two_checkpoints
     model = load_model(str(tiny_ttt_mlp.base), str(path))
@@ -340,12 +406,14 @@ def test_finetune_resolution(tiny_ttt_mlp: TinyPaths, two_checkpoints: Path, rel
     expected = load_file(str(folder / "lora.safetensors"))[MLP_W1].float()
     assert torch.equal(_loaded_w1(model), expected)
     other = 50 if step == 100 else 100
-    other_w1 = load_file(str(two_checkpoints / "checkpoints" / f"checkpoint_{other:06d}" / "consolidated"
-                             / "lora.safetensors"))[MLP_W1].float()
+    other_w1 = load_file(
+        str(two_checkpoints / "checkpoints" / f"checkpoint_{other:06d}" / "consolidated" / "lora.safetensors")
+    )[MLP_W1].float()
     assert not torch.equal(_loaded_w1(model), other_w1)
 
 
 # -- In-Place config sources -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def inplace_default(tiny_inplace: TinyPaths, short_recording: Path):
@@ -372,12 +440,17 @@ def _inplace_copy(tiny_inplace: TinyPaths, root: Path) -> tuple[Path, Path]:
     return run, folder
 
 
-def test_inplace_ttt_section_with_layer_list_and_delta_clip(tiny_inplace: TinyPaths, tmp_path: Path,
-                                                            short_recording: Path, inplace_default) -> None:
+def test_inplace_ttt_section_with_layer_list_and_delta_clip(
+    tiny_inplace: TinyPaths, tmp_path: Path, short_recording: Path, inplace_default
+) -> None:
     clip = 1e-4
     run, folder = _inplace_copy(tiny_inplace, tmp_path)
-    edit_json(folder / "config.json", _set("ttt", {"variant": "inplace", "layers": [3, 1], "chunk_size": 8,
-                                                    "learning_rate": 0.002, "delta_clip": clip}))
+    edit_json(
+        folder / "config.json",
+        _set(
+            "ttt", {"variant": "inplace", "layers": [3, 1], "chunk_size": 8, "learning_rate": 0.002, "delta_clip": clip}
+        ),
+    )
     model = load_model(str(tiny_inplace.base), str(run))
     assert model.finetune.config_source == folder / "config.json"
     assert model.ttt.layers == [1, 3] and model.ttt.delta_clip == clip
@@ -399,15 +472,18 @@ def _copy_with_clip(tiny_inplace: TinyPaths, root: Path, clip: tp.Callable[[dict
     return run
 
 
-@pytest.mark.parametrize("edit, expected, origin", [
-    # moshi_in_place without the key: the research module's default applied in training and inference.
-    (lambda s: s.pop("delta_clip_fro_norm"), 1e-5, "research default"),
-    (lambda s: s.update(delta_clip_fro_norm=None), None, "config"),
-    (lambda s: s.update(delta_clip_fro_norm=0), None, "config"),
-    (lambda s: s.update(delta_clip_fro_norm=-1.0), None, "config"),
-    (lambda s: s.update(delta_clip=3e-4) or s.pop("delta_clip_fro_norm"), 3e-4, "config"),  # the alias
-    (lambda s: s.update(delta_clip_fro_norm=2.5, delta_clip_epsilon=0.5), 2.5, "config"),
-])
+@pytest.mark.parametrize(
+    "edit, expected, origin",
+    [
+        # moshi_in_place without the key: the research module's default applied in training and inference.
+        (lambda s: s.pop("delta_clip_fro_norm"), 1e-5, "research default"),
+        (lambda s: s.update(delta_clip_fro_norm=None), None, "config"),
+        (lambda s: s.update(delta_clip_fro_norm=0), None, "config"),
+        (lambda s: s.update(delta_clip_fro_norm=-1.0), None, "config"),
+        (lambda s: s.update(delta_clip=3e-4) or s.pop("delta_clip_fro_norm"), 3e-4, "config"),  # the alias
+        (lambda s: s.update(delta_clip_fro_norm=2.5, delta_clip_epsilon=0.5), 2.5, "config"),
+    ],
+)
 def test_inplace_delta_clip_keys(tiny_inplace: TinyPaths, tmp_path: Path, edit, expected, origin: str) -> None:
     from moshi_ttt.checkpoints.layouts import load_finetune
 
@@ -417,8 +493,9 @@ def test_inplace_delta_clip_keys(tiny_inplace: TinyPaths, tmp_path: Path, edit, 
     assert ttt.delta_clip_epsilon == (0.5 if expected == 2.5 else 1e-12)
 
 
-def test_research_default_clip_fires_on_every_update(tiny_inplace: TinyPaths, tmp_path: Path,
-                                                     short_recording: Path, inplace_default) -> None:
+def test_research_default_clip_fires_on_every_update(
+    tiny_inplace: TinyPaths, tmp_path: Path, short_recording: Path, inplace_default
+) -> None:
     run = _copy_with_clip(tiny_inplace, tmp_path, lambda s: s.pop("delta_clip_fro_norm"))
     result = run_stream(load_model(str(tiny_inplace.base), str(run)), short_recording)
     _, fixture = inplace_default
@@ -428,10 +505,14 @@ def test_research_default_clip_fires_on_every_update(tiny_inplace: TinyPaths, tm
         assert loose.clipped_updates < loose.updates  # the fixture's tau=400 lets some through
 
 
-def test_override_delta_clip_at_load(tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths, short_recording: Path,
-                                     inplace_default) -> None:
-    model = load_model(str(tiny_inplace.base), str(tiny_inplace.finetune),
-                       ttt_overrides={"delta_clip": None, "delta_clip_origin": "--delta-clip"})
+def test_override_delta_clip_at_load(
+    tiny_inplace: TinyPaths, tiny_ttt_mlp: TinyPaths, short_recording: Path, inplace_default
+) -> None:
+    model = load_model(
+        str(tiny_inplace.base),
+        str(tiny_inplace.finetune),
+        ttt_overrides={"delta_clip": None, "delta_clip_origin": "--delta-clip"},
+    )
     assert model.ttt.delta_clip is None and model.describe_ttt()["delta_clip_origin"] == "--delta-clip"
     free = run_stream(model, short_recording)
     _, clipped = inplace_default
@@ -444,8 +525,9 @@ def test_override_delta_clip_at_load(tiny_inplace: TinyPaths, tiny_ttt_mlp: Tiny
         load_model(str(tiny_inplace.base), ttt_overrides={"delta_clip": 1.0})
 
 
-def test_research_w_down_tensor_is_the_initial_fast_weight(tiny_inplace: TinyPaths, tmp_path: Path,
-                                                           short_recording: Path, inplace_default) -> None:
+def test_research_w_down_tensor_is_the_initial_fast_weight(
+    tiny_inplace: TinyPaths, tmp_path: Path, short_recording: Path, inplace_default
+) -> None:
     """moshi_in_place saves the fast weight as `gating.w_down` (float32), plus a reset copy
     `w_down_pretrained`; W^(0) must come from `w_down`, not the base down projection."""
     run = copy_tree(tiny_inplace.finetune, tmp_path / "run")
@@ -469,18 +551,27 @@ def test_research_w_down_tensor_is_the_initial_fast_weight(tiny_inplace: TinyPat
     result = run_stream(model, short_recording)
     _, from_base = inplace_default
     assert [r.norm_initial for r in result.ttt_layers] == pytest.approx(
-        [float(trained[layer].norm()) for layer in (1, 3)], rel=1e-6)
+        [float(trained[layer].norm()) for layer in (1, 3)], rel=1e-6
+    )
     assert result.pcm.tobytes() != from_base.pcm.tobytes()
 
 
 @pytest.mark.parametrize("where", ["consolidated", "run"])
-def test_inplace_args_yaml_section(tiny_inplace: TinyPaths, tmp_path: Path, short_recording: Path,
-                                   inplace_default, where: str) -> None:
+def test_inplace_args_yaml_section(
+    tiny_inplace: TinyPaths, tmp_path: Path, short_recording: Path, inplace_default, where: str
+) -> None:
     """`ttt:` in an args.yaml beside config.json (or at the run level, where moshi-finetune writes
     it): the same settings as the fixture's ttt_config give exactly the same stream."""
     run, folder = _inplace_copy(tiny_inplace, tmp_path)
-    section = {"enable": True, "start_layer": 1, "layer_frequency": 2, "chunk_size": 8, "learning_rate": 0.002,
-               "conv_kernel_size": 2, "delta_clip_fro_norm": family("inplace").tiny_section["delta_clip_fro_norm"]}
+    section = {
+        "enable": True,
+        "start_layer": 1,
+        "layer_frequency": 2,
+        "chunk_size": 8,
+        "learning_rate": 0.002,
+        "conv_kernel_size": 2,
+        "delta_clip_fro_norm": family("inplace").tiny_section["delta_clip_fro_norm"],
+    }
     args_yaml = (folder if where == "consolidated" else run) / "args.yaml"
     args_yaml.write_text(yaml.safe_dump({"run_dir": str(run), "seed": 0, "ttt": section}))
     model = load_model(str(tiny_inplace.base), str(run))
@@ -494,6 +585,7 @@ def test_inplace_args_yaml_section(tiny_inplace: TinyPaths, tmp_path: Path, shor
 
 
 # -- inspect ----------------------------------------------------------------------------------------
+
 
 def _per_layer_counts(weights: Path) -> dict[int, int]:
     counts: dict[int, int] = {}
@@ -561,8 +653,10 @@ def test_ttt_mlp_use_rope_checkpoint_streams(tiny_ttt_mlp: TinyPaths, tmp_path: 
 def test_make_tiny_sets_ttt_section_keys(tmp_path: Path) -> None:
     from moshi_ttt_cli.app import app
 
-    result = CliRunner().invoke(app, ["make-tiny", str(tmp_path / "t"), "--variant", "ttt-mlp",
-                                      "--ttt", "use_rope=true", "--ttt", "rope_theta=500"])
+    result = CliRunner().invoke(
+        app,
+        ["make-tiny", str(tmp_path / "t"), "--variant", "ttt-mlp", "--ttt", "use_rope=true", "--ttt", "rope_theta=500"],
+    )
     assert result.exit_code == 0, result.output
     section = json.loads((_consolidated(tmp_path / "t" / "ttt-mlp") / "training_config.json").read_text())["ttt"]
     assert section["use_rope"] is True and section["rope_theta"] == 500

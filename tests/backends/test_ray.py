@@ -4,6 +4,7 @@ and a worker process killed mid-run is restarted and every good output still end
 
 Ray is started once for the module (2 CPUs, no dashboard); each actor runs one torch thread.
 """
+# ruff: noqa: E402  (Ray is imported first: the module is skipped without it)
 
 from __future__ import annotations
 
@@ -17,31 +18,31 @@ import soundfile as sf
 
 ray = pytest.importorskip("ray")
 
-from moshi_ttt.jobs.audio import FRAME_SIZE  # noqa: E402
-from moshi_ttt.report.schema import REPORT_NAME  # noqa: E402
-from moshi_ttt.errors import MoshiTTTError  # noqa: E402
-from moshi_ttt.options import RayOptions  # noqa: E402
-from moshi_ttt.events import SilentEvents  # noqa: E402
-from moshi_ttt.options import RunOptions  # noqa: E402
+from helpers import comparable, files_under, partials, write_corpus
+from helpers.cli import assert_no_traceback, infer
+from moshi_ttt.checkpoints.tiny import write_sample_recordings
+from moshi_ttt.errors import MoshiTTTError
+from moshi_ttt.events import SilentEvents
+from moshi_ttt.jobs.audio import FRAME_SIZE
+from moshi_ttt.options import RayOptions, RunOptions
+from moshi_ttt.report.schema import REPORT_NAME
 from moshi_ttt.run import run_batch
-from moshi_ttt.checkpoints.tiny import write_sample_recordings  # noqa: E402
-
-from helpers import comparable, files_under, partials, write_corpus  # noqa: E402
-from test_cli import assert_no_traceback, infer  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray instance for the module: starting one costs seconds."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"NO_TORCH_COMPILE": "1"}})
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"NO_TORCH_COMPILE": "1"}}
+    )
     yield
     ray.shutdown()
 
 
 def options(tiny, **kwargs) -> RunOptions:
-    return RunOptions(base=str(tiny.base), checkpoint=str(tiny.finetune), device="cpu", threads=1, text=True,
-                      batch_size=1, **kwargs)
+    return RunOptions(
+        base=str(tiny.base), checkpoint=str(tiny.finetune), device="cpu", threads=1, text=True, batch_size=1, **kwargs
+    )
 
 
 def on_ray(tiny, **ray_kwargs) -> RunOptions:
@@ -77,8 +78,21 @@ def test_two_ray_workers_write_what_a_local_run_writes(tiny_inplace, corpus, tmp
     local = run_batch(src, tmp_path / "local", options(tiny_inplace))
     assert local.exit_code == 1  # the bad file failed
     # Through the CLI, on the module's Ray instance (joined, so left running).
-    result = infer(tiny_inplace, src, tmp_path / "ray", "--text", "--batch-size", "1", "--threads", "1", "--quiet",
-                   "--backend", "ray", "--workers", "2")
+    result = infer(
+        tiny_inplace,
+        src,
+        tmp_path / "ray",
+        "--text",
+        "--batch-size",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+        "--backend",
+        "ray",
+        "--workers",
+        "2",
+    )
     assert_no_traceback(result)
     assert result.exit_code == 1, result.output
     assert "bad/text.wav" in result.stderr and ray.is_initialized()
@@ -87,14 +101,19 @@ def test_two_ray_workers_write_what_a_local_run_writes(tiny_inplace, corpus, tmp
         if rel != REPORT_NAME:
             assert (tmp_path / "ray" / rel).read_bytes() == (tmp_path / "local" / rel).read_bytes(), rel
     ours, theirs = report_of(tmp_path / "ray" / REPORT_NAME), report_of(tmp_path / "local" / REPORT_NAME)
-    relocate = lambda e: {k: v.replace(str(tmp_path / "ray"), str(tmp_path / "local")) if isinstance(v, str)  # noqa: E731
-                          else v for k, v in comparable(e).items()}
+    relocate = lambda e: {
+        k: v.replace(str(tmp_path / "ray"), str(tmp_path / "local"))
+        if isinstance(v, str)  # noqa: E731
+        else v
+        for k, v in comparable(e).items()
+    }
     assert [relocate(e) for e in ours["files"]] == [comparable(e) for e in theirs["files"]]  # plan order too
     assert {Path(e["input"]).relative_to(src).as_posix(): e["status"] for e in ours["files"]} == expected
     assert ours["settings"]["backend"] == "ray" and ours["settings"]["workers"] == 2
     # The model's own description came from the actors.
-    assert {k: v for k, v in ours["settings"].items() if k not in ("backend", "workers", "gpus_per_worker")} \
-        == theirs["settings"]
+    assert {k: v for k, v in ours["settings"].items() if k not in ("backend", "workers", "gpus_per_worker")} == theirs[
+        "settings"
+    ]
     assert partials(tmp_path / "ray") == []
 
 
@@ -135,12 +154,18 @@ def test_a_worker_killed_mid_run_is_restarted_and_every_output_is_complete(tiny_
     assert partials(tmp_path / "out") == []  # the dead actor's temporary is gone too
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--workers", "2"], "--workers only apply with --backend ray"),
-    (["--ray-address", "auto", "--gpus-per-worker", "1"], "--ray-address, --gpus-per-worker only apply with --backend ray"),
-    (["--backend", "ray", "--workers", "0"], "--workers must be at least 1"),
-    (["--backend", "ray", "--gpus-per-worker", "1"], "--gpus-per-worker with --device cpu"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--workers", "2"], "--workers only apply with --backend ray"),
+        (
+            ["--ray-address", "auto", "--gpus-per-worker", "1"],
+            "--ray-address, --gpus-per-worker only apply with --backend ray",
+        ),
+        (["--backend", "ray", "--workers", "0"], "--workers must be at least 1"),
+        (["--backend", "ray", "--gpus-per-worker", "1"], "--gpus-per-worker with --device cpu"),
+    ],
+)
 def test_ray_options_are_checked_before_anything_loads(args, message, tiny_inplace, corpus, tmp_path) -> None:
     result = infer(tiny_inplace, corpus[0], tmp_path / "out", *args)
     assert_no_traceback(result)

@@ -1,4 +1,4 @@
-"""Per-stream sampling (issue 12's foundation): at one stream it draws exactly what moshi draws,
+"""Per-stream sampling (what batched streaming builds on): at one stream it draws exactly what moshi draws,
 and a stream's tokens never depend on the rows beside it."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from moshi.utils.sampling import sample_token as moshi_sample_token
 
-from moshi_ttt.jobs.audio import read_audio
 from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.jobs.audio import read_audio
 from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.streaming.sampler import StreamSampler, sample_token
 
@@ -42,7 +42,7 @@ def test_rows_do_not_depend_on_their_neighbours() -> None:
 
     together = run(logits, [7, 8, 9])
     beside_other = run(other, [7, 8, 9])
-    alone = {b: run(logits[:, b:b + 1], [seed]) for b, seed in ((0, 7), (2, 9))}
+    alone = {b: run(logits[:, b : b + 1], [seed]) for b, seed in ((0, 7), (2, 9))}
     for b in (0, 2):
         assert [step[b] for step in together] == [step[0] for step in alone[b]]
         assert [step[b] for step in beside_other] == [step[b] for step in together]

@@ -14,10 +14,19 @@ import torch.nn.functional as F
 from moshi.modules.rope import RotaryEmbedding
 from moshi.modules.transformer import StreamingTransformerLayer
 
+from helpers.streams import StreamRun, assert_same_run, assert_same_snapshot, run_streams, span, stream_snapshot
 from moshi_ttt.errors import StreamingError
-from moshi_ttt.ttt.mlp import (TTTMLP, TTTMLPBlock, TTTMLPConfig, attach_ttt_mlp, gelu_tanh, gelu_tanh_grad, ln_l2_backward, audio_rope_frequencies, reconstruction_target)
-
-from multistream import StreamRun, assert_same_run, assert_same_snapshot, run_streams, span, stream_snapshot
+from moshi_ttt.ttt.mlp import (
+    TTTMLP,
+    TTTMLPBlock,
+    TTTMLPConfig,
+    attach_ttt_mlp,
+    audio_rope_frequencies,
+    gelu_tanh,
+    gelu_tanh_grad,
+    ln_l2_backward,
+    reconstruction_target,
+)
 
 torch.set_num_threads(1)
 
@@ -29,8 +38,7 @@ NAMES = ("W1", "b1", "W2", "b2")
 
 def make_module(seed: int = 0, apply_output_proj: bool = True) -> TTTMLP:
     torch.manual_seed(seed)
-    module = TTTMLP(D, H, layer_index=3, mini_batch_size=C, base_lr=BASE_LR,
-                    apply_output_proj=apply_output_proj)
+    module = TTTMLP(D, H, layer_index=3, mini_batch_size=C, base_lr=BASE_LR, apply_output_proj=apply_output_proj)
     # Larger-than-init weights and a non-trivial LN/lr so every term of the update matters.
     with torch.no_grad():
         module.W1.normal_(0, 0.5)
@@ -52,16 +60,21 @@ def stream(module: TTTMLP, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tor
     """Feed x [1, T, D] token by token; returns outputs, final fast weights, updates, pending."""
     outs = []
     for t in range(x.shape[1]):
-        outs.append(module(x[:, t:t + 1]))
+        outs.append(module(x[:, t : t + 1]))
         module.after_token()
     module.flush()
     state = module._streaming_state
     report = module.report()
-    return (torch.cat(outs, dim=1), {k: v[0].clone() for k, v in state.fast.items()},
-            report.updates, report.pending_tokens)
+    return (
+        torch.cat(outs, dim=1),
+        {k: v[0].clone() for k, v in state.fast.items()},
+        report.updates,
+        report.pending_tokens,
+    )
 
 
 # -- naive reference: autograd per token, explicit corrected weights -----------------------------
+
 
 def _ln(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """The training ops' `ln_fwd`: biased variance, eps 1e-8 inside the square root."""
@@ -91,8 +104,9 @@ def _qkv(p: dict[str, torch.Tensor], xb: torch.Tensor) -> tuple[torch.Tensor, to
     return q, k, F.linear(xb, p["wv.weight"], p["wv.bias"]).view(t_len, H, HD)
 
 
-def reference(module: TTTMLP, x: torch.Tensor, frozen: bool = False
-              ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+def reference(
+    module: TTTMLP, x: torch.Tensor, frozen: bool = False
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """The slow obvious way, one batch element and head at a time."""
     p = {n: t.detach() for n, t in module.named_parameters()}
     b_size, t_len, _ = x.shape
@@ -126,14 +140,16 @@ def reference(module: TTTMLP, x: torch.Tensor, frozen: bool = False
                         w[n][h] -= grads_so_far[n]
         out = head_out.reshape(t_len, D)
         if module.apply_output_proj:
-            out = F.linear(F.layer_norm(out, (D,), p["post_norm.weight"], p["post_norm.bias"], 1e-6),
-                           p["wo.weight"], p["wo.bias"])
+            out = F.linear(
+                F.layer_norm(out, (D,), p["post_norm.weight"], p["post_norm.bias"], 1e-6), p["wo.weight"], p["wo.bias"]
+            )
         outputs[b] = out
         finals.append(w)
     return outputs, finals
 
 
 # -- 1. analytic derivatives -------------------------------------------------------------------
+
 
 def test_gelu_tanh_grad_matches_autograd() -> None:
     x = torch.linspace(-6, 6, 401, dtype=torch.float64, requires_grad=True)
@@ -149,11 +165,11 @@ def test_ln_l2_backward_matches_autograd() -> None:
     beta = torch.randn(H, HD, dtype=torch.float64)
     y = F.layer_norm(z, (HD,), eps=1e-8) * gamma[:, None] + beta[:, None]  # the training ops' eps
     (grad,) = torch.autograd.grad(0.5 * (y - target).square().sum(), z)
-    torch.testing.assert_close(ln_l2_backward(z.detach(), target, gamma, beta), grad,
-                               rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(ln_l2_backward(z.detach(), target, gamma, beta), grad, rtol=1e-9, atol=1e-10)
 
 
 # -- 2. parallel dual form vs naive ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("t_len", [11, 13, 8])
 @pytest.mark.parametrize("apply_output_proj", [True, False])
@@ -186,6 +202,7 @@ def test_partial_last_minibatch_is_not_padded() -> None:
 
 
 # -- 3. streaming vs parallel --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("t_len", [11, 6])
 def test_streaming_matches_parallel(t_len: int) -> None:
@@ -246,7 +263,9 @@ def test_timeline_replays_the_inner_steps() -> None:
         assert record.update_norm == pytest.approx(joint_norm(weights[i + 1], weights[i]), rel=1e-4)
         assert record.drift == pytest.approx(joint_norm(weights[i + 1], weights[0]), rel=1e-4)
         assert record.loss_before == pytest.approx(reference_inner_loss(module, x, weights[i], start, stop), rel=1e-5)
-        assert record.loss_after == pytest.approx(reference_inner_loss(module, x, weights[i + 1], start, stop), rel=1e-5)
+        assert record.loss_after == pytest.approx(
+            reference_inner_loss(module, x, weights[i + 1], start, stop), rel=1e-5
+        )
         assert record.loss_after < record.loss_before
         assert not record.clipped and record.update_norm_unclipped is None
     assert report.clipped_updates == 0
@@ -254,6 +273,7 @@ def test_timeline_replays_the_inner_steps() -> None:
 
 
 # -- 4. streaming misuse -------------------------------------------------------------------------
+
 
 def test_forward_without_after_token_raises_streaming_error() -> None:
     module = make_module()
@@ -272,11 +292,19 @@ def test_multi_token_streaming_step_raises() -> None:
 
 # -- 5. alpha = 0 is the identity ---------------------------------------------------------------
 
+
 def _moshi_layer() -> StreamingTransformerLayer:
     torch.manual_seed(11)
     return StreamingTransformerLayer(
-        d_model=D, num_heads=H, dim_feedforward=32, causal=True, context=16,
-        rope=RotaryEmbedding(interleave=True), norm="rms_norm_f32", gating="silu")
+        d_model=D,
+        num_heads=H,
+        dim_feedforward=32,
+        causal=True,
+        context=16,
+        rope=RotaryEmbedding(interleave=True),
+        norm="rms_norm_f32",
+        gating="silu",
+    )
 
 
 def test_zero_alpha_block_is_identity() -> None:
@@ -293,7 +321,7 @@ def test_zero_alpha_layer_equals_plain_moshi_layer() -> None:
     with torch.no_grad():
         plain = layer(x)
         with layer.streaming(1):
-            plain_steps = torch.cat([layer(x[:, t:t + 1]) for t in range(x.shape[1])], dim=1)
+            plain_steps = torch.cat([layer(x[:, t : t + 1]) for t in range(x.shape[1])], dim=1)
 
         config = TTTMLPConfig(layers=[0], mini_batch_size=C, base_lr=BASE_LR, initial_gating_alpha=0.0)
         block = attach_ttt_mlp(layer, 0, config)
@@ -304,7 +332,7 @@ def test_zero_alpha_layer_equals_plain_moshi_layer() -> None:
         with layer.streaming(1):
             steps = []
             for t in range(x.shape[1]):
-                steps.append(layer(x[:, t:t + 1]))
+                steps.append(layer(x[:, t : t + 1]))
                 block.ttt.after_token()
             block.ttt.flush()
             assert block.ttt.report().updates == math.ceil(x.shape[1] / C)
@@ -332,10 +360,13 @@ def test_attach_loads_checkpoint_keys_and_sets_context() -> None:
 
 def test_audio_rope_frequencies_follow_the_training_formula() -> None:
     for head_dim, theta in ((8, 10000.0), (64, 10000.0), (16, 500.0)):
-        expected = [(1.0 / theta ** (2 * i / head_dim)) * (0.5 + 1.5 * math.exp(-2 * i / (2 * head_dim)))
-                    for i in range(head_dim // 2)]
-        torch.testing.assert_close(audio_rope_frequencies(head_dim, theta),
-                                   torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
+        expected = [
+            (1.0 / theta ** (2 * i / head_dim)) * (0.5 + 1.5 * math.exp(-2 * i / (2 * head_dim)))
+            for i in range(head_dim // 2)
+        ]
+        torch.testing.assert_close(
+            audio_rope_frequencies(head_dim, theta), torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0
+        )
 
 
 def test_rope_streaming_equals_parallel_and_changes_the_output() -> None:
@@ -355,6 +386,7 @@ def test_rope_streaming_equals_parallel_and_changes_the_output() -> None:
 
 
 # -- 6. reset -----------------------------------------------------------------------------------
+
 
 def test_reset_restores_loaded_weights_and_outputs() -> None:
     module = make_module(seed=9)
@@ -386,7 +418,7 @@ def test_reset_mid_minibatch_discards_running_sums() -> None:
     x = torch.randn(1, 6, D)
     with torch.no_grad(), module.streaming(1):
         for t in range(3):  # stop inside a mini-batch, before any commit
-            module(x[:, t:t + 1])
+            module(x[:, t : t + 1])
             module.after_token()
         module.reset_streaming()
         again, _, _, _ = stream(module, x)
@@ -396,6 +428,7 @@ def test_reset_mid_minibatch_discards_running_sums() -> None:
 
 
 # -- 7. frozen ----------------------------------------------------------------------------------
+
 
 def test_frozen_uses_loaded_weights_without_correction() -> None:
     module = make_module(seed=12)
@@ -421,6 +454,7 @@ def test_frozen_uses_loaded_weights_without_correction() -> None:
 
 
 # -- 8. several streams at once (multi-slot runner) ------------------------------------------------
+
 
 def alone(module: TTTMLP, x: torch.Tensor) -> StreamRun:
     with module.streaming(1):
@@ -464,12 +498,12 @@ def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tupl
     module = make_module(seed=14)
     module.record_timeline = True  # each stream's timeline restarts with its next file
     sequences = [(torch.randn(1, n, D),) for n in (13, 14, 12)]
-    slots = [(torch.cat([torch.randn(1, 6, D), seq[0]], dim=1),) if b in reset else seq
-             for b, seq in enumerate(sequences)]
+    slots = [
+        (torch.cat([torch.randn(1, 6, D), seq[0]], dim=1),) if b in reset else seq for b, seq in enumerate(sequences)
+    ]
     with torch.no_grad():
         with module.streaming(3):
-            runs = run_streams(module, module, slots, [span(0, slot[0].shape[1]) for slot in slots],
-                               resets={6: reset})
+            runs = run_streams(module, module, slots, [span(0, slot[0].shape[1]) for slot in slots], resets={6: reset})
         for b in reset:
             runs[b].outputs = runs[b].outputs[:, 6:]
         for run, (x,) in zip(runs, sequences):
@@ -491,8 +525,7 @@ def test_masked_steps_leave_a_stream_untouched() -> None:
 
     with torch.no_grad():
         with module.streaming(2):
-            runs = run_streams(module, module, sequences, [[0, 1, *range(6, 14)], span(0, 14)],
-                               before_step=snapshot)
+            runs = run_streams(module, module, sequences, [[0, 1, *range(6, 14)], span(0, 14)], before_step=snapshot)
         assert_same_snapshot(snapshots[2], snapshots[6])
         assert snapshots[2]["counters"]["pending"] == 2  # mid-mini-batch: the sums hold tokens
         for run, (x,) in zip(runs, sequences):
@@ -500,6 +533,7 @@ def test_masked_steps_leave_a_stream_untouched() -> None:
 
 
 # -- 9. fidelity to the moshi-finetune training code ----------------------------------------------
+
 
 def _rope_training(x: torch.Tensor, c: int) -> torch.Tensor:
     """`precompute_audio_rope_1d` + `apply_audio_rotary_emb` on [B, H, T, HD], positions t mod C,
@@ -513,8 +547,9 @@ def _rope_training(x: torch.Tensor, c: int) -> torch.Tensor:
     return torch.stack([pairs.real, pairs.imag], dim=-1).flatten(-2)
 
 
-def training_forward(module: TTTMLP, x: torch.Tensor, alpha: torch.Tensor, rope: bool = False
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def training_forward(
+    module: TTTMLP, x: torch.Tensor, alpha: torch.Tensor, rope: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The TTT-MLP block as moshi-finetune trains it, written out independently in float64.
 
     `TTTWrapper.forward` -> `process_input` (L2-normalised Q/K, `ln_reconstruction_target`, eta
@@ -558,18 +593,19 @@ def training_forward(module: TTTMLP, x: torch.Tensor, alpha: torch.Tensor, rope:
         z2_bar = x2_bar @ w["W2"] - (eta * (x2_bar @ x2.transpose(-1, -2))) @ g2 + w["b2"] - eta @ g2
         outs.append(q + _ln(z2_bar, gamma, beta))
         last = eta[:, :, -1, :, None]
-        w = {"W1": w["W1"] - (last * k).transpose(-1, -2) @ g1,
-             "b1": w["b1"] - (last * g1).sum(-2, keepdim=True),
-             "W2": w["W2"] - (last * x2).transpose(-1, -2) @ g2,
-             "b2": w["b2"] - (last * g2).sum(-2, keepdim=True)}
+        w = {
+            "W1": w["W1"] - (last * k).transpose(-1, -2) @ g1,
+            "b1": w["b1"] - (last * g1).sum(-2, keepdim=True),
+            "W2": w["W2"] - (last * x2).transpose(-1, -2) @ g2,
+            "b2": w["b2"] - (last * g2).sum(-2, keepdim=True),
+        }
     out = torch.cat(outs, dim=2).transpose(1, 2).reshape(b_size, t_len, D)
     gate = torch.tanh(alpha.double().clamp(-3.0, 3.0))
     return x + gate * out, w
 
 
 def make_block(chunk: int, alpha: torch.Tensor, seed: int, rope: bool = False) -> TTTMLPBlock:
-    config = TTTMLPConfig(layers=[0], mini_batch_size=chunk, base_lr=BASE_LR, apply_output_proj=False,
-                          use_rope=rope)
+    config = TTTMLPConfig(layers=[0], mini_batch_size=chunk, base_lr=BASE_LR, apply_output_proj=False, use_rope=rope)
     block = TTTMLPBlock(D, H, 0, config)
     source = make_module(seed=seed, apply_output_proj=False)
     block.ttt.load_state_dict(source.state_dict())
@@ -583,7 +619,7 @@ def stream_block(block: TTTMLPBlock, x: torch.Tensor) -> tuple[torch.Tensor, dic
     outs = []
     with torch.no_grad(), block.ttt.streaming(1):
         for t in range(x.shape[1]):
-            outs.append(block(x[:, t:t + 1]))
+            outs.append(block(x[:, t : t + 1]))
             block.ttt.after_token()
         block.ttt.flush()
         fast = {k: v[0].clone() for k, v in block.ttt._streaming_state.fast.items()}
@@ -624,7 +660,7 @@ def test_streaming_matches_training_code_at_minibatch_boundaries(rope: bool) -> 
     torch.testing.assert_close(streamed[:, last_rows].double(), expected[:, last_rows], rtol=0, atol=2e-5)
     # Earlier rows are causal in streaming and see the future in training: they must differ, or
     # this test could not tell the two forms apart.
-    assert (streamed[:, :c - 1].double() - expected[:, :c - 1]).abs().max() > 1e-4
+    assert (streamed[:, : c - 1].double() - expected[:, : c - 1]).abs().max() > 1e-4
 
 
 def test_gate_is_clamped_before_tanh() -> None:

@@ -18,29 +18,50 @@ import pytest
 import soundfile as sf
 import torch
 
-from moshi_ttt.report.schema import RunSettings
-from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, AudioWriter, read_audio, write_audio
-from moshi_ttt.report.schema import REPORT_SCHEMA
-from moshi_ttt.jobs.driver import BatchRunner
-from moshi_ttt.jobs.worker import FileWorker
-from moshi_ttt.jobs.plan import Job, default_report_path, find_inputs, plan_jobs, prepare_batch
-from moshi_ttt.events import SilentEvents
-from moshi_ttt.errors import AudioError, AudioTooShortError, MoshiTTTError
+from helpers import partials, tone
 from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.errors import AudioError, AudioTooShortError, MoshiTTTError
+from moshi_ttt.events import SilentEvents
+from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, AudioWriter, read_audio, write_audio
+from moshi_ttt.jobs.driver import BatchRunner
+from moshi_ttt.jobs.plan import Job, default_report_path, find_inputs, plan_jobs, prepare_batch
+from moshi_ttt.jobs.worker import FileWorker
+from moshi_ttt.report.schema import REPORT_SCHEMA, RunSettings
 from moshi_ttt.streaming.batched import BatchedRunner
 
-from helpers import partials, tone
-
-FILE_KEYS = {"input", "output", "status", "reason", "duration_s", "frames", "steps", "wall_s", "ttt", "transcript",
-             "output_sha256", "from_earlier_run", "warnings"}
-LAYER_KEYS = {"layer", "tokens", "updates", "pending_tokens", "norm_initial", "norm_final", "drift",
-              "relative_drift", "clipped_updates"}
+FILE_KEYS = {
+    "input",
+    "output",
+    "status",
+    "reason",
+    "duration_s",
+    "frames",
+    "steps",
+    "wall_s",
+    "ttt",
+    "transcript",
+    "output_sha256",
+    "from_earlier_run",
+    "warnings",
+}
+LAYER_KEYS = {
+    "layer",
+    "tokens",
+    "updates",
+    "pending_tokens",
+    "norm_initial",
+    "norm_final",
+    "drift",
+    "relative_drift",
+    "clipped_updates",
+}
 TOTAL_KEYS = {"files", "ok", "failed", "skipped", "audio_s", "wall_s", "real_time_factor"}
 
 
 # -- helpers --------------------------------------------------------------------------------------
 
 SETTINGS = RunSettings(base="tiny", checkpoint=None, seed=4242)  # what the report says made its files
+
 
 def touch(path: Path, data: bytes = b"x") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +93,7 @@ class Recorder(SilentEvents):
     """Events that can pollute global RNGs between files, read the report on disk as each file
     finishes, or interrupt a given file half way."""
 
-    def __init__(self, report_path: Path | None = None, pollute_rng: bool = False,
-                 interrupt_file: int | None = None):
+    def __init__(self, report_path: Path | None = None, pollute_rng: bool = False, interrupt_file: int | None = None):
         self.report_path = report_path
         self.pollute_rng = pollute_rng
         self.interrupt_file = interrupt_file
@@ -102,6 +122,7 @@ class Recorder(SilentEvents):
 
 # -- fixtures ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def model(tiny_inplace):
     return load_model(str(tiny_inplace.base), str(tiny_inplace.finetune), device="cpu", dtype=torch.float32)
@@ -124,6 +145,7 @@ def alone(runner, recordings, tmp_path_factory) -> dict[str, tuple[bytes, str, d
 
 # -- planning -------------------------------------------------------------------------------------
 
+
 def test_plan_jobs_mirrors_nested_folders_and_ignores_non_audio(tmp_path: Path) -> None:
     src, dst = tmp_path / "in", tmp_path / "out"
     for rel in ("a.wav", "b.FLAC", "sub/c.ogg", "sub/deeper/d.mp3", "sub/deeper/e.opus", "f.aiff"):
@@ -134,9 +156,14 @@ def test_plan_jobs_mirrors_nested_folders_and_ignores_non_audio(tmp_path: Path) 
 
     jobs = plan_jobs(src, dst)
     got = {j.input.relative_to(src).as_posix(): j.output.relative_to(dst).as_posix() for j in jobs}
-    assert got == {"a.wav": "a.wav", "b.FLAC": "b.wav", "sub/c.ogg": "sub/c.wav",
-                   "sub/deeper/d.mp3": "sub/deeper/d.wav", "sub/deeper/e.opus": "sub/deeper/e.wav",
-                   "f.aiff": "f.wav"}
+    assert got == {
+        "a.wav": "a.wav",
+        "b.FLAC": "b.wav",
+        "sub/c.ogg": "sub/c.wav",
+        "sub/deeper/d.mp3": "sub/deeper/d.wav",
+        "sub/deeper/e.opus": "sub/deeper/e.wav",
+        "f.aiff": "f.wav",
+    }
     assert [j.input for j in jobs] == sorted(j.input for j in jobs)
     assert all(j.text_output is None for j in jobs)
     assert not dst.exists()  # planning writes nothing
@@ -183,6 +210,7 @@ def test_plan_jobs_single_file_collisions_and_output_inside_input(tmp_path: Path
 
 # -- reading recordings ----------------------------------------------------------------------------
 
+
 def test_read_audio_accepts_channels_depths_and_rates(tmp_path: Path) -> None:
     left, right = tone(SAMPLE_RATE, 0.5, 300), tone(SAMPLE_RATE, 0.5, 1100, amp=0.2)
     stereo = np.stack([left, right], axis=1)
@@ -191,8 +219,14 @@ def test_read_audio_accepts_channels_depths_and_rates(tmp_path: Path) -> None:
     assert np.array_equal(read_audio(tmp_path / "stereo16.wav"), read_audio(tmp_path / "mono16.wav"))
 
     # Bit depths: each within its quantisation step of the source signal.
-    for subtype, step in (("PCM_U8", 1 / 128), ("PCM_16", 1 / 32768), ("PCM_24", 1 / 2 ** 23),
-                          ("PCM_32", 1 / 2 ** 31), ("FLOAT", 1e-7), ("DOUBLE", 1e-7)):
+    for subtype, step in (
+        ("PCM_U8", 1 / 128),
+        ("PCM_16", 1 / 32768),
+        ("PCM_24", 1 / 2**23),
+        ("PCM_32", 1 / 2**31),
+        ("FLOAT", 1e-7),
+        ("DOUBLE", 1e-7),
+    ):
         path = tmp_path / f"{subtype}.wav"
         sf.write(path, stereo, SAMPLE_RATE, subtype=subtype)
         pcm = read_audio(path)
@@ -201,9 +235,13 @@ def test_read_audio_accepts_channels_depths_and_rates(tmp_path: Path) -> None:
 
     # Other sample rates and containers (sphn's readers, and soundfile's for .au) are resampled
     # to 24 kHz: same duration (within one frame), same pitch, channel 0.
-    for name, rate, subtype in (("r16k.wav", 16_000, "PCM_16"), ("r44k.flac", 44_100, "PCM_24"),
-                                ("r8k.aiff", 8_000, "PCM_16"), ("r16k.au", 16_000, "PCM_16"),
-                                ("r48k.ogg", 48_000, "VORBIS")):
+    for name, rate, subtype in (
+        ("r16k.wav", 16_000, "PCM_16"),
+        ("r44k.flac", 44_100, "PCM_24"),
+        ("r8k.aiff", 8_000, "PCM_16"),
+        ("r16k.au", 16_000, "PCM_16"),
+        ("r48k.ogg", 48_000, "VORBIS"),
+    ):
         path = tmp_path / name
         sf.write(path, np.stack([tone(rate, 1.0, 300), tone(rate, 1.0, 1100, 0.2)], axis=1), rate, subtype=subtype)
         pcm = read_audio(path)
@@ -235,7 +273,9 @@ def test_read_audio_names_what_is_wrong(tmp_path: Path) -> None:
         assert reason in info.value.reason, (name, info.value.reason)
         assert info.value.reason and "\n" not in info.value.reason, name
         assert info.value.reason.startswith(("empty file", "not a recognised audio format", "cannot decode audio")), (
-            name, info.value.reason)
+            name,
+            info.value.reason,
+        )
         assert str(path) not in info.value.reason, name  # the path is named once, by the error itself
     with pytest.raises(AudioError, match="no such file"):
         read_audio(tmp_path / "missing.wav")
@@ -258,6 +298,7 @@ def test_read_audio_names_what_is_wrong(tmp_path: Path) -> None:
 
 
 # -- isolation -------------------------------------------------------------------------------------
+
 
 def test_output_and_ttt_numbers_do_not_depend_on_order(runner, recordings, alone, tmp_path: Path) -> None:
     a, b, c = recordings
@@ -301,6 +342,7 @@ def test_ttt_numbers_per_file(model, recordings, alone) -> None:
 
 # -- report, failures, resume ---------------------------------------------------------------------
 
+
 def test_report_is_complete_and_on_disk_after_every_file(runner, model, recordings, alone, tmp_path: Path) -> None:
     src = tmp_path / "in"
     a, b, c = recordings
@@ -312,8 +354,7 @@ def test_report_is_complete_and_on_disk_after_every_file(runner, model, recordin
     touch(src / "sub" / "4_text.mp3", b"not audio at all\n" * 20)
     out = tmp_path / "out"
     report_path = default_report_path(src, out)
-    settings = RunSettings(base="b", checkpoint="c", seed=4242, device="cpu", dtype="float32",
-                           ttt=model.describe_ttt())
+    settings = RunSettings(base="b", checkpoint="c", seed=4242, device="cpu", dtype="float32", ttt=model.describe_ttt())
     events = Recorder(report_path=report_path)
     jobs = plan_jobs(src, out, text=True)
     report = BatchRunner(runner, settings, report_path=report_path, events=events).run(jobs)
@@ -346,7 +387,8 @@ def test_report_is_complete_and_on_disk_after_every_file(runner, model, recordin
         assert f["wall_s"] > 0
     assert (out / "sub" / "2.wav").is_file() and (out / "sub" / "3.txt").is_file()
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
-        ["1.wav", "1.txt", "sub/2.wav", "sub/2.txt", "sub/3.wav", "sub/3.txt", "moshi-ttt-report.json"])
+        ["1.wav", "1.txt", "sub/2.wav", "sub/2.txt", "sub/3.wav", "sub/3.txt", "moshi-ttt-report.json"]
+    )
 
     totals = data["totals"]
     assert set(totals) == TOTAL_KEYS
@@ -376,7 +418,8 @@ def test_existing_outputs_are_skipped_unless_overwrite(runner, recordings, alone
     assert (out / f"{a.stem}.wav").read_bytes() == b"kept: not rewritten"
     assert (out / f"{c.stem}.wav").read_bytes() == alone[c.name][0]
     assert report.totals()["skipped"] == 2 and report.totals()["audio_s"] == pytest.approx(
-        report.files[2].duration_s, abs=1e-3)
+        report.files[2].duration_s, abs=1e-3
+    )
 
     report = BatchRunner(runner, SETTINGS, overwrite=True).run(jobs_into(out, [a]))
     assert report.files[0].status == "ok"
@@ -404,8 +447,9 @@ class FailAt(SilentEvents):
             self.armed = True
 
 
-def test_one_file_failing_mid_stream_does_not_stop_or_disturb_the_others(runner, recordings, alone,
-                                                                        tmp_path: Path, monkeypatch) -> None:
+def test_one_file_failing_mid_stream_does_not_stop_or_disturb_the_others(
+    runner, recordings, alone, tmp_path: Path, monkeypatch
+) -> None:
     a, b, c = recordings
     events = FailAt(runner, monkeypatch, index=1)
     report = BatchRunner(runner, SETTINGS, events=events).run(jobs_into(tmp_path, [a, b, c]))
@@ -419,8 +463,9 @@ def test_one_file_failing_mid_stream_does_not_stop_or_disturb_the_others(runner,
     assert partials(tmp_path) == []
 
 
-def test_a_failed_batched_step_fails_the_files_in_it_and_the_rest_go_on(model, recordings, tmp_path: Path,
-                                                                        monkeypatch) -> None:
+def test_a_failed_batched_step_fails_the_files_in_it_and_the_rest_go_on(
+    model, recordings, tmp_path: Path, monkeypatch
+) -> None:
     """A step is every streaming file's: with 2 slots, a device error fails the two files in
     flight (one line each, no output), and the worker takes the next file in a fresh batch."""
     a, b, c = recordings
@@ -437,8 +482,9 @@ def test_a_failed_batched_step_fails_the_files_in_it_and_the_rest_go_on(model, r
 
 
 @pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
-def test_a_write_cut_short_leaves_nothing_under_the_final_name(runner, recordings, tmp_path: Path,
-                                                               monkeypatch, error) -> None:
+def test_a_write_cut_short_leaves_nothing_under_the_final_name(
+    runner, recordings, tmp_path: Path, monkeypatch, error
+) -> None:
     a, b, c = recordings
     real_write = AudioWriter.write
 

@@ -17,15 +17,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from moshi_ttt.jobs.audio import atomic_output
-from moshi_ttt.report.schema import REPORT_NAME
+from helpers import comparable, files_under, partials, write_corpus
+from helpers.cli import assert_no_traceback, infer, report_of
 from moshi_ttt.errors import MoshiTTTError
+from moshi_ttt.jobs.audio import atomic_output
 from moshi_ttt.jobs.guard import OutputLock
+from moshi_ttt.report.schema import REPORT_NAME
 from moshi_ttt.report.shards import Shard, parse_shard, shard_of
 from moshi_ttt_cli.app import app
-
-from helpers import comparable, files_under, partials, write_corpus
-from test_cli import assert_no_traceback, infer, report_of
 
 
 def merge(out: Path):
@@ -65,6 +64,7 @@ def sharded(tiny_inplace, corpus, tmp_path_factory) -> Path:
 
 # -- the partition --------------------------------------------------------------------------------
 
+
 def test_parse_shard_refuses_what_is_not_i_of_n() -> None:
     assert parse_shard("1/4") == Shard(1, 4) and str(parse_shard(" 0 / 1 ")) == "0/1"
     for text in ("4/4", "1", "-1/2", "a/b", "1/0", "0/2/3"):
@@ -86,6 +86,7 @@ def test_shard_of_is_a_stable_hash_of_the_relative_path() -> None:
 
 # -- two shards and a merge are one run ---------------------------------------------------------------
 
+
 def test_two_shards_cover_the_corpus_exactly_once_and_merge_into_the_single_report(corpus, single, sharded) -> None:
     src, expected = corpus
     parts = [report_of(sharded / f"moshi-ttt-report.shard-{i}-of-2.json") for i in range(2)]
@@ -97,8 +98,10 @@ def test_two_shards_cover_the_corpus_exactly_once_and_merge_into_the_single_repo
         assert all(shard_of(rel, 2) == i for rel in inputs[i])
     assert not (sharded / REPORT_NAME).exists()  # nothing merged yet
     # The same outputs, byte for byte, as one run, and no lock or temporary left behind.
-    assert files_under(sharded) == sorted([rel for rel in files_under(single) if rel != REPORT_NAME] +
-                                          [f"moshi-ttt-report.shard-{i}-of-2.json" for i in range(2)])
+    assert files_under(sharded) == sorted(
+        [rel for rel in files_under(single) if rel != REPORT_NAME]
+        + [f"moshi-ttt-report.shard-{i}-of-2.json" for i in range(2)]
+    )
     for rel in files_under(single):
         if rel != REPORT_NAME:
             assert (sharded / rel).read_bytes() == (single / rel).read_bytes(), rel
@@ -110,8 +113,10 @@ def test_two_shards_cover_the_corpus_exactly_once_and_merge_into_the_single_repo
     merged, reference = report_of(sharded / REPORT_NAME), report_of(single / REPORT_NAME)
     by_status = {Path(f["input"]).relative_to(src).as_posix(): f["status"] for f in merged["files"]}
     assert by_status == expected
-    relocate = lambda e: {k: (v.replace(str(sharded), str(single)) if isinstance(v, str) else v)  # noqa: E731
-                          for k, v in e.items()}
+    relocate = lambda e: {
+        k: (v.replace(str(sharded), str(single)) if isinstance(v, str) else v)  # noqa: E731
+        for k, v in e.items()
+    }
     ours, theirs = {k: relocate(v) for k, v in entries(merged).items()}, entries(reference)
     assert ours.keys() == theirs.keys()
     assert {k: [f for f in theirs[k] if ours[k].get(f) != theirs[k][f]] for k in ours} == {k: [] for k in ours}
@@ -134,8 +139,7 @@ def test_an_unsharded_rerun_takes_the_shards_results_as_its_own(tiny_inplace, co
     result = infer(tiny_inplace, src, out, "--text", "--quiet", "--batch-size", "1")
     assert result.exit_code == 1, result.output  # the bad file is tried again, and fails again
     report = report_of(out / REPORT_NAME)
-    parts = {f["input"]: f for i in range(2)
-             for f in report_of(out / f"moshi-ttt-report.shard-{i}-of-2.json")["files"]}
+    parts = {f["input"]: f for i in range(2) for f in report_of(out / f"moshi-ttt-report.shard-{i}-of-2.json")["files"]}
     assert len(report["files"]) == len(expected)
     for entry in report["files"]:
         part = parts[entry["input"]]
@@ -181,11 +185,17 @@ def test_merge_keeps_the_entry_that_describes_the_output_on_disk(tmp_path) -> No
     good = sha256_of(out / "a.wav")
 
     def write(name: str, status: str, sha: str | None, mtime: int) -> None:
-        entry = {"input": "/in/a.wav", "output": str(out / "a.wav") if sha else None, "status": status,
-                 "reason": None if status == "ok" else "boom", "output_sha256": sha}
+        entry = {
+            "input": "/in/a.wav",
+            "output": str(out / "a.wav") if sha else None,
+            "status": status,
+            "reason": None if status == "ok" else "boom",
+            "output_sha256": sha,
+        }
         path = out / name
-        path.write_text(json.dumps({"schema": "moshi-ttt.report/1", "settings": {}, "files": [entry],
-                                    "totals": {"wall_s": 1.0}}))
+        path.write_text(
+            json.dumps({"schema": "moshi-ttt.report/1", "settings": {}, "files": [entry], "totals": {"wall_s": 1.0}})
+        )
         os.utime(path, ns=(mtime, mtime))
 
     # Oldest describes the file on disk; a newer part failed on it; the newest names another output.
@@ -198,11 +208,17 @@ def test_merge_keeps_the_entry_that_describes_the_output_on_disk(tmp_path) -> No
     (out / REPORT_NAME).unlink()  # (the merge just wrote the newest one)
     merged = merge_reports(out / REPORT_NAME)
     assert [(f.status, f.output_sha256) for f in merged.report.files] == [("ok", "0" * 64)]
-    assert {str(s.shard): s.state for s in merged.shards} == {"0/2": "complete", "1/2": "complete",
-                                                              "0/3": "complete", "1/3": "missing", "2/3": "missing"}
+    assert {str(s.shard): s.state for s in merged.shards} == {
+        "0/2": "complete",
+        "1/2": "complete",
+        "0/3": "complete",
+        "1/3": "missing",
+        "2/3": "missing",
+    }
 
 
 # -- locks and temporaries ------------------------------------------------------------------------------
+
 
 def test_shards_run_side_by_side_but_never_twice_nor_beside_an_unsharded_run(tiny_inplace, corpus, tmp_path) -> None:
     src, _ = corpus
@@ -224,8 +240,10 @@ def test_shards_run_side_by_side_but_never_twice_nor_beside_an_unsharded_run(tin
 
 def _dead_temporary(final: Path) -> Path:
     """A temporary of `final` left by a process that is gone (made in a child that exits)."""
-    code = ("import sys; from pathlib import Path; from moshi_ttt.jobs.audio import AtomicFile; "
-            "f = AtomicFile(Path(sys.argv[1])); f.tmp.write_bytes(b'half'); print(f.tmp)")
+    code = (
+        "import sys; from pathlib import Path; from moshi_ttt.jobs.audio import AtomicFile; "
+        "f = AtomicFile(Path(sys.argv[1])); f.tmp.write_bytes(b'half'); print(f.tmp)"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(final)], capture_output=True, text=True, check=True)
     return Path(done.stdout.strip())
 

@@ -1,4 +1,4 @@
-"""Several recordings at once (issue 12): B slots through one model, each file's tokens, audio and
+"""Several recordings at once: B slots through one model, each file's tokens, audio and
 TTT numbers as the single-file runner gives them, whatever runs beside it."""
 
 from __future__ import annotations
@@ -10,27 +10,23 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from moshi_ttt.jobs.audio import read_audio, to_pcm16
-from moshi_ttt.streaming.batched import BatchedRunner
-from moshi_ttt.checkpoints.model import load_model
-from moshi_ttt.report.schema import REPORT_NAME
-from moshi_ttt.events import SilentEvents
-from moshi_ttt.options import RunOptions
-from moshi_ttt.run import run_batch
-from moshi_ttt.streaming.reference import StreamingRunner
-from moshi_ttt.options import Sampling
-from moshi_ttt.checkpoints.tiny import write_sample_recordings
-
 from helpers import partials
-
+from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.checkpoints.tiny import write_sample_recordings
+from moshi_ttt.events import SilentEvents
+from moshi_ttt.jobs.audio import read_audio, to_pcm16
+from moshi_ttt.options import RunOptions, Sampling
+from moshi_ttt.report.schema import REPORT_NAME
+from moshi_ttt.run import run_batch
+from moshi_ttt.streaming.batched import BatchedRunner
+from moshi_ttt.streaming.reference import StreamingRunner
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, np.ndarray]:
     """Five lengths: one chunk or more, one shorter than a TTT chunk (7 steps < 8), one shorter
     than a frame (nothing to stream)."""
-    paths = write_sample_recordings(tmp_path_factory.mktemp("batched"), seed=3,
-                                    durations=(1.6, 2.4, 3.0, 0.5, 1.0))
+    paths = write_sample_recordings(tmp_path_factory.mktemp("batched"), seed=3, durations=(1.6, 2.4, 3.0, 0.5, 1.0))
     pcms = {path.name: read_audio(path) for path in paths}
     pcms["short.wav"] = pcms[paths[0].name][:1000]
     return pcms
@@ -48,8 +44,9 @@ def alone(model, pcms: dict[str, np.ndarray], greedy: bool = False) -> dict:
     return {name: runner.run(pcm) for name, pcm in pcms.items()}
 
 
-def batched(model, pcms: dict[str, np.ndarray], batch_size: int, greedy: bool = False,
-            counter_noise: bool = False) -> dict:
+def batched(
+    model, pcms: dict[str, np.ndarray], batch_size: int, greedy: bool = False, counter_noise: bool = False
+) -> dict:
     runner = BatchedRunner(model, batch_size, counter_noise=counter_noise)
     runner.lm_gen.use_sampling = not greedy
     results = dict(runner.run(pcms.items()))
@@ -82,8 +79,12 @@ def test_three_slots_give_every_file_its_single_file_result(model, files) -> Non
         assert len(have.pcm) == len(want.pcm), name
         assert (have.frames, have.steps) == (want.frames, want.steps), name
         for mine, theirs in zip(have.ttt_layers, want.ttt_layers, strict=True):
-            assert (mine.tokens, mine.updates, mine.clipped_updates, mine.pending_tokens) == \
-                (theirs.tokens, theirs.updates, theirs.clipped_updates, theirs.pending_tokens)
+            assert (mine.tokens, mine.updates, mine.clipped_updates, mine.pending_tokens) == (
+                theirs.tokens,
+                theirs.updates,
+                theirs.clipped_updates,
+                theirs.pending_tokens,
+            )
             assert mine.drift == pytest.approx(theirs.drift, rel=1e-2)
     assert len({tuple(r.text_tokens) for r in got.values() if r.text_tokens}) > 1  # files differ
 
@@ -96,18 +97,23 @@ def test_a_file_does_not_depend_on_its_neighbours(model, files, counter_noise: b
     update, summed in another order)."""
     names = sorted(files)
     target = names[1]
-    first = batched(model, {n: files[n] for n in (target, names[0], names[2])}, 3,
-                    counter_noise=counter_noise)[target]
-    second = batched(model, {n: files[n] for n in (names[3], names[4], target, names[0])}, 3,
-                     counter_noise=counter_noise)[target]
+    first = batched(model, {n: files[n] for n in (target, names[0], names[2])}, 3, counter_noise=counter_noise)[target]
+    second = batched(
+        model, {n: files[n] for n in (names[3], names[4], target, names[0])}, 3, counter_noise=counter_noise
+    )[target]
     assert first.text_tokens == second.text_tokens
     assert first.pcm.tobytes() == second.pcm.tobytes()
     for mine, theirs in zip(first.ttt_layers, second.ttt_layers, strict=True):
-        assert (mine.tokens, mine.updates, mine.clipped_updates) == (theirs.tokens, theirs.updates, theirs.clipped_updates)
+        assert (mine.tokens, mine.updates, mine.clipped_updates) == (
+            theirs.tokens,
+            theirs.updates,
+            theirs.clipped_updates,
+        )
         assert mine.drift == pytest.approx(theirs.drift, rel=1e-6)
 
 
 # -- whole runs: reports, failures and outputs at B=3 as at B=1 ------------------------------------
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
@@ -120,16 +126,22 @@ def folder(tmp_path_factory) -> Path:
 
 
 def run_folder(paths, folder: Path, out: Path, batch_size: int, events=None) -> dict:
-    options = RunOptions(base=str(paths.base), checkpoint=str(paths.finetune), batch_size=batch_size,
-                         sampling=Sampling(greedy=True), text=True)
+    options = RunOptions(
+        base=str(paths.base),
+        checkpoint=str(paths.finetune),
+        batch_size=batch_size,
+        sampling=Sampling(greedy=True),
+        text=True,
+    )
     outcome = run_batch(folder, out, options, events)
     assert outcome.exit_code == 1  # the broken file
     return json.loads((out / REPORT_NAME).read_text())
 
 
 @pytest.mark.parametrize("family", ["inplace", "ttt-mlp"])
-def test_a_folder_at_three_slots_reports_and_writes_what_one_slot_does(family, tiny_inplace, tiny_ttt_mlp, folder,
-                                                                      tmp_path) -> None:
+def test_a_folder_at_three_slots_reports_and_writes_what_one_slot_does(
+    family, tiny_inplace, tiny_ttt_mlp, folder, tmp_path
+) -> None:
     """Greedy, for the reason given in the runner test above: tokens equal, audio within one
     16-bit step, TTT counts equal and drift to rounding; failures and order exactly as at B=1."""
     paths = tiny_inplace if family == "inplace" else tiny_ttt_mlp
@@ -142,20 +154,30 @@ def test_a_folder_at_three_slots_reports_and_writes_what_one_slot_does(family, t
     short = next(f for f in three["files"] if f["frames"] == 5)  # 0.4 s: 5 frames, 6 steps < chunk 8
     assert all(layer["updates"] == 1 and layer["pending_tokens"] == 0 for layer in short["ttt"]["layers"])
     for mine, theirs in zip(three["files"], one["files"]):
-        assert (mine["status"], mine["reason"], mine["frames"], mine["steps"], mine["transcript"]) == \
-            (theirs["status"], theirs["reason"], theirs["frames"], theirs["steps"], theirs["transcript"])
+        assert (mine["status"], mine["reason"], mine["frames"], mine["steps"], mine["transcript"]) == (
+            theirs["status"],
+            theirs["reason"],
+            theirs["frames"],
+            theirs["steps"],
+            theirs["transcript"],
+        )
         if mine["status"] != "ok":
             assert mine["output"] is None
             continue
         a, _ = sf.read(mine["output"], dtype="int16")
         b, _ = sf.read(theirs["output"], dtype="int16")
         assert len(a) == len(b) and np.abs(a.astype(int) - b.astype(int)).max() <= 1, mine["input"]
-        assert Path(mine["output"]).with_suffix(".txt").read_text() == Path(theirs["output"]).with_suffix(".txt").read_text()
+        assert (
+            Path(mine["output"]).with_suffix(".txt").read_text()
+            == Path(theirs["output"]).with_suffix(".txt").read_text()
+        )
         for x, y in zip(mine["ttt"]["layers"], theirs["ttt"]["layers"], strict=True):
             counts = ("layer", "tokens", "updates", "clipped_updates", "pending_tokens")
             assert [x[c] for c in counts] == [y[c] for c in counts]
             assert x["drift"] == pytest.approx(y["drift"], rel=1e-2)
-    assert sorted(p.name for p in (tmp_path / "three").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "three").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one").iterdir()
+    )
 
 
 class WatchPartials(SilentEvents):

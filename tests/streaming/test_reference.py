@@ -14,14 +14,13 @@ import sphn
 import torch
 from typer.testing import CliRunner
 
-from moshi_ttt.jobs.audio import FRAME_SIZE, read_audio
+from helpers import block_hub
 from moshi_ttt.checkpoints.layouts import base_checkpoint_info
 from moshi_ttt.checkpoints.model import load_model
-from moshi_ttt.streaming.reference import StreamingRunner
+from moshi_ttt.jobs.audio import FRAME_SIZE, read_audio
 from moshi_ttt.runtime import default_threads, resolve_dtype, set_threads
+from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt_cli.app import app
-
-from helpers import block_hub
 
 
 def moshi_reference(base: Path, recording: Path, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -37,7 +36,7 @@ def moshi_reference(base: Path, recording: Path, seed: int) -> tuple[np.ndarray,
     seed_all(seed)
     state = InferenceState(info, mimi, tokenizer, lm, 1, 1.0, "cpu", **info.lm_gen_config)
     with torch.no_grad():
-        (text, out_pcm), = state.run(in_pcms)
+        ((text, out_pcm),) = state.run(in_pcms)
     return out_pcm[0].numpy(), text.tolist()
 
 
@@ -57,7 +56,7 @@ def test_frames_steps_and_trailing_partial_frame(tiny_inplace, recordings) -> No
     runner = StreamingRunner(model)
     pcm = read_audio(recordings[0])
     whole = len(pcm) // FRAME_SIZE
-    result = runner.run(np.concatenate([pcm[: whole * FRAME_SIZE], pcm[:FRAME_SIZE // 2]]))
+    result = runner.run(np.concatenate([pcm[: whole * FRAME_SIZE], pcm[: FRAME_SIZE // 2]]))
     assert result.frames == whole  # the trailing half frame is dropped, as moshi does
     assert result.steps == whole + 1  # the first frame is stepped twice
     delay = max(model.lm.delays)
@@ -79,8 +78,10 @@ def test_seed_is_applied_per_file(tiny_inplace, recordings) -> None:
 def test_importing_the_library_disables_torch_compile_on_cpu() -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_TORCH_COMPILE"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    code = ("import os, moshi_ttt; from moshi.utils import compile as c; "
-            "print(os.environ.get('NO_TORCH_COMPILE'), c.torch_compile_lazy(len) is len)")
+    code = (
+        "import os, moshi_ttt; from moshi.utils import compile as c; "
+        "print(os.environ.get('NO_TORCH_COMPILE'), c.torch_compile_lazy(len) is len)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "True"]
 
@@ -115,14 +116,22 @@ def test_demo_runs_offline(tmp_path: Path, monkeypatch) -> None:
 
 def test_help_and_argument_errors_import_no_torch() -> None:
     """`moshi-ttt --help`, `--version` and a bad argument answer without loading torch or moshi."""
-    probe = ("import sys; from moshi_ttt_cli.app import app; "
-             "sys.argv = ['moshi-ttt', *sys.argv[1:]]\n"
-             "try:\n    app()\nexcept SystemExit as exc:\n    code = exc.code\n"
-             "print('EXIT', code, 'torch' in sys.modules, 'moshi' in sys.modules)")
-    for args, code in ((["--help"], 0), (["--version"], 0), (["infer", "--help"], 0), (["infer"], 2),
-                       (["make-tiny", "x", "--variant", "nope"], 2)):
+    probe = (
+        "import sys; from moshi_ttt_cli.app import app; "
+        "sys.argv = ['moshi-ttt', *sys.argv[1:]]\n"
+        "try:\n    app()\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print('EXIT', code, 'torch' in sys.modules, 'moshi' in sys.modules)"
+    )
+    for args, code in (
+        (["--help"], 0),
+        (["--version"], 0),
+        (["infer", "--help"], 0),
+        (["infer"], 2),
+        (["make-tiny", "x", "--variant", "nope"], 2),
+    ):
         out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
         assert out.stdout.splitlines()[-1] == f"EXIT {code} False False", (args, out.stdout, out.stderr)
     version = subprocess.run([sys.executable, "-c", probe, "--version"], capture_output=True, text=True)
     from moshi_ttt import __version__
+
     assert version.stdout.startswith(f"moshi-ttt {__version__}")

@@ -2,7 +2,7 @@
 
 import os
 
-os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi reads it at 
+os.environ.setdefault("NO_TORCH_COMPILE", "1")  # moshi reads it at
 import json
 from pathlib import Path
 
@@ -12,13 +12,12 @@ import sentencepiece
 import soundfile as sf
 import sphn
 import torch
-from safetensors.torch import load_file
-
 from moshi.models import loaders
 from moshi.run_inference import InferenceState
-from moshi_ttt.checkpoints import tiny
+from safetensors.torch import load_file
 
 from helpers import block_hub
+from moshi_ttt.checkpoints import tiny
 
 torch.set_num_threads(1)
 
@@ -89,7 +88,7 @@ def test_recordings_deterministic_and_distinct(recordings: list[Path], tmp_path:
         assert sr == 24000 and pcm.ndim == 1
         assert len(pcm) == int(duration * 24000)
         assert 0.3 <= np.abs(pcm).max() <= 0.5
-        spectrum = np.abs(np.fft.rfft(pcm[:24000 + 14400]))[: 8000]
+        spectrum = np.abs(np.fft.rfft(pcm[: 24000 + 14400]))[:8000]
         spectra.append(spectrum / np.linalg.norm(spectrum))
     # Distinct content: long-term spectra are far from each other.
     for i in range(3):
@@ -201,7 +200,7 @@ def test_inference_state_streams_tiny_checkpoint(base: Path, recordings: list[Pa
     info, mimi, lm, tok = _load(base, monkeypatch)
     pcm = _read(recordings[-1])  # 3.0 s
     state = InferenceState(info, mimi, tok, lm, batch_size=1, cfg_coef=1.0, device="cpu", **info.lm_gen_config)
-    (text, out_pcm), = state.run(pcm)
+    ((text, out_pcm),) = state.run(pcm)
     frames = pcm.shape[-1] // 1920
     # Every full frame yields one step; the delay of 1 costs one step of output.
     assert text.shape == (frames,)

@@ -11,15 +11,14 @@ from moshi.modules.gating import make_gating
 from safetensors.torch import load_file
 from torch import nn
 
-from moshi_ttt.jobs.audio import read_audio
-from moshi_ttt.errors import StreamingError
+from helpers import stream_lm
+from helpers.streams import StreamRun, assert_same_run, assert_same_snapshot, run_streams, span, stream_snapshot
 from moshi_ttt.checkpoints.model import load_model
+from moshi_ttt.errors import StreamingError
+from moshi_ttt.jobs.audio import read_audio
 from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.ttt.base import TTTController
 from moshi_ttt.ttt.inplace import InPlaceTTTConfig, InPlaceTTTGating, TokenEmbeddingTap, inplace_ttt_parallel
-
-from helpers import stream_lm
-from multistream import StreamRun, assert_same_run, assert_same_snapshot, run_streams, span, stream_snapshot
 
 DIM = 16
 
@@ -31,13 +30,15 @@ class Identity(nn.Module):
         return x
 
 
-def make_module(chunk_size: int = 4, lr: float = 0.5, kernel: int = 2, clip: float | None = None,
-                seed: int = 0) -> tuple[InPlaceTTTGating, Identity]:
+def make_module(
+    chunk_size: int = 4, lr: float = 0.5, kernel: int = 2, clip: float | None = None, seed: int = 0
+) -> tuple[InPlaceTTTGating, Identity]:
     torch.manual_seed(seed)
     transformer = Identity()
     gating = make_gating("silu", DIM, 4 * DIM)
-    config = InPlaceTTTConfig(layers=[0], chunk_size=chunk_size, learning_rate=lr, conv_kernel_size=kernel,
-                              delta_clip=clip)
+    config = InPlaceTTTConfig(
+        layers=[0], chunk_size=chunk_size, learning_rate=lr, conv_kernel_size=kernel, delta_clip=clip
+    )
     return InPlaceTTTGating(gating, 0, config, TokenEmbeddingTap(transformer)), transformer
 
 
@@ -45,17 +46,23 @@ def stream(module: InPlaceTTTGating, transformer: Identity, x: torch.Tensor, x0:
     outs = []
     with module.streaming(1):
         for t in range(x.shape[1]):
-            transformer(x0[:, t:t + 1])
-            outs.append(module(x[:, t:t + 1]))
+            transformer(x0[:, t : t + 1])
+            outs.append(module(x[:, t : t + 1]))
             module.after_token()
         module.flush()
         state = module._streaming_state
         return torch.cat(outs, 1), state.fast["W"][0].clone(), module.report()
 
 
-def naive_reference(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor, module: InPlaceTTTGating,
-                    chunk_size: int, lr: float, clip: float | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def naive_reference(
+    z: torch.Tensor,
+    x0: torch.Tensor,
+    w0: torch.Tensor,
+    module: InPlaceTTTGating,
+    chunk_size: int,
+    lr: float,
+    clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Algorithm 1 literally: per chunk, apply with the old weights, then update from that chunk.
 
     With `clip` (the research `delta_clip_fro_norm`), each chunk's delta D = V^T Z is scaled by
@@ -68,7 +75,7 @@ def naive_reference(z: torch.Tensor, x0: torch.Tensor, w0: torch.Tensor, module:
     outs = []
     norms = []
     for start in range(0, z.shape[1], chunk_size):
-        zc, xc = z[0, start:start + chunk_size], x0[0, start:start + chunk_size]
+        zc, xc = z[0, start : start + chunk_size], x0[0, start : start + chunk_size]
         outs.append(zc @ w.T)
         v = torch.zeros_like(xc)
         for t in range(len(xc)):
@@ -161,8 +168,10 @@ def test_timeline_replays_algorithm_1() -> None:
         module.record_timeline = True
         out, w, report = stream(module, transformer, x, x0)
         ends = [4, 8, 12, 14]
-        drifts = [float(torch.linalg.norm(naive_reference(z[:, :end], x0[:, :end], w0, module, 4, lr, clip=tau)[1] - w0))
-                  for end in ends]
+        drifts = [
+            float(torch.linalg.norm(naive_reference(z[:, :end], x0[:, :end], w0, module, 4, lr, clip=tau)[1] - w0))
+            for end in ends
+        ]
     assert plain_report.timeline is None
     assert torch.equal(out, plain) and torch.equal(w, w_plain)
     timeline = report.timeline
@@ -187,8 +196,8 @@ def test_last_chunk_target_does_not_see_past_the_stream() -> None:
         _, w_first, _ = stream(module, transformer, x[:, :4], x0[:, :4])
         with module.streaming(1):
             for t in range(8):
-                transformer(x0[:, t:t + 1])
-                module(x[:, t:t + 1])
+                transformer(x0[:, t : t + 1])
+                module(x[:, t : t + 1])
                 module.after_token()
                 if t == 3:
                     w_after_chunk = module._streaming_state.fast["W"][0].clone()
@@ -206,10 +215,12 @@ def test_streaming_requires_the_controller_between_steps() -> None:
 
 # --- several streams at once (multi-slot runner) ---------------------------------------------------
 
+
 def inplace_step(module: InPlaceTTTGating, transformer: Identity):
     def step(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         transformer(x0)
         return module(x)
+
     return step
 
 
@@ -252,12 +263,19 @@ def test_resetting_streams_restarts_them_and_leaves_the_others_alone(reset: tupl
     module, transformer = make_module()
     module.record_timeline = True  # each stream's timeline restarts with its next file
     sequences = [(torch.randn(1, n, DIM), torch.randn(1, n, DIM)) for n in (13, 14, 12)]
-    slots = [tuple(torch.cat([torch.randn(1, 6, DIM), part], dim=1) for part in seq) if b in reset else seq
-             for b, seq in enumerate(sequences)]
+    slots = [
+        tuple(torch.cat([torch.randn(1, 6, DIM), part], dim=1) for part in seq) if b in reset else seq
+        for b, seq in enumerate(sequences)
+    ]
     with torch.no_grad():
         with module.streaming(3):
-            runs = run_streams(module, inplace_step(module, transformer), slots,
-                               [span(0, slot[0].shape[1]) for slot in slots], resets={6: reset})
+            runs = run_streams(
+                module,
+                inplace_step(module, transformer),
+                slots,
+                [span(0, slot[0].shape[1]) for slot in slots],
+                resets={6: reset},
+            )
         for b in reset:
             runs[b].outputs = runs[b].outputs[:, 6:]
         for run, (x, x0) in zip(runs, sequences):
@@ -278,8 +296,13 @@ def test_masked_steps_leave_a_stream_untouched() -> None:
 
     with torch.no_grad():
         with module.streaming(2):
-            runs = run_streams(module, inplace_step(module, transformer), sequences,
-                               [[0, 1, *range(6, 14)], span(0, 14)], before_step=snapshot)
+            runs = run_streams(
+                module,
+                inplace_step(module, transformer),
+                sequences,
+                [[0, 1, *range(6, 14)], span(0, 14)],
+                before_step=snapshot,
+            )
         assert_same_snapshot(snapshots[2], snapshots[6])
         assert snapshots[2]["counters"]["pending"] == 2  # mid-chunk: the buffer holds tokens
         for run, (x, x0) in zip(runs, sequences):
@@ -311,6 +334,7 @@ def test_fast_weight_stays_float32_in_a_bf16_model() -> None:
 
 
 # --- whole model ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ttt_model(tiny_inplace):

@@ -24,9 +24,14 @@ class StreamRun:
     report: LayerReport | None = None
 
 
-def run_streams(module: FastWeightModule, forward: Forward, sequences: list[tuple[torch.Tensor, ...]],
-                schedules: list[tp.Sequence[int]], resets: tp.Mapping[int, tp.Collection[int]] | None = None,
-                before_step: tp.Callable[[int], None] | None = None) -> list[StreamRun]:
+def run_streams(
+    module: FastWeightModule,
+    forward: Forward,
+    sequences: list[tuple[torch.Tensor, ...]],
+    schedules: list[tp.Sequence[int]],
+    resets: tp.Mapping[int, tp.Collection[int]] | None = None,
+    before_step: tp.Callable[[int], None] | None = None,
+) -> list[StreamRun]:
     """Stream `sequences[b]` (the forward's inputs, each [1, T_b, ...]) as stream b of one
     streaming batch (the module must be streaming with len(sequences)), its tokens fed in order
     at the steps `schedules[b]` (T_b of them).
@@ -49,24 +54,30 @@ def run_streams(module: FastWeightModule, forward: Forward, sequences: list[tupl
         active = [step in schedule for schedule in schedules]
         batches = []
         for k in range(len(sequences[0])):
-            rows = [seq[k][:, i:i + 1] if on
-                    else 10 * torch.randn(seq[k][:, :1].shape, generator=filler).to(seq[k].device)
-                    for seq, i, on in zip(sequences, fed, active)]
+            rows = [
+                seq[k][:, i : i + 1]
+                if on
+                else 10 * torch.randn(seq[k][:, :1].shape, generator=filler).to(seq[k].device)
+                for seq, i, on in zip(sequences, fed, active)
+            ]
             batches.append(torch.cat(rows))
         module.set_exec_mask(torch.tensor(active))
         out = forward(*batches)
         module.after_token(active)
         for b, on in enumerate(active):
             if on:
-                outputs[b].append(out[b:b + 1])
+                outputs[b].append(out[b : b + 1])
                 fed[b] += 1
         ended = [b for b, end in enumerate(ends) if end == step + 1]
         if ended:
             module.flush(ended)
     state = module._streaming_state
-    return [StreamRun(torch.cat(out, dim=1), {name: value[b].clone() for name, value in state.fast.items()},
-                      module.report(b))
-            for b, out in enumerate(outputs)]
+    return [
+        StreamRun(
+            torch.cat(out, dim=1), {name: value[b].clone() for name, value in state.fast.items()}, module.report(b)
+        )
+        for b, out in enumerate(outputs)
+    ]
 
 
 def assert_same_run(got: StreamRun, expected: StreamRun, atol: float = 1e-5) -> None:
@@ -82,8 +93,9 @@ def assert_same_run(got: StreamRun, expected: StreamRun, atol: float = 1e-5) -> 
             assert_same_timeline(got.report.timeline, expected.report.timeline, atol)
 
 
-def assert_same_timeline(got: list[UpdateRecord] | None, expected: list[UpdateRecord] | None,
-                         atol: float = 1e-5) -> None:
+def assert_same_timeline(
+    got: list[UpdateRecord] | None, expected: list[UpdateRecord] | None, atol: float = 1e-5
+) -> None:
     """Same updates at the same tokens, same clips, numbers within `atol` (relative for large ones)."""
     assert got is not None and expected is not None
     assert [(r.token, r.tokens, r.clipped) for r in got] == [(r.token, r.tokens, r.clipped) for r in expected]

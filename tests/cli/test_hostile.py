@@ -1,7 +1,7 @@
-"""Issue 10: hostile inputs and environments. Sources are never touched, history is never lost.
+"""Hostile inputs and environments: sources are never touched, history is never lost.
 
-One test per numbered case of the issue, black-box through the CLI (in a subprocess where the
-case is about the process: working folder, signals, locks) and asserting on files on disk.
+Black-box through the CLI (in a subprocess where the case is about the process: working folder,
+signals, locks), asserting on files on disk.
 """
 
 from __future__ import annotations
@@ -20,16 +20,20 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
-from moshi_ttt.jobs.audio import (FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output, read_audio, write_audio)
-from moshi_ttt.report.schema import RunSettings, REPORT_NAME, FileResult, Report
-from moshi_ttt.errors import AudioError
-from moshi_ttt.jobs.guard import LOCK_NAME
-from moshi_ttt_cli.app import app
 from helpers import files_under, partials, sweep
-from test_cli import (_check_outputs_complete, _cli_command, _start_and_wait_for_finished_files, assert_no_traceback,
-                      infer, long_recordings, report_of)
-
-__all__ = ["long_recordings"]  # a fixture shared with test_cli
+from helpers.cli import (
+    assert_no_traceback,
+    check_outputs_complete,
+    cli_command,
+    infer,
+    report_of,
+    start_and_wait_for_finished_files,
+)
+from moshi_ttt.errors import AudioError
+from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output, read_audio, write_audio
+from moshi_ttt.jobs.guard import LOCK_NAME
+from moshi_ttt.report.schema import REPORT_NAME, FileResult, Report, RunSettings
+from moshi_ttt_cli.app import app
 
 
 def checksums(folder: Path) -> dict[str, str]:
@@ -38,13 +42,15 @@ def checksums(folder: Path) -> dict[str, str]:
 
 def strict(text: str) -> dict:
     """Parse as strict JSON: bare NaN / Infinity are not JSON."""
+
     def refuse(name: str) -> None:
         raise ValueError(f"non-standard JSON constant {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
 def run_cli(tiny, *args: object, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run(_cli_command(tiny, *args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cli_command(tiny, *args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def one_error_line(result) -> str:
@@ -75,38 +81,53 @@ def rec(recordings, tmp_path: Path) -> Path:
 
 # -- 1. relative paths: a resume never takes its own outputs as inputs --------------------------------
 
-def test_1_resume_from_relative_paths_does_not_reprocess_outputs(tiny_inplace, rec) -> None:
-    for run in range(2):
+
+def test_resume_from_relative_paths_does_not_reprocess_outputs(tiny_inplace, rec) -> None:
+    for _ in range(2):
         done = run_cli(tiny_inplace, ".", "out", "--quiet", cwd=rec)
         assert done.returncode == 0, done.stderr
         assert "Traceback" not in done.stderr
     assert files_under(rec) == ["a.wav", "out/a.wav", f"out/{REPORT_NAME}"]  # no out/out/a.wav
     files = report_of(rec / "out" / REPORT_NAME)["files"]
     assert [(f["input"], f["status"], f["reason"], f["from_earlier_run"]) for f in files] == [
-        (str(rec / "a.wav"), "skipped", "exists", True)]
+        (str(rec / "a.wav"), "skipped", "exists", True)
+    ]
 
 
 # -- 2. sources are never written ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["out_is_in", "out_is_in_spelled_differently", "file_onto_itself",
-                                  "file_onto_itself_no_flags", "output_links_to_input", "report_is_input",
-                                  "output_is_input_of_nested_tree"])
-def test_2_an_output_or_report_that_is_a_source_is_refused(case, tiny_inplace, recordings, tmp_path: Path,
-                                                           monkeypatch) -> None:
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "out_is_in",
+        "out_is_in_spelled_differently",
+        "file_onto_itself",
+        "file_onto_itself_no_flags",
+        "output_links_to_input",
+        "report_is_input",
+        "output_is_input_of_nested_tree",
+    ],
+)
+def test_an_output_or_report_that_is_a_source_is_refused(
+    case, tiny_inplace, recordings, tmp_path: Path, monkeypatch
+) -> None:
     d = tmp_path / "d"
     (d / "rec").mkdir(parents=True)
     shutil.copy(recordings[0], d / "a.wav")
     shutil.copy(recordings[1], d / "b.wav")
     sf.write(d / "x.flac", sweep(SAMPLE_RATE, 0.5), SAMPLE_RATE)
     shutil.copy(recordings[2], d / "rec" / "c.wav")
-    args = {"out_is_in": [d, d, "--overwrite"],
-            "out_is_in_spelled_differently": [d, tmp_path / "d" / "rec" / ".." / "", "--overwrite"],
-            "file_onto_itself": [d / "x.flac", d / "x.flac", "--overwrite"],
-            "file_onto_itself_no_flags": [d / "x.flac", d / "x.flac"],
-            "output_links_to_input": [d / "a.wav", tmp_path / "link.wav", "--overwrite"],
-            "report_is_input": [d, tmp_path / "out", "--report", d / "b.wav"],
-            # IN = d/rec inside OUT = d: rec/c.wav would be written over by the output of d/rec/rec/c.wav
-            "output_is_input_of_nested_tree": [d / "rec", d, "--overwrite"]}[case]
+    args = {
+        "out_is_in": [d, d, "--overwrite"],
+        "out_is_in_spelled_differently": [d, tmp_path / "d" / "rec" / ".." / "", "--overwrite"],
+        "file_onto_itself": [d / "x.flac", d / "x.flac", "--overwrite"],
+        "file_onto_itself_no_flags": [d / "x.flac", d / "x.flac"],
+        "output_links_to_input": [d / "a.wav", tmp_path / "link.wav", "--overwrite"],
+        "report_is_input": [d, tmp_path / "out", "--report", d / "b.wav"],
+        # IN = d/rec inside OUT = d: rec/c.wav would be written over by the output of d/rec/rec/c.wav
+        "output_is_input_of_nested_tree": [d / "rec", d, "--overwrite"],
+    }[case]
     if case == "output_links_to_input":
         (tmp_path / "link.wav").symlink_to(d / "a.wav")
     if case == "output_is_input_of_nested_tree":
@@ -123,7 +144,8 @@ def test_2_an_output_or_report_that_is_a_source_is_refused(case, tiny_inplace, r
 
 # -- 3. a resume keeps the history: earlier results, transcripts -----------------------------------
 
-def test_3_rerun_keeps_earlier_results_and_writes_missing_transcripts(tiny_inplace, recordings, tmp_path: Path) -> None:
+
+def test_rerun_keeps_earlier_results_and_writes_missing_transcripts(tiny_inplace, recordings, tmp_path: Path) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
     for path in recordings:
@@ -142,8 +164,11 @@ def test_3_rerun_keeps_earlier_results_and_writes_missing_transcripts(tiny_inpla
     kept = files[a]
     assert (kept["status"], kept["from_earlier_run"]) == ("skipped", True)
     assert kept["ttt"] == first["ttt"] and kept["ttt"]["layers"][0]["updates"] > 0
-    assert (kept["duration_s"], kept["steps"], kept["transcript"]) == (first["duration_s"], first["steps"],
-                                                                       first["transcript"])
+    assert (kept["duration_s"], kept["steps"], kept["transcript"]) == (
+        first["duration_s"],
+        first["steps"],
+        first["transcript"],
+    )
     assert "transcript written from the earlier run" in kept["reason"]
     assert (out / a).with_suffix(".txt").read_text() == first["transcript"] + "\n"
     assert files[b]["status"] == "skipped" and not files[b]["from_earlier_run"] and files[b]["ttt"] is None
@@ -161,9 +186,11 @@ def test_3_rerun_keeps_earlier_results_and_writes_missing_transcripts(tiny_inpla
 
 # -- 4. report and output locations: checked before loading, failures later are one line ---------
 
-@pytest.mark.parametrize("case", ["report_under_a_file", "out_under_a_file", "report_is_a_folder",
-                                  "report_is_someone_elses_file"])
-def test_4_unwritable_out_or_report_is_refused_before_loading(case, tiny_inplace, rec, tmp_path: Path) -> None:
+
+@pytest.mark.parametrize(
+    "case", ["report_under_a_file", "out_under_a_file", "report_is_a_folder", "report_is_someone_elses_file"]
+)
+def test_unwritable_out_or_report_is_refused_before_loading(case, tiny_inplace, rec, tmp_path: Path) -> None:
     blocker = tmp_path / "plain.txt"
     blocker.write_text("a regular file")
     out, extra = tmp_path / "out", []
@@ -181,9 +208,9 @@ def test_4_unwritable_out_or_report_is_refused_before_loading(case, tiny_inplace
     assert checksums(tmp_path) == before and not out.exists()
 
 
-def test_4_report_failing_mid_run_is_one_line_and_the_run_goes_on(tiny_inplace, long_recordings, tmp_path: Path) -> None:
+def test_report_failing_mid_run_is_one_line_and_the_run_goes_on(tiny_inplace, long_recordings, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc, _ = _start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
+    proc, _ = start_and_wait_for_finished_files(tiny_inplace, long_recordings, out, tmp_path / "log")
     # The report's name becomes a non-empty folder: every later write of the report fails.
     (out / REPORT_NAME).unlink()
     (out / REPORT_NAME).mkdir()
@@ -193,25 +220,46 @@ def test_4_report_failing_mid_run_is_one_line_and_the_run_goes_on(tiny_inplace, 
     assert rc == 3, log
     assert "Traceback" not in log
     assert sum("cannot write the report" in line for line in log.splitlines()) == 2, log  # when it starts, at the end
-    assert len(_check_outputs_complete(long_recordings, out)) == 6  # every file was still made
+    assert len(check_outputs_complete(long_recordings, out)) == 6  # every file was still made
     assert partials(out) == []
 
 
 # -- 5. non-finite settings, weights and numbers ----------------------------------------------------
 
-@pytest.mark.parametrize("key,value", [("learning_rate", float("nan")), ("learning_rate", float("inf")),
-                                       ("learning_rate", -0.1), ("delta_clip", float("nan")),
-                                       ("delta_clip_fro_norm", float("nan")), ("delta_clip_fro_norm", float("inf"))])
-def test_5_non_finite_or_out_of_range_ttt_settings_are_refused(key, value, tiny_inplace, rec, tmp_path: Path) -> None:
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("learning_rate", float("nan")),
+        ("learning_rate", float("inf")),
+        ("learning_rate", -0.1),
+        ("delta_clip", float("nan")),
+        ("delta_clip_fro_norm", float("nan")),
+        ("delta_clip_fro_norm", float("inf")),
+    ],
+)
+def test_non_finite_or_out_of_range_ttt_settings_are_refused(key, value, tiny_inplace, rec, tmp_path: Path) -> None:
     checkpoint = edit_finetune_config(tiny_inplace, tmp_path / "ckpt", **{key: value})
-    result = CliRunner().invoke(app, ["infer", str(rec), str(tmp_path / "out"), "--base", str(tiny_inplace.base),
-                                      "--checkpoint", str(checkpoint), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(rec),
+            str(tmp_path / "out"),
+            "--base",
+            str(tiny_inplace.base),
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            "cpu",
+        ],
+    )
     line = one_error_line(result)
     assert key in line and "config.json" in line
     assert not (tmp_path / "out").exists()
 
 
-def test_5_non_finite_weights_are_refused_naming_the_tensor(tiny_inplace, rec, tmp_path: Path) -> None:
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny_inplace, rec, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     checkpoint = tmp_path / "ckpt"
@@ -221,37 +269,69 @@ def test_5_non_finite_weights_are_refused_naming_the_tensor(tiny_inplace, rec, t
     name = sorted(weights)[-1]
     weights[name][0, 0] = float("nan")
     save_file(weights, str(weights_path))
-    result = CliRunner().invoke(app, ["infer", str(rec), str(tmp_path / "out"), "--base", str(tiny_inplace.base),
-                                      "--checkpoint", str(checkpoint), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(rec),
+            str(tmp_path / "out"),
+            "--base",
+            str(tiny_inplace.base),
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            "cpu",
+        ],
+    )
     line = one_error_line(result)
     assert name in line and "lora.safetensors" in line and "NaN" in line
 
 
-def test_5_report_is_strict_json_whatever_the_numbers(tmp_path: Path) -> None:
+def test_report_is_strict_json_whatever_the_numbers(tmp_path: Path) -> None:
     layer = {"layer": 1, "drift": float("nan"), "relative_drift": float("inf"), "norm_final": -float("inf")}
-    report = Report(settings=RunSettings(base="b", checkpoint=None, seed=1),
-                    files=[FileResult("a.wav", "a.out.wav", "ok", duration_s=1.0, ttt={"layers": [layer]})])
+    report = Report(
+        settings=RunSettings(base="b", checkpoint=None, seed=1),
+        files=[FileResult("a.wav", "a.out.wav", "ok", duration_s=1.0, ttt={"layers": [layer]})],
+    )
     report.write(tmp_path / "r.json")
     data = strict((tmp_path / "r.json").read_text())
-    assert data["files"][0]["ttt"]["layers"][0] == {"layer": 1, "drift": None, "relative_drift": None,
-                                                    "norm_final": None}
+    assert data["files"][0]["ttt"]["layers"][0] == {
+        "layer": 1,
+        "drift": None,
+        "relative_drift": None,
+        "norm_final": None,
+    }
 
 
 # -- 6. settings checked before anything loads ------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["seed_negative", "seed_2_64", "chunk_1e12", "chunk_1e6", "chunk_inf"])
-def test_6_bad_settings_exit_2_before_loading(case, tiny_inplace, rec, tmp_path: Path, monkeypatch) -> None:
+def test_bad_settings_exit_2_before_loading(case, tiny_inplace, rec, tmp_path: Path, monkeypatch) -> None:
     from moshi_ttt.checkpoints import model as model_module
 
     monkeypatch.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     checkpoint, extra = tiny_inplace.finetune, []
     if case.startswith("seed"):
-        extra = ["--seed", "-1" if case == "seed_negative" else str(2 ** 64)]
+        extra = ["--seed", "-1" if case == "seed_negative" else str(2**64)]
     else:
         size = {"chunk_1e12": 1e12, "chunk_1e6": 1e6, "chunk_inf": float("inf")}[case]
         checkpoint = edit_finetune_config(tiny_inplace, tmp_path / "ckpt", chunk_size=size)
-    result = CliRunner().invoke(app, ["infer", str(rec), str(tmp_path / "out"), "--base", str(tiny_inplace.base),
-                                      "--checkpoint", str(checkpoint), "--device", "cpu", *extra])
+    result = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(rec),
+            str(tmp_path / "out"),
+            "--base",
+            str(tiny_inplace.base),
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            *extra,
+        ],
+    )
     line = one_error_line(result)
     assert ("--seed" if case.startswith("seed") else "chunk") in line
     assert not (tmp_path / "out").exists()
@@ -259,16 +339,30 @@ def test_6_bad_settings_exit_2_before_loading(case, tiny_inplace, rec, tmp_path:
 
 # -- 7. a TTT section that picks no layer -------------------------------------------------------------
 
-def test_7_enabled_ttt_that_picks_no_layer_is_an_error(tiny_inplace, rec, tmp_path: Path) -> None:
+
+def test_enabled_ttt_that_picks_no_layer_is_an_error(tiny_inplace, rec, tmp_path: Path) -> None:
     checkpoint = edit_finetune_config(tiny_inplace, tmp_path / "ckpt", start_layer=99)
-    result = CliRunner().invoke(app, ["infer", str(rec), str(tmp_path / "out"), "--base", str(tiny_inplace.base),
-                                      "--checkpoint", str(checkpoint), "--device", "cpu"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "infer",
+            str(rec),
+            str(tmp_path / "out"),
+            "--base",
+            str(tiny_inplace.base),
+            "--checkpoint",
+            str(checkpoint),
+            "--device",
+            "cpu",
+        ],
+    )
     assert "picks no layer" in one_error_line(result)
 
 
 # -- 8. sample rates -----------------------------------------------------------------------------------
 
-def test_8_low_rates_are_refused_and_resampled_lengths_are_exact(tmp_path: Path) -> None:
+
+def test_low_rates_are_refused_and_resampled_lengths_are_exact(tmp_path: Path) -> None:
     tiny_rate = tmp_path / "one_hz.wav"
     sf.write(tiny_rate, np.full(50, 0.1), 1, subtype="PCM_16")
     assert tiny_rate.stat().st_size < 200
@@ -295,7 +389,8 @@ def test_8_low_rates_are_refused_and_resampled_lengths_are_exact(tmp_path: Path)
 
 # -- 9. temporaries: exclusive, unpredictable, never through a link -----------------------------------
 
-def test_9_a_link_planted_at_a_temporary_name_redirects_nothing(tmp_path: Path) -> None:
+
+def test_a_link_planted_at_a_temporary_name_redirects_nothing(tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     target = tmp_path / "out" / "x.wav"
@@ -317,12 +412,13 @@ def test_9_a_link_planted_at_a_temporary_name_redirects_nothing(tmp_path: Path) 
     assert sorted(p.name for p in target.parent.iterdir() if not p.is_symlink()) == ["x.wav"]
 
 
-
 # -- 10. SIGTERM like SIGINT (test_cli.test_sigint_stops_...[SIGTERM]); Ctrl-C at start-up is one line --
 
-def test_10_ctrl_c_during_start_up_is_one_line(tiny_inplace, rec, tmp_path: Path) -> None:
-    proc = subprocess.Popen(_cli_command(tiny_inplace, rec, tmp_path / "out"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+
+def test_ctrl_c_during_start_up_is_one_line(tiny_inplace, rec, tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        cli_command(tiny_inplace, rec, tmp_path / "out"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(1.0)  # inside `import torch` (several seconds on a small machine)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
@@ -334,10 +430,12 @@ def test_10_ctrl_c_during_start_up_is_one_line(tiny_inplace, rec, tmp_path: Path
 
 # -- 11. one run per output folder ----------------------------------------------------------------------
 
-def test_11_a_second_run_on_the_same_out_is_refused_naming_the_holder(tiny_inplace, rec, tmp_path: Path) -> None:
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_holder(tiny_inplace, rec, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = subprocess.Popen(_cli_command(tiny_inplace, rec, out, "--quiet"), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        cli_command(tiny_inplace, rec, out, "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 120
         while not ((out / LOCK_NAME).exists() and f"pid {first.pid}" in (out / LOCK_NAME).read_text()):
@@ -360,7 +458,8 @@ def test_11_a_second_run_on_the_same_out_is_refused_naming_the_holder(tiny_inpla
 
 # -- 12. junk inputs --------------------------------------------------------------------------------------
 
-def test_12_hidden_and_appledouble_files_are_not_recordings(tiny_inplace, recordings, tmp_path: Path) -> None:
+
+def test_hidden_and_appledouble_files_are_not_recordings(tiny_inplace, recordings, tmp_path: Path) -> None:
     src = tmp_path / "in"
     (src / ".cache").mkdir(parents=True)
     shutil.copy(recordings[0], src / "a.wav")
@@ -372,12 +471,14 @@ def test_12_hidden_and_appledouble_files_are_not_recordings(tiny_inplace, record
     assert [Path(f["input"]).name for f in report_of(tmp_path / "out" / REPORT_NAME)["files"]] == ["a.wav"]
     result = infer(tiny_inplace, src, tmp_path / "all", "--quiet", "--include-hidden")
     assert result.exit_code == 0, result.output
-    names = sorted(Path(f["input"]).relative_to(src).as_posix()
-                   for f in report_of(tmp_path / "all" / REPORT_NAME)["files"])
+    names = sorted(
+        Path(f["input"]).relative_to(src).as_posix() for f in report_of(tmp_path / "all" / REPORT_NAME)["files"]
+    )
     assert names == [".cache/c.wav", ".hidden.wav", "a.wav"]  # never ._a.wav
 
 
 # -- smaller: folders named with a trailing slash, formats by extension, names shown escaped --------------
+
 
 def test_output_folder_slash_format_by_extension_and_escaped_names(tiny_inplace, recordings, tmp_path: Path) -> None:
     src = recordings[0]

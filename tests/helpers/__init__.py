@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import typing as tp
 from pathlib import Path
@@ -91,8 +92,9 @@ def run_stream(model: tp.Any, recording: Path) -> tp.Any:
 
 
 @torch.no_grad()
-def stream_lm(lm: tp.Any, tokens: torch.Tensor, inspect: tp.Callable[[tp.Any], tp.Any] | None = None
-              ) -> tuple[torch.Tensor, tp.Any]:
+def stream_lm(
+    lm: tp.Any, tokens: torch.Tensor, inspect: tp.Callable[[tp.Any], tp.Any] | None = None
+) -> tuple[torch.Tensor, tp.Any]:
     """`lm.forward_text` one token per step, the TTT controller driven as the runner drives it
     (after every step, flushed at the end). Returns the outputs [B, T, ...] and what `inspect(lm)`
     returned inside the stream after the flush (e.g. the final fast weights)."""
@@ -100,7 +102,7 @@ def stream_lm(lm: tp.Any, tokens: torch.Tensor, inspect: tp.Callable[[tp.Any], t
     outs = []
     with lm.streaming(1):
         for t in range(tokens.shape[-1]):
-            outs.append(lm.forward_text(tokens[:, :, t:t + 1])[0])
+            outs.append(lm.forward_text(tokens[:, :, t : t + 1])[0])
             controller.after_step()
         controller.flush()
         inspected = inspect(lm) if inspect is not None else None
@@ -108,6 +110,7 @@ def stream_lm(lm: tp.Any, tokens: torch.Tensor, inspect: tp.Callable[[tp.Any], t
 
 
 # -- a small corpus for distributed runs -----------------------------------------------------------
+
 
 def write_corpus(folder: Path, seconds: float = 1.0) -> dict[str, str]:
     """A nested folder of short good recordings and bad ones, as a corpus run over many workers
@@ -133,3 +136,17 @@ def write_corpus(folder: Path, seconds: float = 1.0) -> dict[str, str]:
 def comparable(entry: dict) -> dict:
     """A report entry without what differs between runs of the same work (timings)."""
     return {k: v for k, v in entry.items() if k not in ("wall_s",)}
+
+
+# Files in `long_recordings` (conftest): enough that a run can be interrupted between files.
+N_LONG = 6
+CHUNK = 8  # chunk / mini-batch size of both tiny fine-tunes
+
+
+def check_counts(result, layers: list[int]) -> None:
+    assert [r.layer for r in result.ttt_layers] == layers
+    for report in result.ttt_layers:
+        assert report.tokens == result.steps
+        assert report.updates == math.ceil(result.steps / CHUNK)
+        assert report.pending_tokens == 0
+        assert report.drift > 0

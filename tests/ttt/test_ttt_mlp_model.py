@@ -22,14 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moshi_ttt.jobs.audio import read_audio
+from helpers import edit_json, stream_lm
 from moshi_ttt.checkpoints.model import load_model
-from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.checkpoints.tiny import FINETUNE_STEP_DIR, TinyPaths
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.ttt.base import FastWeightModule, TTTController
 from moshi_ttt.ttt.mlp import TTTMLP, TTTMLPTransformerLayer
-
-from helpers import edit_json, stream_lm
 
 torch.set_num_threads(1)
 
@@ -39,6 +38,7 @@ PREFIX = "transformer.layers.{}.seq_modeling_block."
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
 
 def ttt_modules(lm: torch.nn.Module) -> list[TTTMLP]:
     return sorted((m for m in lm.modules() if isinstance(m, TTTMLP)), key=lambda m: m.layer_index)
@@ -70,11 +70,12 @@ def retarget_layers(weights: Path, sources: dict[int, int]) -> None:
     for new, src in sources.items():
         for key, value in tensors.items():
             if key.startswith(PREFIX.format(src)):
-                out[PREFIX.format(new) + key[len(PREFIX.format(src)):]] = value.clone()
+                out[PREFIX.format(new) + key[len(PREFIX.format(src)) :]] = value.clone()
     save_file(out, str(weights))
 
 
 # -- fixtures -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def mlp_model(tiny_ttt_mlp: TinyPaths):
@@ -103,7 +104,7 @@ def runs(mlp_model, recordings, file_weights):
     for path in [*recordings, recordings[0]]:
         trace: list[dict[int, tuple[float, float]]] = []
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int, trace: list = trace) -> None:
             row = {}
             for m in modules:
                 state = m._streaming_state
@@ -120,6 +121,7 @@ def runs(mlp_model, recordings, file_weights):
 
 # -- 1. parallel == streaming over the whole model -----------------------------------------------
 
+
 @pytest.mark.parametrize("length", [21, 27])
 def test_whole_model_parallel_matches_streaming(mlp_model, base_model, length: int) -> None:
     assert length % C != 0
@@ -129,8 +131,7 @@ def test_whole_model_parallel_matches_streaming(mlp_model, base_model, length: i
     seq = token_sequence(lm, length, seed=length)
 
     out_parallel = parallel(lm, seq)
-    final_parallel = {m.layer_index: {k: v[0].clone() for k, v in m.last_parallel_state.items()}
-                      for m in modules}
+    final_parallel = {m.layer_index: {k: v[0].clone() for k, v in m.last_parallel_state.items()} for m in modules}
     final_stream: dict[int, dict[str, torch.Tensor]] = {}
     reports = {}
 
@@ -145,8 +146,9 @@ def test_whole_model_parallel_matches_streaming(mlp_model, base_model, length: i
     torch.testing.assert_close(out_stream, out_parallel, atol=1e-5, rtol=0)
     for m in modules:
         for name in NAMES:
-            torch.testing.assert_close(final_stream[m.layer_index][name], final_parallel[m.layer_index][name],
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                final_stream[m.layer_index][name], final_parallel[m.layer_index][name], atol=1e-5, rtol=0
+            )
         report = reports[m.layer_index]
         assert (report.tokens, report.updates, report.pending_tokens) == (length, math.ceil(length / C), 0)
         # Not vacuous: the fast weights really moved, and the TTT branch changes the model's output.
@@ -155,6 +157,7 @@ def test_whole_model_parallel_matches_streaming(mlp_model, base_model, length: i
 
 
 # -- 2. alpha = 0 is exactly plain Moshi ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def zero_alpha_model(tiny_ttt_mlp: TinyPaths):
@@ -174,8 +177,9 @@ def test_zero_alpha_forward_is_plain_moshi(zero_alpha_model, base_model) -> None
     assert torch.equal(parallel(zero_alpha_model.lm, seq), parallel(base_model.lm, seq))
 
     drifts = []
-    out_zero, _ = stream_lm(zero_alpha_model.lm, seq,
-                            inspect=lambda lm: drifts.extend(r.drift for r in TTTController(lm).reports()))
+    out_zero, _ = stream_lm(
+        zero_alpha_model.lm, seq, inspect=lambda lm: drifts.extend(r.drift for r in TTTController(lm).reports())
+    )
     assert torch.equal(out_zero, stream_lm(base_model.lm, seq)[0])
     # The TTT layers did run and adapt; only their contribution was gated off.
     assert len(drifts) == 2 and min(drifts) > 0
@@ -193,6 +197,7 @@ def test_zero_alpha_runner_audio_is_plain_moshi(zero_alpha_model, base_model, re
 
 # -- 3. per-file reset ---------------------------------------------------------------------------
 
+
 def test_reset_between_files_reproduces_first_file(runs) -> None:
     results, _ = runs
     first, again = results[0], results[-1]
@@ -201,7 +206,7 @@ def test_reset_between_files_reproduces_first_file(runs) -> None:
     assert first.ttt_layers == again.ttt_layers  # dataclass equality: every count and norm
     # Not vacuous: files differ, so an unreset state would have carried B's (and C's) adaptation.
     assert first.ttt_layers != results[1].ttt_layers
-    assert not np.array_equal(first.pcm[:results[1].pcm.size], results[1].pcm[:first.pcm.size])
+    assert not np.array_equal(first.pcm[: results[1].pcm.size], results[1].pcm[: first.pcm.size])
 
 
 def test_stream_initial_is_the_checkpoint_weights(runs, mlp_model, file_weights) -> None:
@@ -222,6 +227,7 @@ def test_stream_initial_is_the_checkpoint_weights(runs, mlp_model, file_weights)
 
 
 # -- 4. runner-driven updates --------------------------------------------------------------------
+
 
 def test_runner_counts_updates(runs, recordings) -> None:
     results, _ = runs
@@ -249,6 +255,7 @@ def test_runner_without_ttt_never_updates(tiny_ttt_mlp: TinyPaths, recordings) -
 
 
 # -- 5. training_config.json layout: output projection default and layer strings -------------------
+
 
 def _perturb_output_proj(lm) -> None:
     with torch.no_grad():
@@ -290,15 +297,19 @@ def test_output_proj_applied_when_asked(tiny_ttt_mlp: TinyPaths, tmp_path: Path,
     assert (parallel(model.lm, seq) - before).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("spec, layers, sources", [
-    ("1,3", [1, 3], {1: 1, 3: 2}),
-    (" 3 , 0 ", [0, 3], {0: 1, 3: 2}),
-    ("all", [0, 1, 2, 3], {0: 1, 1: 1, 2: 2, 3: 2}),
-    ("ALL", [0, 1, 2, 3], {0: 1, 1: 1, 2: 2, 3: 2}),
-    ("middle", [1, 2], {1: 1, 2: 2}),
-])
-def test_layer_strings(tiny_ttt_mlp: TinyPaths, base_model, tmp_path: Path, spec: str, layers: list[int],
-                       sources: dict[int, int]) -> None:
+@pytest.mark.parametrize(
+    "spec, layers, sources",
+    [
+        ("1,3", [1, 3], {1: 1, 3: 2}),
+        (" 3 , 0 ", [0, 3], {0: 1, 3: 2}),
+        ("all", [0, 1, 2, 3], {0: 1, 1: 1, 2: 2, 3: 2}),
+        ("ALL", [0, 1, 2, 3], {0: 1, 1: 1, 2: 2, 3: 2}),
+        ("middle", [1, 2], {1: 1, 2: 2}),
+    ],
+)
+def test_layer_strings(
+    tiny_ttt_mlp: TinyPaths, base_model, tmp_path: Path, spec: str, layers: list[int], sources: dict[int, int]
+) -> None:
     folder = copy_run(tiny_ttt_mlp, tmp_path / "run")
     edit_json(folder / "training_config.json", lambda d: d["ttt"].__setitem__("layers", spec))
     retarget_layers(folder / "lora.safetensors", sources)
@@ -316,8 +327,9 @@ def test_layer_strings(tiny_ttt_mlp: TinyPaths, base_model, tmp_path: Path, spec
     assert (parallel(model.lm, seq) - parallel(base_model.lm, seq)).abs().max() > 1e-4
 
 
-def test_disabled_ttt_is_plain_moshi_and_no_layer_while_enabled_is_an_error(tiny_ttt_mlp: TinyPaths, base_model,
-                                                                             tmp_path: Path) -> None:
+def test_disabled_ttt_is_plain_moshi_and_no_layer_while_enabled_is_an_error(
+    tiny_ttt_mlp: TinyPaths, base_model, tmp_path: Path
+) -> None:
     from moshi_ttt.errors import CheckpointError
 
     folder = copy_run(tiny_ttt_mlp, tmp_path / "run")
@@ -327,7 +339,7 @@ def test_disabled_ttt_is_plain_moshi_and_no_layer_while_enabled_is_an_error(tiny
     assert not any(isinstance(m, FastWeightModule) for m in model.lm.modules())
     seq = token_sequence(model.lm, 11, seed=3)
     assert torch.equal(parallel(model.lm, seq), parallel(base_model.lm, seq))
-    # Enabled but naming no layer would silently ignore the fine-tune's weights (issue 10, case 7).
+    # Enabled but naming no layer would silently ignore the fine-tune's weights.
     edit_json(folder / "training_config.json", lambda d: d["ttt"].update(enable=True, layers="none"))
     with pytest.raises(CheckpointError, match="picks no layer") as info:
         load_model(str(tiny_ttt_mlp.base), str(tmp_path / "run"))
@@ -347,6 +359,7 @@ def test_layer_string_out_of_range_names_config(tiny_ttt_mlp: TinyPaths, tmp_pat
 
 # -- 6. attention contexts -----------------------------------------------------------------------
 
+
 def test_layer_contexts(tiny_ttt_mlp: TinyPaths, mlp_model, tmp_path: Path) -> None:
     folder = copy_run(tiny_ttt_mlp, tmp_path / "run")
 
@@ -361,8 +374,9 @@ def test_layer_contexts(tiny_ttt_mlp: TinyPaths, mlp_model, tmp_path: Path) -> N
     # The default model keeps the base config's context everywhere; the depformer is untouched.
     base_context = json.loads((tiny_ttt_mlp.base / "config.json").read_text())["context"]
     assert [layer.self_attn.context for layer in mlp_model.lm.transformer.layers] == [base_context] * 4
-    assert [layer.self_attn.context for layer in model.lm.depformer.layers] == \
-        [layer.self_attn.context for layer in mlp_model.lm.depformer.layers]
+    assert [layer.self_attn.context for layer in model.lm.depformer.layers] == [
+        layer.self_attn.context for layer in mlp_model.lm.depformer.layers
+    ]
 
     # The shorter contexts take effect (T > contexts) and streaming still matches parallel.
     seq = token_sequence(model.lm, 21, seed=4)
