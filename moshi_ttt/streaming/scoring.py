@@ -251,9 +251,10 @@ class ScoreAccumulator:
 class StepScores:
     """What one step scored, per stream.
 
-    `nll[b, k]` is the NLL (nats) of row k's target at frame `frames[b, k]`; NaN where nothing
-    counted (idle stream, row still in its delay, target -1, text not scored), and then
-    `frames[b, k]` is -1 unless only the target itself was uncounted. Rows: 0 text, 1..dep_q audio.
+    Rows: 0 text, 1..dep_q Moshi's audio. `frames[b, k]` is the frame t = s - d_k whose row-k
+    target stream b's step s predicted, -1 where there is none (idle stream, or s < d_k);
+    `nll[b, k]` is that target's NLL in nats, NaN where it does not count (no target, the target
+    is -1, or text is not scored for this stream).
     """
 
     nll: torch.Tensor  # [B, 1 + dep_q] float32, on the model's device
