@@ -63,7 +63,7 @@ class CodeLayout:
     zero_token: int = -1  # "nothing here": embedded as zeros, never a target
 
     @classmethod
-    def of(cls, lm: tp.Any) -> "CodeLayout":
+    def of(cls, lm: tp.Any) -> CodeLayout:
         initial = lm._get_initial_token()[0, :, 0].tolist()  # [K]
         return cls(delays=tuple(int(d) for d in lm.delays), dep_q=int(lm.dep_q),
                    initial=tuple(int(i) for i in initial), text_card=int(lm.text_card), card=int(lm.card),
@@ -318,7 +318,7 @@ class TeacherForcedScorer:
         self._stack: ExitStack | None = None
 
     # -- streaming context ------------------------------------------------------------------
-    def __enter__(self) -> "TeacherForcedScorer":
+    def __enter__(self) -> TeacherForcedScorer:
         if self._stack is not None:
             raise StreamingError("the scorer is already streaming")
         B, K, H = self.batch_size, self.layout.num_codebooks, self.layout.max_delay + 1
@@ -337,7 +337,7 @@ class TeacherForcedScorer:
         self._pending_reset = [False] * B
         return self
 
-    def __exit__(self, *exc: tp.Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.close()
