@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moshi_ttt.errors import MoshiTTTError
+from ..errors import MoshiTTTError
 
 MAIN_SPEAKER = "SPEAKER_MAIN"  # moshi-finetune's `main_speaker_label`
 FRAME_RATE = 12.5  # Mimi frames per second
@@ -56,18 +56,21 @@ def alignment_path(audio: str | Path) -> Path:
 def parse_alignments(data: tp.Any, source: str | Path | None = None) -> list[AlignedWord]:
     """The `alignments` of a loaded alignment JSON, checked entry by entry."""
     if not isinstance(data, dict) or not isinstance(data.get("alignments"), list):
-        raise MoshiTTTError('an alignment file must hold {"alignments": [[word, [start, end], speaker], ...]}',
-                            source)
+        raise MoshiTTTError('an alignment file must hold {"alignments": [[word, [start, end], speaker], ...]}', source)
     words = []
     for index, entry in enumerate(data["alignments"]):
         try:
             word, (start, end), speaker = entry
         except (TypeError, ValueError):
             word = start = end = speaker = None
-        if not (isinstance(word, str) and isinstance(speaker, str)
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (start, end))):
-            raise MoshiTTTError(f"alignment {index} is not [word, [start, end], speaker]: "
-                                f"{json.dumps(entry)[:120]}", source)
+        if not (
+            isinstance(word, str)
+            and isinstance(speaker, str)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (start, end))
+        ):
+            raise MoshiTTTError(
+                f"alignment {index} is not [word, [start, end], speaker]: {json.dumps(entry)[:120]}", source
+            )
         start, end = float(start), float(end)
         if not (math.isfinite(start) and math.isfinite(end)):
             raise MoshiTTTError(f"alignment {index} ({word!r}) has a non-finite time", source)
@@ -96,9 +99,17 @@ def word_tokens(tokenizer: tp.Any, word: str) -> list[int]:
     return tokens
 
 
-def text_row(words: tp.Iterable[AlignedWord], frames: int, tokenizer: tp.Any, *, text_padding: int,
-             end_of_text_padding: int, frame_rate: float = FRAME_RATE, main_speaker: str = MAIN_SPEAKER,
-             in_word_padding: int | None = None) -> np.ndarray:
+def text_row(
+    words: tp.Iterable[AlignedWord],
+    frames: int,
+    tokenizer: tp.Any,
+    *,
+    text_padding: int,
+    end_of_text_padding: int,
+    frame_rate: float = FRAME_RATE,
+    main_speaker: str = MAIN_SPEAKER,
+    in_word_padding: int | None = None,
+) -> np.ndarray:
     """The text row [frames] int64 of a recording with these aligned words (rules: module doc).
 
     `text_padding` / `end_of_text_padding`: the LM's `text_padding_token_id` (PAD, 3) and
@@ -128,11 +139,18 @@ def text_row(words: tp.Iterable[AlignedWord], frames: int, tokenizer: tp.Any, *,
     return np.asarray(row, dtype=np.int64)
 
 
-def text_row_for(model: tp.Any, words: tp.Iterable[AlignedWord], frames: int,
-                 main_speaker: str = MAIN_SPEAKER) -> np.ndarray:
+def text_row_for(
+    model: tp.Any, words: tp.Iterable[AlignedWord], frames: int, main_speaker: str = MAIN_SPEAKER
+) -> np.ndarray:
     """`text_row` with a loaded model's tokenizer, padding ids and Mimi frame rate."""
     lm = model.lm
     frame_rate = float(getattr(model.mimi, "frame_rate", FRAME_RATE)) if model.mimi is not None else FRAME_RATE
-    return text_row(words, frames, model.text_tokenizer, text_padding=lm.text_padding_token_id,
-                    end_of_text_padding=lm.end_of_text_padding_id, frame_rate=frame_rate,
-                    main_speaker=main_speaker)
+    return text_row(
+        words,
+        frames,
+        model.text_tokenizer,
+        text_padding=lm.text_padding_token_id,
+        end_of_text_padding=lm.end_of_text_padding_id,
+        frame_rate=frame_rate,
+        main_speaker=main_speaker,
+    )

@@ -41,14 +41,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moshi_ttt.errors import MoshiTTTError, StreamingError
-from moshi_ttt.model import LoadedModel
-from moshi_ttt.results import LayerReport
+from ..checkpoints.model import LoadedModel
+from ..errors import MoshiTTTError, StreamingError
+from ..report.schema import LayerReport
 
 Key = tp.TypeVar("Key")
 
 
 # -- layout -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CodeLayout:
@@ -65,10 +66,15 @@ class CodeLayout:
     @classmethod
     def of(cls, lm: tp.Any) -> CodeLayout:
         initial = lm._get_initial_token()[0, :, 0].tolist()  # [K]
-        return cls(delays=tuple(int(d) for d in lm.delays), dep_q=int(lm.dep_q),
-                   initial=tuple(int(i) for i in initial), text_card=int(lm.text_card), card=int(lm.card),
-                   text_padding_ids=(int(lm.text_padding_token_id), int(lm.end_of_text_padding_id)),
-                   zero_token=int(lm.zero_token_id))
+        return cls(
+            delays=tuple(int(d) for d in lm.delays),
+            dep_q=int(lm.dep_q),
+            initial=tuple(int(i) for i in initial),
+            text_card=int(lm.text_card),
+            card=int(lm.card),
+            text_padding_ids=(int(lm.text_padding_token_id), int(lm.end_of_text_padding_id)),
+            zero_token=int(lm.zero_token_id),
+        )
 
     @property
     def num_codebooks(self) -> int:
@@ -96,11 +102,14 @@ def check_codes(codes: np.ndarray | torch.Tensor, layout: CodeLayout) -> None:
         bad = (rows < layout.zero_token) | (rows >= card)
         if bool(bad.any()):
             row, frame = (int(i) for i in bad.nonzero()[0])
-            raise MoshiTTTError(f"{name} token {int(rows[row, frame])} at row {row + (name == 'audio')}, "
-                                f"frame {frame} is outside 0..{card - 1} (or -1)")
+            raise MoshiTTTError(
+                f"{name} token {int(rows[row, frame])} at row {row + (name == 'audio')}, "
+                f"frame {frame} is outside 0..{card - 1} (or -1)"
+            )
 
 
 # -- pure math ----------------------------------------------------------------------------------
+
 
 def target_frames(steps: tp.Sequence[int] | np.ndarray, delays: tp.Sequence[int]) -> np.ndarray:
     """The frame each scored row's target belongs to at a step: `t = s - d_k`, -1 before the row's
@@ -152,7 +161,7 @@ def forward_nll(lm: tp.Any, codes: torch.Tensor, score_text: bool = True) -> tor
     out = lm(codes)
     text_counted = out.text_mask[:, 0] & (codes[:, 0] >= 0) & score_text  # [B, T]
     text = gather_nll(out.text_logits[:, 0], codes[:, 0], text_counted)  # [B, T]
-    audio_targets = codes[:, 1:1 + lm.dep_q]  # [B, dep_q, T]
+    audio_targets = codes[:, 1 : 1 + lm.dep_q]  # [B, dep_q, T]
     audio = gather_nll(out.logits, audio_targets, out.mask & (audio_targets >= 0))  # [B, dep_q, T]
     return torch.cat([text[:, None], audio], dim=1)
 
@@ -176,9 +185,14 @@ def _masked_mean(nll: np.ndarray, weights: np.ndarray) -> float | None:
     return float(np.where(positive, np.where(positive, nll, 0.0) * weights, 0.0).sum()) / total
 
 
-def finetune_loss(nll: np.ndarray, targets: np.ndarray, text_padding_ids: tp.Iterable[int],
-                  first_codebook_weight_multiplier: float = 1.0, text_padding_weight: float = 0.5,
-                  counted: np.ndarray | None = None) -> WeightedLoss:
+def finetune_loss(
+    nll: np.ndarray,
+    targets: np.ndarray,
+    text_padding_ids: tp.Iterable[int],
+    first_codebook_weight_multiplier: float = 1.0,
+    text_padding_weight: float = 0.5,
+    counted: np.ndarray | None = None,
+) -> WeightedLoss:
     """`text_loss + audio_loss` as moshi-finetune's `compute_loss_with_mask` computes them.
 
     nll, targets [..., 1 + dep_q, T] (row 0 text, rows 1.. Moshi's audio; any leading dims are
@@ -218,6 +232,7 @@ def perplexity(nll: np.ndarray) -> float:
 
 # -- per-file accumulation --------------------------------------------------------------------------
 
+
 class ScoreAccumulator:
     """Collects one stream's per-step scores into its `[1 + dep_q, T]` array (NaN: not scored).
 
@@ -246,6 +261,7 @@ class ScoreAccumulator:
 
 
 # -- the scorer ---------------------------------------------------------------------------------
+
 
 @dataclass
 class StepScores:
@@ -422,8 +438,9 @@ class TeacherForcedScorer:
         for slot, on in zip(self._slots, active):
             slot.steps += on
         rows = self.layout.scored_rows
-        frames_scored = np.where(np.asarray(active)[:, None],
-                                 target_frames(steps, self.layout.delays[:rows]), -1)  # [B, R]
+        frames_scored = np.where(
+            np.asarray(active)[:, None], target_frames(steps, self.layout.delays[:rows]), -1
+        )  # [B, R]
         return StepScores(nll=nll, frames=frames_scored)
 
     def _score_step(self, frames: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -437,8 +454,7 @@ class TeacherForcedScorer:
         self._next_input.copy_(torch.where(active[:, None], column, self._next_input))
         audio_logits = depformer_logits(lm, column, transformer_out)  # [B, dep_q, card]
         targets = column[:, :R]  # [B, R]: this step's targets are its own delayed column
-        counted = (active[:, None] & (self._steps[:, None] >= self._delays[None, :R])
-                   & (targets >= 0))  # [B, R]
+        counted = active[:, None] & (self._steps[:, None] >= self._delays[None, :R]) & (targets >= 0)  # [B, R]
         counted[:, 0] &= self._score_text
         text = gather_nll(text_logits[:, 0, 0], targets[:, 0], counted[:, 0])  # [B]
         audio = gather_nll(audio_logits, targets[:, 1:], counted[:, 1:])  # [B, dep_q]
@@ -446,8 +462,9 @@ class TeacherForcedScorer:
         return torch.cat([text[:, None], audio], dim=1)  # [B, R]
 
     # -- whole files ------------------------------------------------------------------------------
-    def run(self, files: tp.Iterable[tuple[Key, np.ndarray | torch.Tensor, bool]]
-            ) -> tp.Iterator[tuple[Key, FileScore]]:
+    def run(
+        self, files: tp.Iterable[tuple[Key, np.ndarray | torch.Tensor, bool]]
+    ) -> tp.Iterator[tuple[Key, FileScore]]:
         """Score `(key, codes [K, T], score_text)` files, yielding `(key, FileScore)` as each ends.
 
         Files are pulled only when a slot frees; a slot takes the next file as soon as its file
@@ -474,8 +491,12 @@ class TeacherForcedScorer:
                         check_codes(file_codes, self.layout)
                         file_codes = torch.as_tensor(file_codes, dtype=torch.long)
                         if file_codes.shape[1] == 0:  # nothing to stream: done at once
-                            yield key, FileScore(nll=np.full((R, 0), np.nan, dtype=np.float32), frames=0,
-                                                 score_text=score_text)
+                            yield (
+                                key,
+                                FileScore(
+                                    nll=np.full((R, 0), np.nan, dtype=np.float32), frames=0, score_text=score_text
+                                ),
+                            )
                             continue
                         self.start(index, score_text)
                         keys[index], codes[index], sums[index] = key, file_codes.to(self.device), ScoreAccumulator(R)
@@ -495,8 +516,12 @@ class TeacherForcedScorer:
                     if slot.steps == length:
                         score_text = slot.score_text
                         reports = self.finish(index)
-                        yield keys[index], FileScore(nll=sums[index].array(length), frames=length,
-                                                     score_text=score_text, ttt_layers=reports)
+                        yield (
+                            keys[index],
+                            FileScore(
+                                nll=sums[index].array(length), frames=length, score_text=score_text, ttt_layers=reports
+                            ),
+                        )
                         keys[index] = codes[index] = sums[index] = None
         finally:
             if own:

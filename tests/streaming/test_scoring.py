@@ -11,10 +11,18 @@ import pytest
 import torch
 from moshi.modules.transformer import set_attention_context
 
+from moshi_ttt.checkpoints.model import load_model
 from moshi_ttt.errors import MoshiTTTError
-from moshi_ttt.model import load_model
-from moshi_ttt.streaming.scoring import (CodeLayout, ScoreAccumulator, TeacherForcedScorer, check_codes,
-                                         finetune_loss, forward_nll, perplexity, target_frames)
+from moshi_ttt.streaming.scoring import (
+    CodeLayout,
+    ScoreAccumulator,
+    TeacherForcedScorer,
+    check_codes,
+    finetune_loss,
+    forward_nll,
+    perplexity,
+    target_frames,
+)
 from moshi_ttt.ttt.mlp import TTTMLP
 
 CONTEXT = 12  # frames of attention: every test sequence runs well past it
@@ -27,7 +35,9 @@ def stereo_codes(lm, length: int, seed: int, text: bool = True) -> torch.Tensor:
     K = lm.num_codebooks
     codes = torch.randint(0, lm.card, (K, length), generator=gen)
     words = torch.randint(4, lm.text_card, (length,), generator=gen)
-    pads = torch.tensor([lm.text_padding_token_id, lm.end_of_text_padding_id])[torch.randint(0, 2, (length,), generator=gen)]
+    pads = torch.tensor([lm.text_padding_token_id, lm.end_of_text_padding_id])[
+        torch.randint(0, 2, (length,), generator=gen)
+    ]
     codes[0] = torch.where(torch.rand(length, generator=gen) < 0.5, words, pads) if text else lm.text_padding_token_id
     holes = torch.rand(K, length, generator=gen) < 0.08
     return torch.where(holes, -1, codes)
@@ -70,6 +80,7 @@ def ttt_model(ttt_paths):
 
 # -- the definition: moshi's LMModel.forward ---------------------------------------------------------
 
+
 def test_plain_scores_equal_lm_forward_past_the_context(plain) -> None:
     lm = plain.lm
     layout = CodeLayout.of(lm)
@@ -88,7 +99,7 @@ def test_plain_scores_equal_lm_forward_past_the_context(plain) -> None:
         set_attention_context(lm.transformer, None)
         unlimited = reference(lm, codes)
         set_attention_context(lm.transformer, CONTEXT)
-    assert np.nanmax(np.abs(unlimited[:, CONTEXT + 2:] - expected[:, CONTEXT + 2:])) > 1e-3
+    assert np.nanmax(np.abs(unlimited[:, CONTEXT + 2 :] - expected[:, CONTEXT + 2 :])) > 1e-3
 
 
 def test_without_a_text_row_text_is_context_only(plain) -> None:
@@ -127,6 +138,7 @@ def test_codes_out_of_range_are_refused(plain) -> None:
 
 
 # -- TTT --------------------------------------------------------------------------------------------
+
 
 def test_ttt_scores_equal_the_chunk_parallel_forward(ttt_model) -> None:
     """`LMModel.forward` runs the TTT layers' chunk-parallel path over the whole sequence; the
@@ -178,13 +190,13 @@ def test_timeline_is_reported(ttt_model) -> None:
 
 # -- batching -----------------------------------------------------------------------------------------
 
+
 def test_batch_of_three_equals_one_at_a_time(ttt_model) -> None:
     """Files of different lengths (one shorter than the delay, one shorter than a TTT chunk),
     text scored or not, more files than slots: each file's scores and TTT numbers are its own."""
     lm = ttt_model.lm
     lengths = [23, 1, 31, 6, 17]
-    files = [(f"f{i}", stereo_codes(lm, n, seed=10 + i, text=i % 2 == 0), i % 2 == 0)
-             for i, n in enumerate(lengths)]
+    files = [(f"f{i}", stereo_codes(lm, n, seed=10 + i, text=i % 2 == 0), i % 2 == 0) for i, n in enumerate(lengths)]
     alone = score(ttt_model, files, batch_size=1)
     batched = score(ttt_model, files, batch_size=3)
     assert sorted(batched) == sorted(alone)
@@ -241,16 +253,19 @@ def test_slots_step_independently(ttt_model) -> None:
 
 # -- the training loss and perplexity ---------------------------------------------------------------------
 
+
 def test_finetune_loss_weights_as_moshi_finetune() -> None:
     PAD, EPAD = 3, 0
     nan = math.nan
     # Row 0 text, rows 1-2 audio; 4 frames.
-    targets = np.array([[PAD, 17, EPAD, 0],
-                        [5, 6, 7, 8],
-                        [1, 2, -1, 4]])
-    nll = np.array([[1.0, 2.0, 4.0, nan],   # last text target not counted (its id 0 is EPAD's: no matter)
-                    [1.0, 3.0, nan, 2.0],
-                    [0.5, 1.5, nan, 5.0]])
+    targets = np.array([[PAD, 17, EPAD, 0], [5, 6, 7, 8], [1, 2, -1, 4]])
+    nll = np.array(
+        [
+            [1.0, 2.0, 4.0, nan],  # last text target not counted (its id 0 is EPAD's: no matter)
+            [1.0, 3.0, nan, 2.0],
+            [0.5, 1.5, nan, 5.0],
+        ]
+    )
     loss = finetune_loss(nll, targets, (PAD, EPAD), first_codebook_weight_multiplier=2.0, text_padding_weight=0.5)
     assert loss.text_loss == pytest.approx((0.5 * 1 + 2 + 0.5 * 4) / (0.5 + 1 + 0.5))
     assert loss.audio_loss == pytest.approx((2 * (1 + 3 + 2) + 0.5 + 1.5 + 5) / (2 * 3 + 3))
@@ -276,6 +291,6 @@ def test_scores_feed_the_loss(plain) -> None:
     lm = plain.lm
     codes = stereo_codes(lm, 25, seed=7)
     ids = (lm.text_padding_token_id, lm.end_of_text_padding_id)
-    got = finetune_loss(score(plain, [("a", codes, True)])["a"].nll, codes[:1 + lm.dep_q].numpy(), ids)
-    expected = finetune_loss(reference(lm, codes), codes[:1 + lm.dep_q].numpy(), ids)
+    got = finetune_loss(score(plain, [("a", codes, True)])["a"].nll, codes[: 1 + lm.dep_q].numpy(), ids)
+    expected = finetune_loss(reference(lm, codes), codes[: 1 + lm.dep_q].numpy(), ids)
     assert got.loss == pytest.approx(expected.loss, abs=1e-5)
