@@ -328,6 +328,30 @@ def infer(
     raise typer.Exit(_run(source, target, options, details, quiet, json_summary))
 
 
+@contextlib.contextmanager
+def _only_our_stderr(active: bool) -> tp.Iterator[None]:
+    """With `active`, what others write to the process's stderr (file descriptor 2: Ray's C++
+    core and the processes it starts, libraries' warnings) goes nowhere, while our own lines
+    (`sys.stderr`, which the consoles write to) still reach the terminal: `-q` with Ray."""
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    ours = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved_stderr = sys.stderr
+    try:
+        os.dup2(devnull, 2)
+        sys.stderr = open(ours, "w", buffering=1, encoding=saved_stderr.encoding or "utf-8", closefd=False)  # noqa: SIM115
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = saved_stderr
+        os.dup2(ours, 2)
+        os.close(ours)
+        os.close(devnull)
+
+
 def _run(
     source: Path, target: str | Path, options: RunOptions, details: bool | None, quiet: bool, json_summary: bool = False
 ) -> int:
@@ -337,7 +361,7 @@ def _run(
     events = render.make_events(people, err, quiet=quiet, details=details)
     started = False  # whether the plan was made (the lock taken) before an interrupt
     try:
-        with user_errors():
+        with user_errors(), _only_our_stderr(quiet and options.backend == "ray"):
             _load_model_stack(options.device, options.dtype, options.threads)
             from moshi_ttt.run import run_batch
 

@@ -131,8 +131,11 @@ class RayBackend:
         """Join the cluster at `address`, or start a local Ray instance; decide the defaults."""
         ray = require_ray()
         if not ray.is_initialized():  # else: joined by the caller (a notebook, a test), left running
-            # Ray's own log lines (its C++ core's warnings too) are not ours to show: errors only.
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+            # Ray's own log lines are not ours to show: its Python loggers (Ray Data's too) say
+            # errors only, and its C++ core only what is fatal (the CLI's -q silences the rest).
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+            for name in ("ray", "ray.data"):
+                logging.getLogger(name).setLevel(logging.ERROR)
             try:
                 ray.init(
                     address=self.ray_options.address,
