@@ -171,42 +171,31 @@ def _check(path: Path, rate: int | float | None, channels: int | None, frames: i
                              f"{MAX_DURATION_S // 3600} hours a recording is read for", path)
 
 
-@dataclass
-class _Wav:
-    rate: int
-    channels: int
-    frames: int | None
-
-
-def _wav_header(path: Path, size: int) -> _Wav | None:
-    """The fmt and data chunks of a RIFF/RIFX/RF64 WAVE file, read chunk header by chunk header
-    (a few bytes each); None if the file is not a WAVE file. Refuses a WAVE file without fmt
-    chunk or with a fmt chunk no decoder should see."""
+def _check_wav_header(path: Path, size: int) -> None:
+    """If `path` is a RIFF/RIFX/RF64 WAVE file, check its fmt chunk, read chunk header by chunk
+    header (a few bytes each): refuse a WAVE file without one, or with one no decoder should see
+    (sphn panics on a sample rate of 0). Its data size needs no check: libsndfile reads what the
+    file holds whatever the header says (a streamed WAV says 0xFFFFFFFF)."""
     with open(path, "rb") as f:
         head = f.read(12)
         if len(head) < 12 or head[8:12] != b"WAVE" or head[:4] not in (b"RIFF", b"RIFX", b"RF64", b"BW64"):
-            return None
+            return
         order = ">" if head[:4] == b"RIFX" else "<"
         fmt: tuple[int, ...] | None = None
-        data: tuple[int, int] | None = None  # offset, declared size
-        ds64_data: int | None = None
         pos = 12
         for _ in range(_MAX_CHUNKS):
-            if pos + 8 > size or (fmt is not None and data is not None):
+            if pos + 8 > size:
                 break
             f.seek(pos)
             chunk, length = struct.unpack(order + "4sI", f.read(8))
-            if chunk == b"fmt " and fmt is None:
+            if chunk == b"fmt ":
                 body = f.read(min(length, 16))
                 if len(body) < 14:
                     raise AudioError("WAV header is truncated (fmt chunk)", path)
                 # WAVEFORMAT (14 bytes) has no bits per sample: None, not checked.
                 fmt = (*struct.unpack(order + "HHIIH", body[:14]),
                        struct.unpack(order + "H", body[14:16])[0] if len(body) == 16 else None)
-            elif chunk == b"ds64" and length >= 16:
-                ds64_data = struct.unpack(order + "QQ", f.read(16))[1]
-            elif chunk == b"data" and data is None:
-                data = (pos + 8, ds64_data if length == 0xFFFFFFFF and ds64_data is not None else length)
+                break
             pos += 8 + length + (length & 1)
     if fmt is None:
         raise AudioError("WAV file without a fmt chunk", path)
@@ -216,10 +205,6 @@ def _wav_header(path: Path, size: int) -> _Wav | None:
         raise AudioError("WAV header declares a block size of 0 bytes", path)
     if bits is not None and (bits > 64 or (bits == 0 and tag in _WAV_PCM_TAGS)):
         raise AudioError(f"WAV header declares {bits} bits per sample", path)
-    frames = None
-    if data is not None and tag in _WAV_PCM_TAGS:  # a truncated data chunk holds what the file holds
-        frames = min(data[1], max(0, size - data[0])) // block_align
-    return _Wav(rate, channels, frames)
 
 
 def _open_sphn(path: Path) -> tp.Any:
@@ -249,7 +234,7 @@ def read_header(path: str | Path) -> Header:
     size = path.stat().st_size
     if size == 0:
         raise AudioError("empty file", path)
-    wav = _wav_header(path, size)
+    _check_wav_header(path, size)
     try:
         info = soundfile.info(str(path))
     except Exception:
@@ -267,9 +252,8 @@ def read_header(path: str | Path) -> Header:
                               SPHN_WINDOWS)
         return Header(path, int(info.samplerate), int(info.channels), int(info.frames), fmt, SOUNDFILE)
     reader = _open_sphn(path)
-    frames = wav.frames if wav is not None and wav.frames is not None else _sphn_frames(reader)
-    return Header(path, int(reader.sample_rate), int(reader.channels), frames, path.suffix.lstrip(".").upper(),
-                  SPHN_WHOLE)
+    return Header(path, int(reader.sample_rate), int(reader.channels), _sphn_frames(reader),
+                  path.suffix.lstrip(".").upper() or "?", SPHN_WHOLE)
 
 
 def probe_duration(path: str | Path) -> float | None:

@@ -209,11 +209,14 @@ def test_resampler_pads_to_the_exact_length(tmp_path: Path) -> None:
 def test_channel_choice_equals_pick_channel(tmp_path: Path, rate: int) -> None:
     from moshi_ttt.audio import parse_channel
 
-    pcm = stereo(rate, 2.0)
+    pcm = np.concatenate([stereo(rate, 2.0), 0.3 * stereo(rate, 2.0)[:, ::-1]], axis=1)  # 4 channels
     path = tmp_path / "dialogue.wav"
     sf.write(path, pcm, rate, subtype="FLOAT")
     whole = sf.read(path, dtype="float32", always_2d=True)[0].T.copy()
-    for text in ("0", "1", "left", "right", "mix"):
+    if rate == SAMPLE_RATE:  # moshi-finetune's dialogues: Moshi on the left, the user on the right
+        assert np.array_equal(read(path, channel="left"), whole[0])
+        assert np.array_equal(read(path, channel="right"), whole[1])
+    for text in ("0", "1", "3", "left", "right", "mix"):
         channel = parse_channel(text)
         picked = pick_channel(whole, channel, path).pcm
         expect = picked if rate == SAMPLE_RATE else \
@@ -222,14 +225,15 @@ def test_channel_choice_equals_pick_channel(tmp_path: Path, rate: int) -> None:
         assert len(got) == len(expect)
         assert np.abs(got - expect).max() <= (0 if rate == SAMPLE_RATE else 1e-6), text
     # All channels at once, for `score`: each channel as if picked alone.
-    both = read(path, all_channels=True, block_seconds=0.5)
-    assert both.shape[0] == 2
-    assert np.abs(both[1] - read(path, channel=1)).max() <= 1e-6
+    every = read(path, all_channels=True, block_seconds=0.5)
+    assert every.shape[0] == 4
+    assert np.abs(every[1] - read(path, channel=1)).max() <= 1e-6
 
 
 def test_channels_differ_warning_at_end_as_pick_channel(tmp_path: Path) -> None:
     differ, same = tmp_path / "differ.wav", tmp_path / "same.wav"
     pcm = stereo(SAMPLE_RATE, 2.0)
+    pcm[:SAMPLE_RATE // 4, 1] = pcm[:SAMPLE_RATE // 4, 0]  # the same for the first block only
     sf.write(differ, pcm, SAMPLE_RATE)
     sf.write(same, np.stack([pcm[:, 0], pcm[:, 0] * 0.9], axis=1), SAMPLE_RATE)
     for path, warned in [(differ, True), (same, False)]:
