@@ -410,7 +410,7 @@ class RecordingReader:
         self._sums = _ChannelSums(count) if channel is None and not all_channels and count > 1 else None
         rate = self.header.sample_rate
         self._block_frames = max(1, min(int(block_seconds * rate), MAX_BLOCK_SAMPLES // count))
-        self._window_seconds = max(1, int(round(block_seconds)))
+        self._window_seconds = max(1, min(int(round(block_seconds)), MAX_BLOCK_SAMPLES // (rate * count)))
         self._handle: tp.Any = None
         self._sphn: tp.Any = None
         self._started = False
