@@ -20,13 +20,11 @@ from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
-from moshi_ttt.backends.ray import require_ray
+from moshi_ttt.backends.ray import require_ray  # noqa: E402
 from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
-from moshi_ttt.options import (
-    RayOptions,  # noqa: E402
-    RunOptions,  # noqa: E402
-)
-from moshi_ttt.run import run_batch
+from moshi_ttt.events import SilentEvents  # noqa: E402
+from moshi_ttt.options import RayOptions, RunOptions  # noqa: E402
+from moshi_ttt.run import run_batch  # noqa: E402
 
 
 def main() -> None:
@@ -55,9 +53,11 @@ def main() -> None:
 
     def timed(name: str, folder: str, **extra) -> float:
         start = time.perf_counter()
-        outcome = run_batch(src, root / folder, options(**extra))
+        outcome = run_batch(src, root / folder, options(**extra), SilentEvents())
         wall = time.perf_counter() - start
         assert outcome.exit_code == 0, [(f.input, f.reason) for f in outcome.report.files]
+        if "ray" in extra:  # the pool really had the workers this row is named after
+            assert outcome.report.settings.workers == extra["ray"].workers, outcome.report.settings
         print(
             f"{name:16s} {wall:8.2f} s  {3600 * args.files / wall:10.0f} files/h  RTF {wall / audio_s:.3f}", flush=True
         )

@@ -11,8 +11,11 @@ import typing as tp
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .scores import ScoreSummary, pool
+
 REPORT_SCHEMA = "moshi-ttt.report/1"
 REPORT_NAME = "moshi-ttt-report.json"
+SCORES_REPORT_NAME = "moshi-ttt-scores.json"  # `score` runs' default report
 
 
 # Moshi's frame rate: one token (LM step) per 80 ms of audio.
@@ -94,6 +97,8 @@ class FileResult:
     output_sha256: str | None = None  # ties these numbers to the output file they describe
     from_earlier_run: bool = False  # numbers carried over from the run that wrote the output
     warnings: list[str] = field(default_factory=list)  # e.g. which channel was taken of a dialogue
+    # `score` runs: the file's teacher-forced NLL summary (its per-target array is the output).
+    scores: ScoreSummary | None = None
 
     @classmethod
     def from_json(cls, entry: dict) -> FileResult:
@@ -107,6 +112,8 @@ class FileResult:
                 chunk_size=ttt.get("chunk_size", 0),
                 layers=[LayerReport.from_json(layer) for layer in ttt.get("layers", [])],
             )
+        if isinstance(values.get("scores"), dict):
+            values["scores"] = ScoreSummary.from_json(values["scores"])
         return cls(**values)
 
 
@@ -123,8 +130,10 @@ def sha256_of(path: Path) -> str:
 
 def file_json(result: FileResult) -> dict:
     """A file's report entry: its fields, without the layers' `timeline` where none was recorded
-    (additive: reports of runs without --timeline keep their old shape)."""
+    and without `scores` outside `score` runs (additive: reports keep their old shape)."""
     data = asdict(result)
+    if data.get("scores") is None:
+        data.pop("scores", None)
     for layer in (data.get("ttt") or {}).get("layers", []):
         if isinstance(layer, dict) and layer.get("timeline", ()) is None:
             del layer["timeline"]
@@ -217,6 +226,7 @@ class Report:
             "wall_s": round(self.wall_s, 3),
             # Seconds of processing per second of audio: below 1 is faster than real time.
             "real_time_factor": round(self.wall_s / audio_s, 4) if audio_s > 0 else 0.0,
+            **({"scores": pooled.to_json()} if (pooled := pool([f.scores for f in ok if f.scores])) else {}),
         }
 
     def to_json(self) -> dict:

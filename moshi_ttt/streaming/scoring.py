@@ -27,8 +27,8 @@ Text is scored only for streams started with `score_text=True` (a text row built
 alignment); without one the caller fills row 0 with PAD (`--text-stream pad`) or -1 (`none`)
 and text is context only.
 
-The training loss (`finetune_loss`) and perplexity (`perplexity`) are pure functions of the
-per-target NLL arrays.
+The training loss, perplexity and per-position buckets are pure functions of the per-target NLL
+arrays (`report/scores.py`).
 """
 
 from __future__ import annotations
@@ -164,70 +164,6 @@ def forward_nll(lm: tp.Any, codes: torch.Tensor, score_text: bool = True) -> tor
     audio_targets = codes[:, 1 : 1 + lm.dep_q]  # [B, dep_q, T]
     audio = gather_nll(out.logits, audio_targets, out.mask & (audio_targets >= 0))  # [B, dep_q, T]
     return torch.cat([text[:, None], audio], dim=1)
-
-
-@dataclass
-class WeightedLoss:
-    """moshi-finetune's training loss over some targets (None where a term has no target)."""
-
-    text_loss: float | None
-    audio_loss: float | None
-    loss: float | None  # text_loss + audio_loss; None unless both exist (training never lacks text)
-
-
-def _masked_mean(nll: np.ndarray, weights: np.ndarray) -> float | None:
-    """`sum(where(w > 0, nll * w, 0)) / sum(w)`: loss.py's reduction (None when sum(w) is 0,
-    where training would divide 0 by 0)."""
-    total = float(weights.sum())
-    if total == 0.0:
-        return None
-    positive = weights > 0
-    return float(np.where(positive, np.where(positive, nll, 0.0) * weights, 0.0).sum()) / total
-
-
-def finetune_loss(
-    nll: np.ndarray,
-    targets: np.ndarray,
-    text_padding_ids: tp.Iterable[int],
-    first_codebook_weight_multiplier: float = 1.0,
-    text_padding_weight: float = 0.5,
-    counted: np.ndarray | None = None,
-) -> WeightedLoss:
-    """`text_loss + audio_loss` as moshi-finetune's `compute_loss_with_mask` computes them.
-
-    nll, targets [..., 1 + dep_q, T] (row 0 text, rows 1.. Moshi's audio; any leading dims are
-    pooled, as training pools a batch); counted [..., 1 + dep_q, T] bool, default: where nll is
-    not NaN. `text_padding_ids` are the checkpoint's (PAD, EPAD) ids. Each term is a weighted
-    mean over its counted targets, `sum(w * nll) / sum(w)` with w = 1 per counted target, except:
-    - text: w = text_padding_weight where the target is PAD or EPAD (training compares the
-      target after zeroing the uncounted ones, so the EPAD id 0 matches those too, but their
-      weight is already 0);
-    - audio: w = first_codebook_weight_multiplier on Moshi's first (semantic) codebook.
-    Only w > 0 enters the numerator; every w the denominator. Training sums the two terms
-    (each averaged over its own targets), so text and audio weigh the same whatever their counts.
-    """
-    nll = np.asarray(nll, dtype=np.float64)
-    targets = np.asarray(targets)
-    counted = ~np.isnan(nll) if counted is None else np.asarray(counted, dtype=bool)
-    weights = counted.astype(np.float64)  # [..., R, T]
-    text_targets = np.where(counted[..., 0, :], targets[..., 0, :], 0)  # [..., T]
-    text_weights = weights[..., 0, :].copy()  # [..., T]
-    for token in set(text_padding_ids):
-        text_weights[text_targets == token] *= text_padding_weight
-    audio_weights = weights[..., 1:, :].copy()  # [..., dep_q, T]
-    audio_weights[..., 0, :] *= first_codebook_weight_multiplier
-    text_loss = _masked_mean(nll[..., 0, :], text_weights)
-    audio_loss = _masked_mean(nll[..., 1:, :], audio_weights)
-    loss = None if text_loss is None or audio_loss is None else text_loss + audio_loss
-    return WeightedLoss(text_loss=text_loss, audio_loss=audio_loss, loss=loss)
-
-
-def perplexity(nll: np.ndarray) -> float:
-    """exp(mean NLL in nats) over the scored targets (NaN = not scored); NaN if there are none.
-    (moshi-finetune logs `2 ** loss`, which is not a perplexity of a loss in nats.)"""
-    values = np.asarray(nll, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    return float(np.exp(values.mean())) if values.size else math.nan
 
 
 # -- per-file accumulation --------------------------------------------------------------------------

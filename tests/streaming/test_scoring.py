@@ -13,14 +13,13 @@ from moshi.modules.transformer import set_attention_context
 
 from moshi_ttt.checkpoints.model import load_model
 from moshi_ttt.errors import MoshiTTTError
+from moshi_ttt.report.scores import finetune_loss
 from moshi_ttt.streaming.scoring import (
     CodeLayout,
     ScoreAccumulator,
     TeacherForcedScorer,
     check_codes,
-    finetune_loss,
     forward_nll,
-    perplexity,
     target_frames,
 )
 from moshi_ttt.ttt.mlp import TTTMLP
@@ -249,41 +248,6 @@ def test_slots_step_independently(ttt_model) -> None:
         assert_same_scores(nll, reference(lm, codes))
     with pytest.raises(MoshiTTTError, match="not streaming"):
         scorer.start(0, True)
-
-
-# -- the training loss and perplexity ---------------------------------------------------------------------
-
-
-def test_finetune_loss_weights_as_moshi_finetune() -> None:
-    PAD, EPAD = 3, 0
-    nan = math.nan
-    # Row 0 text, rows 1-2 audio; 4 frames.
-    targets = np.array([[PAD, 17, EPAD, 0], [5, 6, 7, 8], [1, 2, -1, 4]])
-    nll = np.array(
-        [
-            [1.0, 2.0, 4.0, nan],  # last text target not counted (its id 0 is EPAD's: no matter)
-            [1.0, 3.0, nan, 2.0],
-            [0.5, 1.5, nan, 5.0],
-        ]
-    )
-    loss = finetune_loss(nll, targets, (PAD, EPAD), first_codebook_weight_multiplier=2.0, text_padding_weight=0.5)
-    assert loss.text_loss == pytest.approx((0.5 * 1 + 2 + 0.5 * 4) / (0.5 + 1 + 0.5))
-    assert loss.audio_loss == pytest.approx((2 * (1 + 3 + 2) + 0.5 + 1.5 + 5) / (2 * 3 + 3))
-    assert loss.loss == pytest.approx(loss.text_loss + loss.audio_loss)
-    # Defaults: padding weighs 0.5, the first codebook 1; leading dims pool like a batch.
-    default = finetune_loss(np.stack([nll, nll]), np.stack([targets, targets]), (PAD, EPAD))
-    assert default.text_loss == pytest.approx(loss.text_loss)
-    assert default.audio_loss == pytest.approx((1 + 3 + 2 + 0.5 + 1.5 + 5) / 6)
-    # A padding weight of 0 leaves padding out; no text at all leaves the total undefined.
-    assert finetune_loss(nll, targets, (PAD, EPAD), text_padding_weight=0.0).text_loss == pytest.approx(2.0)
-    no_text = nll.copy()
-    no_text[0] = nan
-    assert finetune_loss(no_text, targets, (PAD, EPAD)).loss is None
-
-
-def test_perplexity_is_exp_of_the_mean_nll() -> None:
-    assert perplexity(np.array([[1.0, math.nan], [2.0, 3.0]])) == pytest.approx(math.exp(2.0))
-    assert math.isnan(perplexity(np.full((2, 2), math.nan)))
 
 
 def test_scores_feed_the_loss(plain) -> None:
