@@ -58,7 +58,7 @@ try:
         from moshi_ttt import __version__
         from moshi_ttt.errors import MoshiTTTError
         from moshi_ttt.jobs.audio import FOLDER_AUDIO_FORMATS
-        from moshi_ttt.options import OptionError, RayOptions, RunOptions, Sampling
+        from moshi_ttt.options import OptionError, RayOptions, RunOptions, Sampling, ScoreOptions
         from moshi_ttt.run import EXIT_CANNOT_START
         from moshi_ttt.runtime import DEFAULT_BASE, DTYPE_NAMES, prepare_runtime
         from moshi_ttt.streaming.transcripts import TEXT_FORMATS
@@ -378,7 +378,7 @@ def _run(
         raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
     report_path = outcome.report_path if outcome.report_error is None else None
     if not quiet:
-        render.summary(people, outcome.report, report_path)
+        (render.score_summary if options.score is not None else render.summary)(people, outcome.report, report_path)
     if json_summary:
         render.json_summary(out, outcome.report, report_path, outcome.exit_code)
     if outcome.report_error is not None:
@@ -388,6 +388,172 @@ def _run(
             soft_wrap=True,
         )
     return outcome.exit_code
+
+
+# Options `score` shares with `infer`: declared once, as annotated types.
+Source = tp.Annotated[
+    Path,
+    typer.Argument(
+        metavar="IN",
+        help="A recording, a folder searched recursively, or a "
+        '.jsonl manifest of {"path", "duration"} lines (paths relative to it).',
+    ),
+]
+Base = tp.Annotated[str, typer.Option(help="Base Moshi: Hugging Face repo id or local folder.")]
+Checkpoint = tp.Annotated[
+    str | None, typer.Option(help="TTT fine-tune folder (consolidated/, checkpoint or run folder).")
+]
+Step = tp.Annotated[int | None, typer.Option(help="Run folder: load checkpoint_NNNNNN of this step (default: latest).")]
+NoTTT = tp.Annotated[bool, typer.Option("--no-ttt", help="Keep fast weights frozen (ablation).")]
+DeviceOption = tp.Annotated[Device, typer.Option("--device")]
+DTypeOption = tp.Annotated[DType, typer.Option("--dtype", help="auto: bfloat16 on GPU, float32 on CPU.")]
+Threads = tp.Annotated[int | None, typer.Option(help="CPU intra-op threads (default: chosen for this machine).")]
+Glob = tp.Annotated[str | None, typer.Option(help="Only inputs whose relative path or name matches.")]
+IncludeHidden = tp.Annotated[
+    bool, typer.Option("--include-hidden", help="Also take hidden files and folders as inputs (never macOS ._ files).")
+]
+Overwrite = tp.Annotated[bool, typer.Option("--overwrite", help="Redo files whose output exists.")]
+Quiet = tp.Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables; errors still print.")]
+JsonSummary = tp.Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON summary line to stdout (totals, report path) and nothing else there; "
+                 "progress goes to stderr."),
+]  # fmt: skip
+BatchSize = tp.Annotated[
+    str,
+    typer.Option("--batch-size", metavar="B|auto", help="Recordings streamed at once, each with its own fast weights "
+                 "(auto: as many as fit in free GPU memory; at most 16 on CPU)."),
+]  # fmt: skip
+ShardOption = tp.Annotated[
+    str | None,
+    typer.Option("--shard", metavar="I/N", help="Process only shard I of N (by a hash of each file's relative path) "
+                 "into a report part; `moshi-ttt report merge OUT` joins the parts."),
+]  # fmt: skip
+BackendOption = tp.Annotated[
+    BackendName,
+    typer.Option("--backend", help="local: stream in this process; ray: on a Ray actor pool "
+                 "(pip install 'moshi-ttt[ray]'), outputs and report as local."),
+]  # fmt: skip
+RayAddress = tp.Annotated[
+    str | None,
+    typer.Option("--ray-address", metavar="ADDR", help="--backend ray: a running cluster (e.g. auto, "
+                 "ray://head:10001); default: start a local Ray instance."),
+]  # fmt: skip
+Workers = tp.Annotated[
+    int | None,
+    typer.Option("--workers", help="--backend ray: actors, each with its own model (default: one per GPU on GPU, "
+                 "one per --threads cores on CPU)."),
+]  # fmt: skip
+GpusPerWorker = tp.Annotated[
+    float | None,
+    typer.Option("--gpus-per-worker", help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."),
+]
+
+
+class UserStream(str, Enum):
+    silence = "silence"
+    copy = "copy"
+    none = "none"
+
+
+class TextStream(str, Enum):
+    pad = "pad"
+    none = "none"
+
+
+@app.command()
+def score(
+    source: Source,
+    target: tp.Annotated[
+        str,
+        typer.Argument(
+            metavar="OUT",
+            help="Folder for the per-file NLL arrays (IN/talk/a.wav -> OUT/talk/a.nll.npy) and moshi-ttt-scores.json.",
+        ),
+    ],
+    base: Base = DEFAULT_BASE,
+    checkpoint: Checkpoint = None,
+    step: Step = None,
+    no_ttt: NoTTT = False,
+    device: DeviceOption = Device.auto,
+    dtype: DTypeOption = DType.auto,
+    threads: Threads = None,
+    glob: Glob = None,
+    include_hidden: IncludeHidden = False,
+    user_stream: tp.Annotated[
+        UserStream,
+        typer.Option(
+            "--user-stream",
+            help="Mono recordings: what the user stream "
+            "is (silence: Mimi's codes of zeros; copy: the same audio; none: no tokens). Stereo "
+            "recordings: channel 1.",
+        ),
+    ] = UserStream.silence,
+    text_stream: tp.Annotated[
+        TextStream,
+        typer.Option(
+            "--text-stream",
+            help="Without an alignment file (NAME.json "
+            "beside the recording): the text row is PAD tokens or none; text is not scored.",
+        ),
+    ] = TextStream.pad,
+    bucket_seconds: tp.Annotated[
+        float, typer.Option("--bucket-seconds", help="Width of the position buckets (report, table, plot).")
+    ] = 60.0,
+    first_codebook_weight: tp.Annotated[
+        float | None,
+        typer.Option(
+            "--first-codebook-weight",
+            help="The "
+            "weighted loss's first-codebook multiplier (default: the fine-tune's "
+            "training arguments, else 1.0).",
+        ),
+    ] = None,
+    text_padding_weight: tp.Annotated[
+        float | None,
+        typer.Option(
+            "--text-padding-weight",
+            help="The weighted "
+            "loss's weight of PAD/EPAD text targets (default: the fine-tune's training "
+            "arguments, else 0.5).",
+        ),
+    ] = None,
+    overwrite: Overwrite = False,
+    report: tp.Annotated[Path | None, typer.Option(help="JSON report (default: OUT/moshi-ttt-scores.json).")] = None,
+    quiet: Quiet = False,
+    timeline: tp.Annotated[
+        bool,
+        typer.Option(
+            "--timeline",
+            help="Record every TTT update in the report (TTT-MLP: "
+            "with the inner loss under the checkpoint's weights too).",
+        ),
+    ] = False,
+    json_summary: JsonSummary = False,
+    batch_size: BatchSize = "auto",
+    shard: ShardOption = None,
+    backend: BackendOption = BackendName.local,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+) -> None:
+    """Teacher-force every recording through the model and record the loss of every token it
+    predicts: TTT against plain Moshi (--no-ttt), by position (see README: Does TTT help?)."""
+    with user_errors():
+        options = RunOptions(
+            base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
+            dtype=dtype.value, threads=threads, pattern=glob, include_hidden=include_hidden, overwrite=overwrite,
+            report=report, timeline=timeline, batch_size=batch_size, shard=shard, backend=backend.value,
+            ray=RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker),
+            score=ScoreOptions(user_stream=user_stream.value, text_stream=text_stream.value,
+                               bucket_seconds=bucket_seconds, first_codebook_weight=first_codebook_weight,
+                               text_padding_weight=text_padding_weight),
+        ).validate()  # fmt: skip
+        if options.backend == "ray":
+            from moshi_ttt.backends.ray import require_ray
+
+            require_ray()
+    raise typer.Exit(_run(source, target, options, details=False, quiet=quiet, json_summary=json_summary))
 
 
 def _key_value(item: str, option: str) -> tuple[str, tp.Any]:

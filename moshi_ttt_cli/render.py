@@ -349,3 +349,64 @@ def inspection(console: Console, info: tp.Any) -> None:
     if info.base_parameters is not None:
         table.add_row("base LM params", f"{info.base_parameters:,}")
     console.print(table)
+
+
+def _nats(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def score_summary(console: Console, report: Report, report_path: Path | None) -> None:
+    """A `score` run: per file its NLL (nats) and weighted loss, then per position bucket the
+    pooled NLL, with the attention window's edge marked."""
+    table = Table(title="moshi-ttt score", title_justify="left")
+    for column, justify in (("file", "left"), ("status", "left"), ("audio s", "right"), ("audio NLL", "right"),
+                            ("cb0 NLL", "right"), ("text NLL", "right"), ("weighted loss", "right"),
+                            ("updates", "right"), ("note", "left")):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for result in report.all_files():
+        scores = result.scores
+        layers = result.ttt.layers if result.ttt is not None else []
+        note = (result.reason or "") + (" (numbers from an earlier run)" if result.from_earlier_run else "")
+        table.add_row(
+            shown(Path(result.input).name),
+            f"[{STATUS_STYLE[result.status]}]{result.status}[/]",
+            f"{result.duration_s:.1f}",
+            _nats(scores.nll.get("audio")) if scores else "-",
+            _nats(scores.nll.get("cb0")) if scores else "-",
+            _nats(scores.nll.get("text")) if scores else "-",
+            _nats(scores.weighted_loss.loss if scores.weighted_loss.loss is not None else
+                  scores.weighted_loss.audio_loss) if scores else "-",
+            str(sum(layer.updates for layer in layers)) if layers else "-",
+            shown(note),
+        )  # fmt: skip
+    console.print(table)
+    totals = report.totals()
+    pooled = totals.get("scores")
+    if pooled:
+        context_s = (report.settings.score or {}).get("context_s")
+        has_text = any("text" in b["count"] for b in pooled["buckets"])
+        buckets = Table(title="NLL by position (nats, all files pooled)", title_justify="left")
+        for column in ("from s", "to s", "audio NLL", "cb0 NLL", *(["text NLL"] if has_text else []), "targets"):
+            buckets.add_column(column, justify="right")
+        marked = False
+        for bucket in pooled["buckets"]:
+            past = context_s is not None and bucket["start_s"] >= context_s
+            if past and not marked:
+                buckets.add_section()
+                buckets.add_row(f"[bold]attention window ends at {context_s:g} s[/]", *[""] * (4 + has_text))
+                marked = True
+            nll = bucket["nll"]
+            buckets.add_row(f"{bucket['start_s']:g}", f"{bucket['end_s']:g}", _nats(nll.get("audio")),
+                            _nats(nll.get("cb0")), *([_nats(nll.get("text"))] if has_text else []),
+                            str(bucket["count"].get("audio", 0)))  # fmt: skip
+        console.print(buckets)
+        ppl = pooled["perplexity"].get("audio")
+        console.print(f"audio: NLL {_nats(pooled['nll'].get('audio'))} nats over {pooled['count'].get('audio', 0)} "
+                      f"targets (perplexity {'-' if ppl is None else f'{ppl:.2f}'})", highlight=False)  # fmt: skip
+    console.print(
+        f"{plural(totals['files'], 'file')}: [green]{totals['ok']} ok[/], [red]{totals['failed']} failed[/], "
+        f"[yellow]{totals['skipped']} skipped[/]; {totals['audio_s']:.1f} s of audio in {totals['wall_s']:.1f} s",
+        highlight=False,
+    )
+    if report_path is not None:
+        console.print(f"report: {shown(report_path)}", highlight=False, soft_wrap=True)

@@ -410,3 +410,32 @@ def check_compatible(finetune: FineTune, base_lm_config: dict | None) -> None:
     if diff:
         detail = ", ".join(f"{k} {a} vs base {b}" for k, (a, b) in diff.items())
         raise CheckpointError(f"fine-tune does not match the base model: {detail}", finetune.folder / "config.json")
+
+
+# moshi-finetune's `TrainArgs` defaults for the loss weights its training arguments may record.
+LOSS_WEIGHT_DEFAULTS = {"first_codebook_weight_multiplier": 1.0, "text_padding_weight": 0.5}
+
+
+def training_loss_weights(finetune: FineTune | None) -> dict[str, tuple[float, str]]:
+    """The training loss's weights, each with where it came from: the fine-tune's training
+    arguments (`training_config.json` / `args.yaml`, beside it or at the run level) where they
+    record it, else moshi-finetune's default."""
+    found: dict[str, tuple[float, str]] = {}
+    if finetune is not None:
+        folder = finetune.folder
+        above = [folder.parent, folder.parent.parent.parent] if folder.name == "consolidated" else []
+        for where in [folder, *above]:
+            for name in ("training_config.json", "args.yaml"):
+                path = where / name
+                if not path.is_file():
+                    continue
+                data = read_mapping(path)
+                for key in LOSS_WEIGHT_DEFAULTS:
+                    value = data.get(key)
+                    if key not in found and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        if not math.isfinite(value) or value < 0:
+                            raise CheckpointError(f"{key} must be a number >= 0, got {value!r}", path)
+                        found[key] = (float(value), str(path))
+    for key, value in LOSS_WEIGHT_DEFAULTS.items():
+        found.setdefault(key, (value, "moshi-finetune's default"))
+    return found

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import MoshiTTTError
 from ..report.history import EarlierResults, earlier_results, read_report
-from ..report.schema import REPORT_NAME, FileResult
+from ..report.schema import REPORT_NAME, SCORES_REPORT_NAME, FileResult
 from ..report.shards import Shard, holder_of, lock_is_held, running_shards
 from .audio import AUDIO_EXTENSIONS, is_our_temporary, output_format, temporary_of
 from .guard import LOCK_NAME, OutputLock, check_sources_untouched, check_writable
@@ -30,6 +30,10 @@ class Job:
     output: Path
     text_output: Path | None = None
     duration_hint: float | None = None  # seconds, as a manifest says (for progress before reading)
+
+
+# What `score` writes for each recording: its `[1 + dep_q, T]` NLL array (IN/a.wav -> OUT/a.nll.npy).
+SCORES_SUFFIX = ".nll.npy"
 
 
 def is_junk(rel: Path, include_hidden: bool = False) -> bool:
@@ -80,6 +84,7 @@ def plan_jobs(
     include_hidden: bool = False,
     text_format: str = "txt",
     audio_format: str | None = None,
+    scores: bool = False,
 ) -> list[Job]:
     """Map inputs to outputs: a file to a file (or into a folder), a folder or a `.jsonl` manifest
     to a folder mirroring the recordings' relative paths.
@@ -87,9 +92,10 @@ def plan_jobs(
     `target` ending in "/" is a folder even if it does not exist yet. A single output is written
     in the format its extension names; outputs named here (into a folder) get `audio_format`'s
     extension (default wav). Transcripts are beside their output, with `text_format`'s extension.
+    With `scores`, outputs are per-target NLL arrays (`SCORES_SUFFIX`), named likewise.
     Paths are made absolute, so reports and resumes do not depend on the working folder.
     """
-    suffix = f".{audio_format or 'wav'}"
+    suffix = SCORES_SUFFIX if scores else f".{audio_format or 'wav'}"
     text_suffix = f".{text_format}"
     as_folder = str(target).endswith(("/", os.sep))
     source, target = Path(source).absolute(), Path(target).absolute()
@@ -98,7 +104,12 @@ def plan_jobs(
         inputs = [(root / e.rel, e.rel, e.duration) for e in read_manifest(source) if matches(e.rel, pattern)]
     elif source.is_file():
         output = target / f"{source.stem}{suffix}" if as_folder or target.is_dir() else target
-        output_format(output)
+        if not scores:
+            output_format(output)
+        elif output.suffix.lower() != ".npy":
+            raise MoshiTTTError(
+                "scores are written as a .npy array: name OUT *.npy, or a folder (end it with /)", output
+            )
         return [Job(source, output, output.with_suffix(text_suffix) if text else None)]
     elif not source.is_dir():
         raise MoshiTTTError("no such file or folder", source)
@@ -126,9 +137,9 @@ def plan_jobs(
     return jobs
 
 
-def default_report_path(source: Path, target: Path) -> Path | None:
+def default_report_path(source: Path, target: Path, name: str = REPORT_NAME) -> Path | None:
     """Folder and manifest runs write a report by default; a single file only when asked."""
-    return Path(target).absolute() / REPORT_NAME if Path(source).is_dir() or is_manifest(Path(source)) else None
+    return Path(target).absolute() / name if Path(source).is_dir() or is_manifest(Path(source)) else None
 
 
 def stale_partials(folder: Path, finals: set[Path] | None = None) -> list[Path]:
@@ -189,6 +200,7 @@ def prepare_batch(
     text_format: str = "txt",
     audio_format: str | None = None,
     shard: Shard | None = None,
+    scores: bool = False,
 ) -> BatchPlan:
     """Plan the jobs and check, before any model loads, that the run can do what it promises:
     no source is ever written (outputs, transcripts and the report are checked against every file
@@ -202,7 +214,7 @@ def prepare_batch(
     unsharded run and a shard never share OUT at the same time.
     """
     source = Path(source).absolute()
-    jobs = plan_jobs(source, target, pattern, text, include_hidden, text_format, audio_format)
+    jobs = plan_jobs(source, target, pattern, text, include_hidden, text_format, audio_format, scores)
     if audio_format is not None and jobs[0:1] and jobs[0].output.suffix.lower() != f".{audio_format}":
         raise MoshiTTTError(
             f"--format {audio_format} names outputs written into a folder, but OUT is a file "
@@ -211,7 +223,10 @@ def prepare_batch(
         )
     if not jobs:
         raise MoshiTTTError("no audio files found" + (f" matching {pattern!r}" if pattern else ""), source)
-    report_path = Path(report).absolute() if report is not None else default_report_path(source, Path(target))
+    report_name = SCORES_REPORT_NAME if scores else REPORT_NAME
+    report_path = (
+        Path(report).absolute() if report is not None else default_report_path(source, Path(target), report_name)
+    )
     folder_mode = source.is_dir() or is_manifest(source)
     root = source if source.is_dir() else source.parent
     if shard is not None:

@@ -1,4 +1,5 @@
-"""`moshi-ttt plot`: what TTT did during each file of a report recorded with `--timeline`.
+"""`moshi-ttt plot`: what TTT did during each file of a report recorded with `--timeline` (a
+`score` report is drawn as NLL versus position instead: `score_plot.py`).
 
 One figure, a block of panels per file (rows) and one column per report (a second report with
 `--compare`, e.g. the same inputs with `--no-ttt`, goes side by side, on shared axes):
@@ -36,8 +37,8 @@ class PlottedReport:
     files: list[FileResult]
 
 
-def load_timeline_report(path: Path) -> PlottedReport:
-    """Read a report and keep its files with TTT numbers; refuse one without any timeline."""
+def read_report(path: Path) -> tuple[dict, list[FileResult]]:
+    """A report's JSON and its file entries; one line for anything that is not a report."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -48,6 +49,12 @@ def load_timeline_report(path: Path) -> PlottedReport:
         files = [FileResult.from_json(entry) for entry in data["files"] if isinstance(entry, dict)]
     except TypeError as exc:
         raise MoshiTTTError(f"malformed report entry ({exc})", path) from None
+    return data, files
+
+
+def load_timeline_report(path: Path) -> PlottedReport:
+    """Read a report and keep its files with TTT numbers; refuse one without any timeline."""
+    data, files = read_report(path)
     files = [f for f in files if f.ttt is not None and f.ttt.layers]
     if not any(layer.timeline is not None for f in files for layer in f.ttt.layers):  # type: ignore[union-attr]
         raise MoshiTTTError("has no TTT timeline: rerun `moshi-ttt infer` with --timeline", path)
@@ -99,6 +106,14 @@ def plot_reports(
     (height default: PANEL_HEIGHT per panel). Returns `output`."""
     if width < 100 or (height is not None and height < 100):
         raise MoshiTTTError(f"the figure must be at least 100 x 100 pixels, got {width} x {height}")
+    read = [(path, *read_report(path)) for path in [report, *([compare] if compare is not None else [])]]
+    if any(f.scores is not None for _, _, files in read for f in files):  # `score` reports: NLL vs position
+        from .score_plot import load_scored_report, plot_scores
+
+        try:
+            return plot_scores([load_scored_report(*entry) for entry in read], output, width, height)
+        except OSError as exc:
+            raise MoshiTTTError(f"cannot write the figure ({exc.strerror or exc})", output) from None
     columns = [load_timeline_report(report)] + ([load_timeline_report(compare)] if compare is not None else [])
     names = list(dict.fromkeys(f.input for column in columns for f in column.files))
     panels = panels_of([f for column in columns for f in column.files])

@@ -176,9 +176,12 @@ class RunSettings:
     backend: str | None = None  # "ray", or None for a local run
     workers: int | None = None
     gpus_per_worker: float | None = None
+    # `score` runs: the user/text stream policies, loss weights (with where they came from), the
+    # attention context in seconds and the position buckets.
+    score: dict | None = None
     extra: dict = field(default_factory=dict)
 
-    _ONLY_WHEN_SET = ("backend", "workers", "gpus_per_worker")
+    _ONLY_WHEN_SET = ("backend", "workers", "gpus_per_worker", "score")
 
     @classmethod
     def from_json(cls, data: dict | None) -> RunSettings:
