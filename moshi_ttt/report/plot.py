@@ -25,7 +25,7 @@ from .schema import REPORT_SCHEMA, SECONDS_PER_TOKEN, FileResult, LayerReport, U
 
 DEFAULT_WIDTH, PANEL_HEIGHT = 1400, 260  # pixels; the default height grows with the panels
 DPI = 100
-LOSS_PANEL = "inner loss\n(dashed: before)"
+LOSS_PANEL = "inner loss\n(dashed: before,\ndotted: at W0)"
 
 
 @dataclass
@@ -97,6 +97,8 @@ def draw_layer(ax: tp.Any, panel: str, layer: LayerReport, color: tp.Any) -> Non
     else:
         ax.plot(x, [r.loss_before for r in records], color=color, linestyle="--", alpha=0.7)
         ax.plot(x, [r.loss_after for r in records], color=color, label=label)
+        if any(r.loss_initial is not None for r in records):  # l(W0; x): where TTT started from
+            ax.plot(x, [r.loss_initial for r in records], color=color, linestyle=":", alpha=0.7)
 
 
 def plot_reports(

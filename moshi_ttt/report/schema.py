@@ -42,6 +42,9 @@ class UpdateRecord:
     # (see `moshi_ttt.ttt.mlp.inner_loss`); None for other families.
     loss_before: float | None = None
     loss_after: float | None = None
+    # TTT-MLP: the same mini-batch's inner loss under the checkpoint's weights W0 (the TTT paper's
+    # Figure 5: l(W0; x), l(W_prev; x), l(W; x)); None for other families.
+    loss_initial: float | None = None
 
 
 @dataclass

@@ -119,10 +119,19 @@ class AppliedUpdate:
     update_norm_unclipped: torch.Tensor | None = None  # the same had the delta not been clipped
     loss_before: torch.Tensor | None = None  # the family's inner loss at the chunk's start weights
     loss_after: torch.Tensor | None = None  # ... and at the updated weights
+    loss_initial: torch.Tensor | None = None  # ... and at the checkpoint's weights W0
 
 
 # Columns of a timeline row, in order (all float64; NaN where a value does not apply).
-TIMELINE_COLUMNS = ("update_norm", "update_norm_unclipped", "clipped", "drift", "loss_before", "loss_after")
+TIMELINE_COLUMNS = (
+    "update_norm",
+    "update_norm_unclipped",
+    "clipped",
+    "drift",
+    "loss_before",
+    "loss_after",
+    "loss_initial",
+)
 
 
 @dataclass
@@ -166,6 +175,7 @@ def update_records(entries: tp.Sequence[TimelineEntry]) -> list[UpdateRecord]:
                 drift=optional(values["drift"]),
                 loss_before=optional(values["loss_before"]),
                 loss_after=optional(values["loss_after"]),
+                loss_initial=optional(values["loss_initial"]),
             )
         )
     return records

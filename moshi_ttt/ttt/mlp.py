@@ -345,8 +345,14 @@ class TTTMLP(FastWeightModule):
         if not recording:
             return AppliedUpdate()
         after = self._inner_loss(state, rows, k, target)
+        gamma, beta = self._norm_params()
+        initial = {
+            name: state.initial[name].float().expand(k.shape[0], *state.initial[name].shape)
+            for name in FAST_WEIGHT_NAMES
+        }
+        at_initial = inner_loss(initial, k, target, gamma, beta)  # [S]: l(W0; x), what TTT improves on
         norm = torch.stack([step.square().flatten(1).sum(1) for step in steps.values()]).sum(0).sqrt()
-        return AppliedUpdate(update_norm=norm, loss_before=before, loss_after=after)
+        return AppliedUpdate(update_norm=norm, loss_before=before, loss_after=after, loss_initial=at_initial)
 
     def _inner_loss(
         self, state: FastWeightState, rows: StreamRows, k: torch.Tensor, target: torch.Tensor

@@ -19,6 +19,11 @@ from moshi_ttt.report.schema import REPORT_NAME
 from moshi_ttt_cli.app import app
 
 
+def cli_run(argv: list[str], env: dict | None = None):
+    """The CLI in this process, as a user types `moshi-ttt ARGV`."""
+    return CliRunner().invoke(app, argv, env=env)
+
+
 def infer(tiny, *args: object, env: dict | None = None):
     argv = ["infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune), "--device", "cpu"]
     return CliRunner().invoke(app, argv, env=env)

@@ -240,7 +240,7 @@ def joint_norm(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_timeline_replays_the_inner_steps() -> None:
     """Each mini-batch's record matches the naive per-token reference: where it was applied, the
-    step's norm, the running drift, and the inner loss at the start and updated weights; the
+    step's norm, the running drift, and the inner loss at W0, the start and updated weights; the
     inner model learns (loss after < before); totals agree; outputs are bit-identical."""
     module = make_module(seed=5)
     x = torch.randn(1, 10, D)
@@ -267,6 +267,8 @@ def test_timeline_replays_the_inner_steps() -> None:
             reference_inner_loss(module, x, weights[i + 1], start, stop), rel=1e-5
         )
         assert record.loss_after < record.loss_before
+        # The TTT paper's third curve: the same mini-batch under the checkpoint's weights W0.
+        assert record.loss_initial == pytest.approx(reference_inner_loss(module, x, weights[0], start, stop), rel=1e-5)
         assert not record.clipped and record.update_norm_unclipped is None
     assert report.clipped_updates == 0
     assert timeline[-1].drift == pytest.approx(report.drift, rel=1e-9)
