@@ -32,6 +32,7 @@ from .report.schema import Report, RunSettings
 from .runtime import prepare_runtime
 
 if tp.TYPE_CHECKING:
+    from .jobs.kinds import LossWeights
     from .jobs.worker import FileWorker
 
 # Exit codes of a run (the CLI's): all files ok or skipped; some file failed; the run could not
@@ -58,11 +59,11 @@ class RunOutcome:
 def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int = 1) -> FileWorker:
     """Load the model and wrap it in a `FileWorker` streaming up to `options.batch_size` of
     `files` recordings at once (`auto`: see `streaming/batch_size.py`; chosen after loading,
-    from the memory the model left free): what `run_batch` runs, and what each Ray actor runs."""
+    from the memory the model left free), for `infer` jobs or, with `options.score`, `score` jobs:
+    what `run_batch` runs, and what each Ray actor runs."""
     from .checkpoints.model import load_model
     from .jobs.worker import FileWorker
     from .streaming.batch_size import choose_batch_size
-    from .streaming.batched import BatchedRunner
 
     options = options.validate()
     model = load_model(
@@ -74,6 +75,24 @@ def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int =
         step=options.step,
     )
     batch_size, reason = choose_batch_size(options.batch_size, model, files)
+    if options.score is not None:
+        from .jobs.kinds import ScoreFiles
+        from .streaming.score_runner import ScoreRunner
+
+        score = options.score
+        runner = ScoreRunner(
+            model,
+            batch_size,
+            ttt_enabled=options.ttt_enabled,
+            timeline=options.timeline,
+            user_stream=score.user_stream,
+            text_stream=score.text_stream,
+        )
+        return FileWorker(
+            ScoreFiles(runner, loss_weights(options, model), score.bucket_seconds), batch_size_reason=reason
+        )
+    from .streaming.batched import BatchedRunner
+
     runner = BatchedRunner(
         model,
         batch_size,
@@ -86,11 +105,41 @@ def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int =
     return FileWorker(runner, text_format=options.text_format, channel=options.channel, batch_size_reason=reason)
 
 
+def loss_weights(options: RunOptions, model: tp.Any) -> LossWeights:
+    """The weighted loss's weights: the run's options, else the fine-tune's training arguments,
+    else moshi-finetune's defaults (`checkpoints.layouts.training_loss_weights`)."""
+    from .checkpoints.layouts import training_loss_weights
+    from .jobs.kinds import LossWeights
+
+    recorded = training_loss_weights(model.finetune)
+    score = tp.cast(tp.Any, options.score)
+    first, first_source = recorded["first_codebook_weight_multiplier"]
+    padding, padding_source = recorded["text_padding_weight"]
+    if score.first_codebook_weight is not None:
+        first, first_source = score.first_codebook_weight, "--first-codebook-weight"
+    if score.text_padding_weight is not None:
+        padding, padding_source = score.text_padding_weight, "--text-padding-weight"
+    return LossWeights(first, first_source, padding, padding_source)
+
+
 def run_settings(options: RunOptions, worker: FileWorker, threads: int | None) -> RunSettings:
     """The report's `settings`: what produced its outputs."""
     runner = worker.runner
     model = runner.model
     ttt = model.describe_ttt()
+    score = None
+    if options.score is not None:
+        weights = worker.files.weights  # type: ignore[union-attr]
+        context = model.context
+        score = {
+            "user_stream": options.score.user_stream,
+            "text_stream": options.score.text_stream,
+            "bucket_seconds": options.score.bucket_seconds,
+            "context_frames": context,
+            "context_s": None if context is None else round(context * 0.08, 3),
+            "first_codebook_weight": {"value": weights.first_codebook, "source": weights.first_codebook_source},
+            "text_padding_weight": {"value": weights.text_padding, "source": weights.text_padding_source},
+        }
     return RunSettings(
         base=options.base,
         checkpoint=options.checkpoint,
@@ -98,14 +147,15 @@ def run_settings(options: RunOptions, worker: FileWorker, threads: int | None) -
         device=str(model.device),
         dtype=str(model.dtype).removeprefix("torch."),
         threads=threads,
-        channel=0 if worker.channel is None else worker.channel,
+        channel=None if options.score is not None else 0 if worker.channel is None else worker.channel,
         lm=model.describe_lm(),
-        sampling=runner.lm_gen_config,
-        sampling_overrides=options.sampling.overrides(),
+        sampling=None if options.score is not None else runner.lm_gen_config,
+        sampling_overrides=None if options.score is not None else options.sampling.overrides(),
         batch_size=runner.batch_size,
         batch_size_reason=worker.batch_size_reason,
-        decode_chunk=runner.decode_chunk,
+        decode_chunk=getattr(runner, "decode_chunk", None),
         ttt=None if ttt is None else {**ttt, "enabled": options.ttt_enabled},
+        score=score,
     )
 
 

@@ -416,34 +416,54 @@ Overwrite = tp.Annotated[bool, typer.Option("--overwrite", help="Redo files whos
 Quiet = tp.Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables; errors still print.")]
 JsonSummary = tp.Annotated[
     bool,
-    typer.Option("--json", help="Print one JSON summary line to stdout (totals, report path) and nothing else there; "
-                 "progress goes to stderr."),
-]  # fmt: skip
+    typer.Option(
+        "--json",
+        help="Print one JSON summary line to stdout (totals, report path) and nothing else there; "
+        "progress goes to stderr.",
+    ),
+]
 BatchSize = tp.Annotated[
     str,
-    typer.Option("--batch-size", metavar="B|auto", help="Recordings streamed at once, each with its own fast weights "
-                 "(auto: as many as fit in free GPU memory; at most 16 on CPU)."),
-]  # fmt: skip
+    typer.Option(
+        "--batch-size",
+        metavar="B|auto",
+        help="Recordings streamed at once, each with its own fast weights "
+        "(auto: as many as fit in free GPU memory; at most 16 on CPU).",
+    ),
+]
 ShardOption = tp.Annotated[
     str | None,
-    typer.Option("--shard", metavar="I/N", help="Process only shard I of N (by a hash of each file's relative path) "
-                 "into a report part; `moshi-ttt report merge OUT` joins the parts."),
-]  # fmt: skip
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Process only shard I of N (by a hash of each file's relative path) "
+        "into a report part; `moshi-ttt report merge OUT` joins the parts.",
+    ),
+]
 BackendOption = tp.Annotated[
     BackendName,
-    typer.Option("--backend", help="local: stream in this process; ray: on a Ray actor pool "
-                 "(pip install 'moshi-ttt[ray]'), outputs and report as local."),
-]  # fmt: skip
+    typer.Option(
+        "--backend",
+        help="local: stream in this process; ray: on a Ray actor pool "
+        "(pip install 'moshi-ttt[ray]'), outputs and report as local.",
+    ),
+]
 RayAddress = tp.Annotated[
     str | None,
-    typer.Option("--ray-address", metavar="ADDR", help="--backend ray: a running cluster (e.g. auto, "
-                 "ray://head:10001); default: start a local Ray instance."),
-]  # fmt: skip
+    typer.Option(
+        "--ray-address",
+        metavar="ADDR",
+        help="--backend ray: a running cluster (e.g. auto, ray://head:10001); default: start a local Ray instance.",
+    ),
+]
 Workers = tp.Annotated[
     int | None,
-    typer.Option("--workers", help="--backend ray: actors, each with its own model (default: one per GPU on GPU, "
-                 "one per --threads cores on CPU)."),
-]  # fmt: skip
+    typer.Option(
+        "--workers",
+        help="--backend ray: actors, each with its own model (default: one per GPU on GPU, "
+        "one per --threads cores on CPU).",
+    ),
+]
 GpusPerWorker = tp.Annotated[
     float | None,
     typer.Option("--gpus-per-worker", help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."),
@@ -541,14 +561,30 @@ def score(
     predicts: TTT against plain Moshi (--no-ttt), by position (see README: Does TTT help?)."""
     with user_errors():
         options = RunOptions(
-            base=base, checkpoint=checkpoint, step=step, ttt_enabled=not no_ttt, device=device.value,
-            dtype=dtype.value, threads=threads, pattern=glob, include_hidden=include_hidden, overwrite=overwrite,
-            report=report, timeline=timeline, batch_size=batch_size, shard=shard, backend=backend.value,
+            base=base,
+            checkpoint=checkpoint,
+            step=step,
+            ttt_enabled=not no_ttt,
+            device=device.value,
+            dtype=dtype.value,
+            threads=threads,
+            pattern=glob,
+            include_hidden=include_hidden,
+            overwrite=overwrite,
+            report=report,
+            timeline=timeline,
+            batch_size=batch_size,
+            shard=shard,
+            backend=backend.value,
             ray=RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker),
-            score=ScoreOptions(user_stream=user_stream.value, text_stream=text_stream.value,
-                               bucket_seconds=bucket_seconds, first_codebook_weight=first_codebook_weight,
-                               text_padding_weight=text_padding_weight),
-        ).validate()  # fmt: skip
+            score=ScoreOptions(
+                user_stream=user_stream.value,
+                text_stream=text_stream.value,
+                bucket_seconds=bucket_seconds,
+                first_codebook_weight=first_codebook_weight,
+                text_padding_weight=text_padding_weight,
+            ),
+        ).validate()
         if options.backend == "ray":
             from moshi_ttt.backends.ray import require_ray
 

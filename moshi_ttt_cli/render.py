@@ -359,9 +359,17 @@ def score_summary(console: Console, report: Report, report_path: Path | None) ->
     """A `score` run: per file its NLL (nats) and weighted loss, then per position bucket the
     pooled NLL, with the attention window's edge marked."""
     table = Table(title="moshi-ttt score", title_justify="left")
-    for column, justify in (("file", "left"), ("status", "left"), ("audio s", "right"), ("audio NLL", "right"),
-                            ("cb0 NLL", "right"), ("text NLL", "right"), ("weighted loss", "right"),
-                            ("updates", "right"), ("note", "left")):  # fmt: skip
+    for column, justify in (
+        ("file", "left"),
+        ("status", "left"),
+        ("audio s", "right"),
+        ("audio NLL", "right"),
+        ("cb0 NLL", "right"),
+        ("text NLL", "right"),
+        ("weighted loss", "right"),
+        ("updates", "right"),
+        ("note", "left"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for result in report.all_files():
         scores = result.scores
@@ -374,11 +382,14 @@ def score_summary(console: Console, report: Report, report_path: Path | None) ->
             _nats(scores.nll.get("audio")) if scores else "-",
             _nats(scores.nll.get("cb0")) if scores else "-",
             _nats(scores.nll.get("text")) if scores else "-",
-            _nats(scores.weighted_loss.loss if scores.weighted_loss.loss is not None else
-                  scores.weighted_loss.audio_loss) if scores else "-",
+            _nats(
+                scores.weighted_loss.loss if scores.weighted_loss.loss is not None else scores.weighted_loss.audio_loss
+            )
+            if scores
+            else "-",
             str(sum(layer.updates for layer in layers)) if layers else "-",
             shown(note),
-        )  # fmt: skip
+        )
     console.print(table)
     totals = report.totals()
     pooled = totals.get("scores")
@@ -396,13 +407,21 @@ def score_summary(console: Console, report: Report, report_path: Path | None) ->
                 buckets.add_row(f"[bold]attention window ends at {context_s:g} s[/]", *[""] * (4 + has_text))
                 marked = True
             nll = bucket["nll"]
-            buckets.add_row(f"{bucket['start_s']:g}", f"{bucket['end_s']:g}", _nats(nll.get("audio")),
-                            _nats(nll.get("cb0")), *([_nats(nll.get("text"))] if has_text else []),
-                            str(bucket["count"].get("audio", 0)))  # fmt: skip
+            buckets.add_row(
+                f"{bucket['start_s']:g}",
+                f"{bucket['end_s']:g}",
+                _nats(nll.get("audio")),
+                _nats(nll.get("cb0")),
+                *([_nats(nll.get("text"))] if has_text else []),
+                str(bucket["count"].get("audio", 0)),
+            )
         console.print(buckets)
         ppl = pooled["perplexity"].get("audio")
-        console.print(f"audio: NLL {_nats(pooled['nll'].get('audio'))} nats over {pooled['count'].get('audio', 0)} "
-                      f"targets (perplexity {'-' if ppl is None else f'{ppl:.2f}'})", highlight=False)  # fmt: skip
+        console.print(
+            f"audio: NLL {_nats(pooled['nll'].get('audio'))} nats over {pooled['count'].get('audio', 0)} "
+            f"targets (perplexity {'-' if ppl is None else f'{ppl:.2f}'})",
+            highlight=False,
+        )
     console.print(
         f"{plural(totals['files'], 'file')}: [green]{totals['ok']} ok[/], [red]{totals['failed']} failed[/], "
         f"[yellow]{totals['skipped']} skipped[/]; {totals['audio_s']:.1f} s of audio in {totals['wall_s']:.1f} s",

@@ -1,61 +1,58 @@
 """The per-file worker every backend runs: reads recordings, streams them through a loaded model up
-to its batch size at once, writes each output as it is produced, and describes each file."""
+to its batch size at once, writes each output as it is produced, and describes each file. What is
+done to a file (infer or score) is its job kind's (`kinds.py`); failures, ordering and cleanup are
+the worker's, the same for both."""
 
 from __future__ import annotations
 
 import collections
-import time
 import typing as tp
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import AudioTooShortError, MoshiTTTError, failure_reason, os_reason
 from ..events import BatchEvents, SilentEvents
-from ..report.schema import FileResult, FileTTT, sha256_of
-from ..streaming.reference import StreamResult, timed_words_of, transcript_of
-from ..streaming.transcripts import render_transcript
-from .audio import SAMPLE_RATE, AudioWriter, read_recording, write_text
+from ..report.schema import FileResult
+from .kinds import InferFiles, InFlight, ScoreFiles
 from .plan import Job
 
 if tp.TYPE_CHECKING:
     from ..streaming.batched import BatchedRunner
 
-
-@dataclass
-class _InFlight:
-    """A file being streamed: its job, its output writer, and what is known of it so far."""
-
-    job: Job
-    writer: AudioWriter
-    duration: float
-    begin: float
-    warnings: list[str]
-    error: Exception | None = None  # the output could not be written; the file fails at its end
+FileKind = InferFiles | ScoreFiles
 
 
 class FileWorker:
-    """A `driver.Backend` in this process. Runs jobs on one loaded model: reads each recording,
-    streams up to the runner's batch size at once, writes each output block by block to a
-    temporary renamed into place when complete, and describes each file in a `FileResult`. A local
-    run and each Ray actor run this.
+    """A `driver.Backend` in this process. Runs jobs on one loaded model: reads each recording in
+    blocks, streams up to the runner's batch size at once, writes each output (block by block for
+    audio) to a temporary renamed into place when complete, and describes each file in a
+    `FileResult`. A local run and each Ray actor run this, for `infer` and `score` jobs alike.
 
-    A file that cannot be read or written fails alone. A failure inside a batched step (e.g. out
-    of memory) fails the files streaming at that moment, not the others: the worker starts a
-    fresh batch for the files left.
+    A file that cannot be read or written fails alone, also part way through. A failure inside a
+    batched step (e.g. out of memory) fails the files streaming at that moment, not the others:
+    the worker starts a fresh batch for the files left.
     """
 
     def __init__(
         self,
-        runner: BatchedRunner,
+        files: FileKind | BatchedRunner,
         text_format: str = "txt",
         channel: int | str | None = None,
         batch_size_reason: str = "",
     ):
-        self.runner = runner
+        # A bare runner is an `infer` worker (what the tests and notebooks build most).
+        self.files: FileKind = (
+            files if isinstance(files, (InferFiles, ScoreFiles)) else InferFiles(files, text_format, channel)
+        )
         self.batch_size_reason = batch_size_reason  # how the runner's batch size was chosen
-        self.text_format = text_format
-        self.channel = channel  # see audio.pick_channel
+
+    @property
+    def runner(self) -> tp.Any:
+        return self.files.runner
+
+    @property
+    def channel(self) -> int | str | None:
+        return getattr(self.files, "channel", None)
 
     def results(
         self, jobs: list[tuple[int, Job]], total: int, events: BatchEvents | None = None
@@ -63,58 +60,51 @@ class FileWorker:
         events = events or SilentEvents()
         pending = iter(jobs)
         known: collections.deque[tuple[int, FileResult]] = collections.deque()  # results not streamed
-        flights: dict[int, _InFlight] = {}
+        flights: dict[int, InFlight] = {}
 
-        def recordings() -> tp.Iterator[tuple[int, np.ndarray]]:
+        def recordings() -> tp.Iterator[tuple[int, tp.Any]]:
             for index, job in pending:
-                begin = time.perf_counter()
                 try:
-                    recording = read_recording(job.input, self.channel)
+                    flight, source = self.files.open(job)
                 except AudioTooShortError as exc:
                     known.append((index, FileResult(str(job.input), None, "skipped", exc.reason)))
                     continue
-                except MoshiTTTError as exc:
-                    known.append((index, FileResult(str(job.input), None, "failed", exc.reason)))
-                    continue
-                duration = len(recording.pcm) / SAMPLE_RATE
-                try:
-                    writer = AudioWriter(job.output)
                 except (MoshiTTTError, OSError) as exc:
-                    known.append(
-                        (index, FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=duration))
-                    )
+                    known.append((index, FileResult(str(job.input), None, "failed", failure_reason(exc))))
                     continue
-                flights[index] = _InFlight(job, writer, duration, begin, recording.warnings)
-                events.file_started(index, total, job, duration)
-                for warning in recording.warnings:
-                    events.file_warning(job, warning)
-                yield index, recording.pcm
+                flights[index] = flight
+                events.file_started(index, total, job, flight.planned_s)
+                yield index, source
 
         def write(index: int, block: np.ndarray) -> None:
             flight = flights[index]
             if flight.error is None:
                 try:
-                    flight.writer.write(block)
+                    tp.cast(tp.Any, flight.writer).write(block)
                 except OSError as exc:  # disk full: this file fails at its end, the others go on
                     flight.error = exc
 
         try:
             while True:
                 try:
-                    for index, streamed in self.runner.run(recordings(), on_audio=write, progress=events.frames_done):
+                    for index, streamed in self.files.stream(recordings(), write, events.frames_done):
                         yield from _drain(known)
-                        yield index, self._finish(flights.pop(index), streamed)
+                        yield index, self._finish(flights.pop(index), streamed, events)
                     yield from _drain(known)
                     return
                 except (RuntimeError, ValueError, OSError) as exc:
                     # The step that failed was every streaming file's: those fail, the rest go on.
                     for index, flight in flights.items():
-                        flight.writer.abort()
+                        flight.abort()
                         known.append(
                             (
                                 index,
                                 FileResult(
-                                    str(flight.job.input), None, "failed", os_reason(exc), duration_s=flight.duration
+                                    str(flight.job.input),
+                                    None,
+                                    "failed",
+                                    os_reason(exc),
+                                    duration_s=round(flight.read_s, 4),
                                 ),
                             )
                         )
@@ -122,43 +112,20 @@ class FileWorker:
                     yield from _drain(known)
         finally:  # interrupted: no temporaries left behind
             for flight in flights.values():
-                flight.writer.abort()
+                flight.abort()
 
-    def _finish(self, flight: _InFlight, streamed: StreamResult) -> FileResult:
-        job, model = flight.job, self.runner.model
+    def _finish(self, flight: InFlight, streamed: tp.Any, events: BatchEvents) -> FileResult:
+        job = flight.job
         try:
-            if flight.error is not None:
+            if flight.error is not None:  # read or written only in part
                 raise flight.error
-            transcript = transcript_of(model, streamed.text_tokens)
-            if job.text_output is not None:
-                write_text(
-                    job.text_output, render_transcript(self.text_format, transcript, timed_words_of(model, streamed))
-                )
-            flight.writer.commit()
-            digest = sha256_of(job.output)
+            result = self.files.finish(flight, streamed)
         except (MoshiTTTError, RuntimeError, ValueError, OSError) as exc:
-            flight.writer.abort()
-            return FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=flight.duration)
-        model_ttt = model.describe_ttt()
-        ttt = (
-            None
-            if model_ttt is None
-            else FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(streamed.ttt_layers))
-        )
-        return FileResult(
-            str(job.input),
-            str(job.output),
-            "ok",
-            None,
-            duration_s=round(flight.duration, 4),
-            frames=streamed.frames,
-            steps=streamed.steps,
-            wall_s=round(time.perf_counter() - flight.begin, 4),
-            ttt=ttt,
-            transcript=transcript,
-            output_sha256=digest,
-            warnings=flight.warnings,
-        )
+            flight.abort()
+            return FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=round(flight.read_s, 4))
+        for warning in result.warnings:
+            events.file_warning(job, warning)
+        return result
 
 
 def _drain(known: collections.deque) -> tp.Iterator[tp.Any]:

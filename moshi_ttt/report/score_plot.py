@@ -86,8 +86,14 @@ def plot_scores(reports: list[ScoredReport], output: Path, width: int, height: i
         for context in contexts:
             ax.axvline(context, linestyle=":", color="black", alpha=0.7)
     if contexts:
-        axes[0].text(min(contexts), 1.0, " attention window's edge", transform=axes[0].get_xaxis_transform(),
-                     va="top", fontsize="x-small")  # fmt: skip
+        axes[0].text(
+            min(contexts),
+            1.0,
+            " attention window's edge",
+            transform=axes[0].get_xaxis_transform(),
+            va="top",
+            fontsize="x-small",
+        )
     axes[0].legend(fontsize="x-small", loc="upper right")
     axes[0].set_title("NLL (nats) versus position, pooled over files", fontsize="medium")
     output = Path(output)

@@ -174,11 +174,12 @@ class ScoreSummary:
             nll=dict(data.get("nll") or {}),
             count=dict(data.get("count") or {}),
             perplexity=dict(data.get("perplexity") or {}),
-            weighted_loss=WeightedLoss(**(data.get("weighted_loss") or {"text_loss": None, "audio_loss": None,
-                                                                        "loss": None})),
+            weighted_loss=WeightedLoss(
+                **(data.get("weighted_loss") or {"text_loss": None, "audio_loss": None, "loss": None})
+            ),
             buckets=[Bucket(**b) for b in data.get("buckets") or []],
             total=dict(data.get("total") or {}),
-        )  # fmt: skip
+        )
 
     def to_json(self) -> dict:
         return asdict(self)

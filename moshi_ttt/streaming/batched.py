@@ -43,7 +43,7 @@ import torch
 
 from ..checkpoints.model import LoadedModel
 from ..options import Sampling, check_seed
-from .reference import StreamResult, make_lm_gen, split_frames
+from .reference import Frames, StreamResult, make_lm_gen
 from .sampler import StreamSampler
 
 Key = tp.TypeVar("Key")
@@ -56,8 +56,9 @@ class _Slot(tp.Generic[Key]):
     """One stream of the batch and the file it is on (None while idle)."""
 
     key: Key | None = None
-    frames: list[np.ndarray] = field(default_factory=list)  # views of the recording (host)
-    next_frame: int = 0
+    source: Frames | None = None  # the recording's frames, read as they are streamed
+    frame: np.ndarray | None = None  # the next frame, read a step ahead: None ends the file
+    next_frame: int = 0  # frames streamed so far
     steps: int = 0
     pcm: list[np.ndarray] = field(default_factory=list)
     samples: int = 0  # decoded so far
@@ -105,7 +106,7 @@ class BatchedRunner:
     @torch.no_grad()
     def run(
         self,
-        recordings: tp.Iterable[tuple[Key, np.ndarray]],
+        recordings: tp.Iterable[tuple[Key, np.ndarray | Frames]],
         on_audio: AudioFn | None = None,
         progress: FrameProgressFn | None = None,
     ) -> tp.Iterator[tuple[Key, StreamResult]]:
@@ -132,7 +133,8 @@ class BatchedRunner:
                         if item is None:
                             exhausted = True
                             continue
-                        slots[index] = _Slot(key=item[0], frames=split_frames(item[1], mimi.frame_size))
+                        source = item[1] if isinstance(item[1], Frames) else Frames.of(item[1], mimi.frame_size)
+                        slots[index] = _Slot(key=item[0], source=source, frame=next(source, None))
                         starting[index] = True
                 if any(starting):
                     mask = self._mask(starting)
@@ -141,7 +143,7 @@ class BatchedRunner:
                     for index in np.flatnonzero(starting):
                         self.sampler.reseed(int(index), self.seed)
                 # A file shorter than one frame has nothing to stream: done at once, as alone.
-                empty = [index for index, slot in enumerate(slots) if slot.busy and not slot.frames]
+                empty = [index for index, slot in enumerate(slots) if slot.busy and slot.frame is None]
                 if empty:
                     for index in empty:
                         yield slots[index].key, self._finish(index, slots[index])
@@ -153,7 +155,7 @@ class BatchedRunner:
                 batch = np.zeros((self.batch_size, 1, size), dtype=np.float32)
                 for index, slot in enumerate(slots):
                     if slot.busy:
-                        batch[index, 0] = slot.frames[slot.next_frame]
+                        batch[index, 0] = slot.frame
                 mimi.set_exec_mask(self._mask(active))
                 codes = mimi.encode(torch.from_numpy(batch).to(self.model.device))  # one copy per step
                 tokens = self._step(codes, active)
@@ -174,12 +176,13 @@ class BatchedRunner:
                 for slot in slots:
                     if slot.busy:
                         slot.next_frame += 1
-                ending = [slot.busy and slot.next_frame == len(slot.frames) for slot in slots]
+                        slot.frame = next(tp.cast(Frames, slot.source), None)
+                ending = [slot.busy and slot.frame is None for slot in slots]
                 if any(ending) or any(len(slot.pending_codes) >= self.decode_chunk for slot in slots):
                     self._decode(slots, on_audio)
                 for index, slot in enumerate(slots):
                     if slot.busy and progress is not None:
-                        progress(slot.key, slot.next_frame, len(slot.frames))
+                        progress(slot.key, slot.next_frame, max(slot.next_frame, tp.cast(Frames, slot.source).expected))
                     if ending[index]:
                         yield slot.key, self._finish(index, slot)
                         slots[index] = _Slot()
@@ -225,7 +228,7 @@ class BatchedRunner:
             text_tokens=slot.text_tokens,
             text_steps=slot.text_steps,
             max_delay=int(self.lm_gen.max_delay),
-            frames=len(slot.frames),
+            frames=slot.next_frame,
             steps=slot.steps,
             ttt_layers=reports,
         )

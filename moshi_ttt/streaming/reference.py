@@ -53,6 +53,27 @@ def split_frames(pcm: np.ndarray, frame_size: int) -> list[np.ndarray]:
     return [pcm[i : i + frame_size] for i in range(0, len(pcm) - frame_size + 1, frame_size)]
 
 
+class Frames:
+    """A recording's frames as they are read ([frame_size] float32 each, or [C, frame_size]), and
+    how many its header promises (for progress; the frames themselves decide where it ends)."""
+
+    def __init__(self, frames: tp.Iterable[np.ndarray], expected: int):
+        self._frames = iter(frames)
+        self.expected = expected
+
+    @classmethod
+    def of(cls, pcm: np.ndarray, frame_size: int) -> Frames:
+        """A whole recording in memory, split as `split_frames` splits it."""
+        frames = split_frames(pcm, frame_size)
+        return cls(frames, len(frames))
+
+    def __iter__(self) -> Frames:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._frames)
+
+
 def make_lm_gen(
     model: LoadedModel, batch_size: int, sampling: Sampling | None, **kwargs: tp.Any
 ) -> tuple[tp.Any, dict]:

@@ -122,8 +122,12 @@ class ScoreRunner:
                             exhausted = True
                             break
                         key, source = item
-                        slot = _Slot(key=key, source=source, text_row=self._text_row(source),
-                                     sums=ScoreAccumulator(self.layout.scored_rows))  # fmt: skip
+                        slot = _Slot(
+                            key=key,
+                            source=source,
+                            text_row=self._text_row(source),
+                            sums=ScoreAccumulator(self.layout.scored_rows),
+                        )
                         slot.frame = next(source.frames, None)
                         if slot.frame is None:  # nothing to stream: done at once
                             yield key, self._finish(slot, started=False)

@@ -44,10 +44,24 @@ def cluster():
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()), "--num-cpus", "2",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
+        [
+            RAY,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+            "--num-cpus",
+            "2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert started.returncode == 0, started.stderr
     yield env
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
@@ -56,10 +70,25 @@ def cluster():
 def test_ray_address_auto_joins_the_cluster_and_runs_the_workers_asked_for(cluster, tiny_inplace, tmp_path) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     write_corpus(src)
-    argv = cli_command(tiny_inplace, src, out, "--backend", "ray", "--ray-address", "auto", "--workers", "1",
-                       "--threads", "1", "--batch-size", "1", "--quiet")  # fmt: skip
-    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**cluster, "NO_TORCH_COMPILE": "1"})  # fmt: skip
+    argv = cli_command(
+        tiny_inplace,
+        src,
+        out,
+        "--backend",
+        "ray",
+        "--ray-address",
+        "auto",
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--batch-size",
+        "1",
+        "--quiet",
+    )
+    run = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**cluster, "NO_TORCH_COMPILE": "1"}
+    )
     stdout, stderr = run.communicate(timeout=600)
     assert run.returncode == 1, stderr  # the corpus holds one bad file
     # -q: our one line for the bad file, nothing of Ray's (its C++ core and loggers included).
@@ -67,8 +96,9 @@ def test_ray_address_auto_joins_the_cluster_and_runs_the_workers_asked_for(clust
     settings = json.loads((out / REPORT_NAME).read_text())["settings"]
     assert (settings["backend"], settings["workers"]) == ("ray", 1)
 
-    state = subprocess.run([sys.executable, "-c", CLUSTER_STATE], capture_output=True, text=True, timeout=120,
-                           env=cluster)  # fmt: skip
+    state = subprocess.run(
+        [sys.executable, "-c", CLUSTER_STATE], capture_output=True, text=True, timeout=120, env=cluster
+    )
     assert state.returncode == 0, state.stderr  # the cluster outlived the run: joined, not started
     known = json.loads(state.stdout.strip().splitlines()[-1])
     ours = [job["id"] for job in known["jobs"] if job["pid"] == run.pid]

@@ -69,7 +69,7 @@ FAILED = {
     "bad/text.mp3": "not a recognised audio format",
     "bad/deeper/text.wav": "not a recognised audio format",
     "bad/empty.wav": "empty file",
-    "bad/header_only.wav": "cannot decode audio",
+    "bad/header_only.wav": "WAV header is truncated",
 }
 SKIPPED = {"bad/short.wav": "shorter than one 80 ms frame"}
 

@@ -109,9 +109,23 @@ def test_ttt_changes_the_scores_and_learning_rate_0_is_plain_moshi(tiny_inplace,
     import shutil
 
     shutil.copytree(tiny_inplace.finetune, zero)
-    edit_json(zero / "config.json", lambda c: c["ttt_config"].update(learning_rate=0.0))
-    result = cli_run(["score", str(root), str(tmp_path / "z"), "--base", str(tiny_inplace.base), "--checkpoint",
-                      str(zero), "--device", "cpu", "--batch-size", "1"])  # fmt: skip
+    (config,) = zero.rglob("consolidated/config.json")
+    edit_json(config, lambda c: c["ttt_config"].update(learning_rate=0.0))
+    result = cli_run(
+        [
+            "score",
+            str(root),
+            str(tmp_path / "z"),
+            "--base",
+            str(tiny_inplace.base),
+            "--checkpoint",
+            str(zero),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+        ]
+    )
     assert result.exit_code == 0, result.output
     np.testing.assert_allclose(np.load(tmp_path / "z" / "talk" / "long.nll.npy"), runs["plain"], atol=1e-5)
 
@@ -119,8 +133,11 @@ def test_ttt_changes_the_scores_and_learning_rate_0_is_plain_moshi(tiny_inplace,
 def test_an_alignment_file_makes_text_scored(tiny_inplace, tmp_path) -> None:
     src = tmp_path / "in"
     recording = write(src / "a.wav", noise(3.0, seed=2, levels=(0.3,)))
-    words = [["hello", [0.2, 0.5], "SPEAKER_MAIN"], ["world", [0.9, 1.3], "SPEAKER_MAIN"],
-             ["other", [1.5, 1.9], "SPEAKER_OTHER"]]  # fmt: skip
+    words = [
+        ["hello", [0.2, 0.5], "SPEAKER_MAIN"],
+        ["world", [0.9, 1.3], "SPEAKER_MAIN"],
+        ["other", [1.5, 1.9], "SPEAKER_OTHER"],
+    ]
     recording.with_suffix(".json").write_text(json.dumps({"alignments": words}))
     write(src / "b.wav", noise(3.0, seed=3, levels=(0.3,)))  # no alignment: text not scored
     result = score(tiny_inplace, src, tmp_path / "out", "--user-stream", "copy")
@@ -162,7 +179,15 @@ def test_rerun_skips_scored_files_and_plot_compares_two_reports(tiny_inplace, st
     entry = json.loads((tmp_path / "ttt" / SCORES_REPORT_NAME).read_text())["files"][0]
     assert entry["status"] == "skipped" and entry["from_earlier_run"] and entry["scores"]["count"]["audio"] > 0
     png = tmp_path / "nll.png"
-    result = cli_run(["plot", str(tmp_path / "ttt" / SCORES_REPORT_NAME), "--compare",
-                      str(tmp_path / "plain" / SCORES_REPORT_NAME), "-o", str(png)])  # fmt: skip
+    result = cli_run(
+        [
+            "plot",
+            str(tmp_path / "ttt" / SCORES_REPORT_NAME),
+            "--compare",
+            str(tmp_path / "plain" / SCORES_REPORT_NAME),
+            "-o",
+            str(png),
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
