@@ -1,13 +1,12 @@
-"""Peak memory against recording length: outputs written as they are decoded vs joined at the end.
+"""Peak memory against recording length, for `infer` and `score` through `run_batch`.
 
-    .venv/bin/python bench/memory.py [--minutes 0.5 4]
+    .venv/bin/python bench/memory.py [--minutes 1 60]
 
-For each length, two fresh processes stream one synthetic recording through the tiny In-Place
-checkpoint: `run_batch` (the product: blocks to the output's temporary as decoded) and the
-reference `StreamingRunner`, which keeps every decoded frame and joins them before writing.
-Prints how much resident memory grew from the first tenth of the stream to its end (the join
-and write included for the reference). The input recording itself is read whole before
-streaming (24 kHz float32: 5.8 MB per minute), in both.
+For each length and job, a fresh process streams one synthetic 24 kHz recording through the
+tiny In-Place checkpoint (`--batch-size 1`) and reports its peak resident memory (VmHWM, the
+model load included). Recordings are read in blocks as they stream (`jobs/reader.py`), outputs
+written as they are produced (infer: audio blocks; score: one float32 array of `1 + dep_q`
+values per frame, the only thing that grows), so the peak should barely move with the length.
 """
 
 from __future__ import annotations
@@ -26,64 +25,51 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 import torch
 torch.set_num_threads(1)
 from moshi_ttt.events import SilentEvents
-mode, base, finetune, recording, out = sys.argv[1:6]
-samples = []  # resident MB at each tenth of the stream
-
-
-def rss_mb():
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def progress(done, total):
-    if done % max(total // 10, 1) == 0:
-        samples.append(rss_mb())
-
-
-class Events(SilentEvents):
-    def frames_done(self, index, done, total):
-        progress(done, total)
-
-
-if mode == "product":
-    from moshi_ttt.options import RunOptions
-    from moshi_ttt.run import run_batch
-    run_batch(recording, out, RunOptions(base=base, checkpoint=finetune, device="cpu", batch_size=1), Events())
-else:
-    from moshi_ttt.jobs.audio import read_audio, write_audio
-    from moshi_ttt.checkpoints.model import load_model
-    from moshi_ttt.streaming.reference import StreamingRunner
-    streamed = StreamingRunner(load_model(base, finetune)).run(read_audio(recording), progress=progress)
-    write_audio(out, streamed.pcm)
-    samples.append(rss_mb())  # the join and the write
-print(json.dumps({"first": samples[0], "last": max(samples[1:])}))
+from moshi_ttt.options import RunOptions, ScoreOptions
+from moshi_ttt.run import run_batch
+job, base, finetune, recording, out = sys.argv[1:6]
+options = RunOptions(base=base, checkpoint=finetune, device="cpu", batch_size=1,
+                     score=ScoreOptions() if job == "score" else None)
+outcome = run_batch(recording, out, options, SilentEvents())
+assert outcome.exit_code == 0, outcome.report.files
+with open("/proc/self/status") as handle:
+    peak = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:")) / 1024
+print(json.dumps({"peak_mb": peak}))
 """
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--minutes", type=float, nargs="+", default=[0.5, 4.0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1.0, 60.0])
     args = parser.parse_args()
     from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant
 
     root = Path(tempfile.mkdtemp(prefix="moshi-ttt-memory-"))
     paths = write_tiny_variant(root, "inplace")
-    print("minutes  growth while streaming, MB: product  joined")
+    print("minutes  peak resident MB: infer   score")
     for minutes in args.minutes:
         recording = write_sample_recordings(root / f"rec{minutes}", durations=(60 * minutes,))[0]
         row = []
-        for mode in ("product", "joined"):
-            out = root / f"{mode}-{minutes}.wav"
+        for job, suffix in (("infer", ".wav"), ("score", ".nll.npy")):
             done = subprocess.run(
-                [sys.executable, "-c", CHILD, mode, str(paths.base), str(paths.finetune), str(recording), str(out)],
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    job,
+                    str(paths.base),
+                    str(paths.finetune),
+                    str(recording),
+                    str(root / f"{job}-{minutes}{suffix}"),
+                ],
                 capture_output=True,
                 text=True,
-                check=True,
                 env={**os.environ, "NO_TORCH_COMPILE": "1"},
             )
-            numbers = json.loads(done.stdout.strip().splitlines()[-1])
-            row.append(numbers["last"] - numbers["first"])
-        print(f"{minutes:7.1f}  {row[0]:34.1f}  {row[1]:6.1f}", flush=True)
+            if done.returncode:
+                raise SystemExit(done.stderr)
+            row.append(json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"])
+        print(f"{minutes:7.1f}  {row[0]:22.1f}  {row[1]:6.1f}", flush=True)
 
 
 if __name__ == "__main__":

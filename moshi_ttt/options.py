@@ -255,6 +255,10 @@ class RunOptions:
             self.score.validate()
             if self.audio_format is not None:
                 raise OptionError("audio_format", "does not apply to scoring: it writes no audio")
+            if self.text or self.text_format != "txt":
+                raise OptionError("text", "does not apply to scoring: it writes no transcript")
+            if self.sampling != Sampling():
+                raise OptionError("sampling", "does not apply to scoring: it samples nothing")
             if self.decode_chunk is not None:
                 raise OptionError("decode_chunk", "does not apply to scoring: it decodes no audio")
         return replace(self, **changes) if changes else self

@@ -28,7 +28,7 @@ import logging
 import os
 import typing as tp
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import MoshiTTTError, first_line
@@ -44,6 +44,8 @@ INSTALL_HINT = "--backend ray needs Ray: pip install 'moshi-ttt[ray]'"
 # smaller batch size than auto would pick wastes some of the GPU, a larger one costs load balance
 # and retries whole tasks).
 GPU_FILES_PER_TASK = 16
+# Report settings the driver decides; the rest (the model's, the worker's) come from the actors.
+DRIVER_SETTINGS = ("base", "checkpoint", "seed", "backend", "workers", "gpus_per_worker")
 
 
 def require_ray() -> tp.Any:
@@ -251,23 +253,14 @@ class RayBackend:
         discard_temporaries([job for _, job in jobs])
 
     def _take_settings(self, text: str) -> None:
-        """The model's part of the settings, as the actor that streamed the first file saw it."""
+        """The model's part of the settings, as the actor that streamed the first file saw it; what
+        the driver decides (the checkpoints it was given, the seed, how Ray ran) stays the driver's."""
         theirs = RunSettings.from_json(json.loads(text))
-        for name in (
-            "device",
-            "dtype",
-            "threads",
-            "channel",
-            "lm",
-            "sampling",
-            "sampling_overrides",
-            "batch_size",
-            "batch_size_reason",
-            "decode_chunk",
-            "ttt",
-        ):
-            setattr(self.settings, name, getattr(theirs, name))
-        self.settings.extra.update(theirs.extra)
+        for name in (f.name for f in fields(RunSettings)):
+            if name == "extra":
+                self.settings.extra.update(theirs.extra)
+            elif name not in DRIVER_SETTINGS:
+                setattr(self.settings, name, getattr(theirs, name))
 
     def close(self) -> None:
         """Stop the local Ray instance this backend started (a cluster it joined keeps running)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from ..errors import MoshiTTTError
-from .schema import REPORT_NAME, REPORT_SCHEMA, FileResult, Report, RunSettings, sha256_of
+from .schema import REPORT_NAME, REPORT_SCHEMA, SCORES_REPORT_NAME, FileResult, Report, RunSettings, sha256_of
 
 # Settings each process decides for itself (auto batch size from its own file count and memory,
 # its threads and device): differing between shards is expected, not worth a warning.
@@ -319,4 +319,9 @@ def merge_reports(report: Path, lock_folder: Path | None = None) -> MergeOutcome
 
 
 def default_report_of(out: Path) -> Path:
-    return Path(out).absolute() / REPORT_NAME
+    """The report `report merge OUT` merges into: `infer`'s, or `score`'s where only that one (or
+    its parts) is there."""
+    infer, score = Path(out).absolute() / REPORT_NAME, Path(out).absolute() / SCORES_REPORT_NAME
+    if not infer.exists() and not find_parts(infer) and (score.exists() or find_parts(score)):
+        return score
+    return infer

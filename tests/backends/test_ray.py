@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,24 @@ def test_without_ray_installed_it_is_one_line(tiny_inplace, corpus, tmp_path, mo
     assert_no_traceback(result)
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --backend ray needs Ray: pip install 'moshi-ttt[ray]'"
+
+
+def test_score_on_ray_writes_what_a_local_score_writes(tiny_inplace, corpus, tmp_path) -> None:
+    """`score` is a job kind of the same worker: on Ray actors it gives the local run's arrays."""
+    from moshi_ttt.options import ScoreOptions
+    from moshi_ttt.report.schema import SCORES_REPORT_NAME
+
+    src, _ = corpus
+    scoring = replace(options(tiny_inplace), text=False, score=ScoreOptions())
+    local = run_batch(src, tmp_path / "local", scoring, SilentEvents())
+    remote = run_batch(
+        src, tmp_path / "ray", replace(scoring, backend="ray", ray=RayOptions(workers=2)), SilentEvents()
+    )
+    assert local.exit_code == remote.exit_code == 1  # the bad file failed in both
+    arrays = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.nll.npy"))
+    assert arrays and arrays == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*.nll.npy"))
+    for rel in arrays:
+        assert (tmp_path / "ray" / rel).read_bytes() == (tmp_path / "local" / rel).read_bytes(), rel
+    ours = report_of(tmp_path / "ray" / SCORES_REPORT_NAME)
+    assert ours["settings"]["score"]["user_stream"] == "silence" and ours["settings"]["backend"] == "ray"
+    assert ours["totals"]["scores"] == report_of(tmp_path / "local" / SCORES_REPORT_NAME)["totals"]["scores"]

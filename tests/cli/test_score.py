@@ -191,3 +191,20 @@ def test_rerun_skips_scored_files_and_plot_compares_two_reports(tiny_inplace, st
     )
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shards_of_a_score_run_merge_into_one_scores_report(tiny_inplace, tmp_path) -> None:
+    src = tmp_path / "in"
+    for index in range(4):
+        write(src / f"f{index}.wav", noise(0.8, seed=20 + index, levels=(0.3,)))
+    whole = score(tiny_inplace, src, tmp_path / "whole", "--batch-size", "1")
+    assert whole.exit_code == 0, whole.output
+    for shard in ("0/2", "1/2"):
+        result = score(tiny_inplace, src, tmp_path / "out", "--shard", shard, "--batch-size", "1")
+        assert result.exit_code == 0, result.output
+    merged = cli_run(["report", "merge", str(tmp_path / "out")])
+    assert merged.exit_code == 0, merged.output
+    report = json.loads((tmp_path / "out" / SCORES_REPORT_NAME).read_text())
+    expected = json.loads((tmp_path / "whole" / SCORES_REPORT_NAME).read_text())
+    assert report["totals"]["scores"]["count"] == expected["totals"]["scores"]["count"]
+    assert report["totals"]["scores"]["nll"]["audio"] == pytest.approx(expected["totals"]["scores"]["nll"]["audio"])
