@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 from moshi_ttt.checkpoints.model import load_model  # noqa: E402
 from moshi_ttt.checkpoints.tiny import write_sample_recordings, write_tiny_variant  # noqa: E402
-from moshi_ttt.jobs.audio import SAMPLE_RATE, read_audio, to_pcm16  # noqa: E402
+from moshi_ttt.jobs.audio import read_audio, to_pcm16  # noqa: E402
+from moshi_ttt.jobs.files import SAMPLE_RATE
 from moshi_ttt.streaming.batched import BatchedRunner  # noqa: E402
 
 

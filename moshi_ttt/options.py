@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import MoshiTTTError
-from .jobs.audio import FOLDER_AUDIO_FORMATS, parse_channel
+from .jobs.files import FOLDER_AUDIO_FORMATS, parse_channel
 from .report.shards import Shard, parse_shard
 from .runtime import DEFAULT_BASE, DTYPE_NAMES
 from .streaming.transcripts import TEXT_FORMATS

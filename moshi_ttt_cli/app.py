@@ -57,7 +57,7 @@ try:
 
         from moshi_ttt import __version__
         from moshi_ttt.errors import MoshiTTTError
-        from moshi_ttt.jobs.audio import FOLDER_AUDIO_FORMATS
+        from moshi_ttt.jobs.files import FOLDER_AUDIO_FORMATS
         from moshi_ttt.options import OptionError, RayOptions, RunOptions, Sampling, ScoreOptions
         from moshi_ttt.run import EXIT_CANNOT_START
         from moshi_ttt.runtime import DEFAULT_BASE, DTYPE_NAMES, prepare_runtime

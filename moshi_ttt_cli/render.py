@@ -358,15 +358,15 @@ def _nats(value: float | None) -> str:
 def score_summary(console: Console, report: Report, report_path: Path | None) -> None:
     """A `score` run: per file its NLL (nats) and weighted loss, then per position bucket the
     pooled NLL, with the attention window's edge marked."""
-    table = Table(title="moshi-ttt score", title_justify="left")
+    table = Table(title="moshi-ttt score (NLL in nats)", title_justify="left")
     for column, justify in (
         ("file", "left"),
         ("status", "left"),
-        ("audio s", "right"),
-        ("audio NLL", "right"),
-        ("cb0 NLL", "right"),
-        ("text NLL", "right"),
-        ("weighted loss", "right"),
+        ("s", "right"),
+        ("audio", "right"),
+        ("cb0", "right"),
+        ("text", "right"),
+        ("loss", "right"),
         ("updates", "right"),
         ("note", "left"),
     ):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import MoshiTTTError, first_line
 from ..events import BatchEvents, SilentEvents
-from ..jobs.audio import is_our_temporary, temporary_of
+from ..jobs.files import is_our_temporary, temporary_of
 from ..jobs.plan import Job
 from ..options import RayOptions, RunOptions
 from ..report.schema import FileResult, RunSettings, file_json, strict_json

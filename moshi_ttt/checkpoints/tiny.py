@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..jobs.audio import SAMPLE_RATE
+from ..jobs.files import SAMPLE_RATE
 from ..ttt.families import family, family_of
 
 FRAME_RATE = 12.5

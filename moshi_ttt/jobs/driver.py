@@ -11,7 +11,7 @@ from ..errors import os_reason
 from ..events import BatchEvents, SilentEvents
 from ..report.history import EarlierResults, carried
 from ..report.schema import FileResult, Report, RunSettings
-from .audio import probe_duration, write_text
+from .files import write_text
 from .plan import Job
 
 
@@ -57,6 +57,8 @@ class BatchRunner:
         """`keep`: which earlier entries of files this run does not plan the report lists (all)."""
         start = time.perf_counter()
         self.report.earlier = self.earlier.others(jobs, keep)
+        from .reader import probe_duration  # reads headers only; numpy is not for `--help`
+
         self.events.batch_started(
             [job.duration_hint if job.duration_hint is not None else probe_duration(job.input) for job in jobs]
         )

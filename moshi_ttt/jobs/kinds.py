@@ -21,7 +21,8 @@ from ..report.scores import summarize
 from ..streaming.reference import Frames, StreamResult, timed_words_of, transcript_of
 from ..streaming.transcripts import render_transcript
 from .alignments import alignment_path, read_alignments, text_row_for
-from .audio import FRAME_SIZE, SAMPLE_RATE, AudioWriter, atomic_output, write_text
+from .audio import AudioWriter
+from .files import FRAME_SIZE, SAMPLE_RATE, atomic_output, write_text
 from .plan import Job
 from .reader import RecordingReader
 

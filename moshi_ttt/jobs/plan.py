@@ -19,7 +19,7 @@ from ..errors import MoshiTTTError
 from ..report.history import EarlierResults, earlier_results, read_report
 from ..report.schema import REPORT_NAME, SCORES_REPORT_NAME, FileResult
 from ..report.shards import Shard, holder_of, lock_is_held, running_shards
-from .audio import AUDIO_EXTENSIONS, is_our_temporary, output_format, temporary_of
+from .files import AUDIO_EXTENSIONS, is_our_temporary, output_format, temporary_of
 from .guard import LOCK_NAME, OutputLock, check_sources_untouched, check_writable
 from .manifest import is_manifest, read_manifest
 

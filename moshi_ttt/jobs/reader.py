@@ -75,7 +75,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AudioError, AudioTooShortError, MoshiTTTError
-from .audio import CHANNELS_DIFFER, FRAME_SIZE, MIN_SAMPLE_RATE, MIX, SAMPLE_RATE, SILENCE_RMS, _reason, parse_channel
+from .audio import CHANNELS_DIFFER, SILENCE_RMS, _reason
+from .files import FRAME_SIZE, MIN_SAMPLE_RATE, MIX, SAMPLE_RATE, parse_channel
 
 # Above any rate audio is recorded at (DXD is 352.8 kHz): a larger number is a broken header.
 MAX_SAMPLE_RATE = 384_000

@@ -249,7 +249,7 @@ class Report:
         return strict_json(data)
 
     def write(self, path: Path) -> None:
-        from ..jobs.audio import atomic_output
+        from ..jobs.files import atomic_output
 
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")

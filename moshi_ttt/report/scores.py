@@ -23,7 +23,8 @@ import math
 import typing as tp
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
+if tp.TYPE_CHECKING:
+    import numpy as np
 
 SECONDS_PER_FRAME = 0.08  # Moshi's frame: one LM step per 80 ms
 AUDIO = "audio"
@@ -43,6 +44,8 @@ class Sums:
     count: dict[str, int] = field(default_factory=dict)
 
     def add(self, key: str, values: np.ndarray) -> None:
+        import numpy as np
+
         scored = values[~np.isnan(values)]
         self.total[key] = self.total.get(key, 0.0) + float(scored.astype(np.float64).sum())
         self.count[key] = self.count.get(key, 0) + int(scored.size)
@@ -58,6 +61,7 @@ class Sums:
 
 def array_sums(nll: np.ndarray, text_scored: bool) -> Sums:
     """Sums of a `[1 + dep_q, T']` slice: text (if scored), each codebook, and all audio."""
+
     sums = Sums()
     names = row_names(nll.shape[0] - 1)
     if text_scored:
@@ -129,6 +133,8 @@ def finetune_loss(
     Only w > 0 enters the numerator; every w the denominator. Training sums the two terms
     (each averaged over its own targets), so text and audio weigh the same whatever their counts.
     """
+    import numpy as np
+
     nll = np.asarray(nll, dtype=np.float64)
     targets = np.asarray(targets)
     counted = ~np.isnan(nll) if counted is None else np.asarray(counted, dtype=bool)
@@ -146,6 +152,8 @@ def finetune_loss(
 
 def _weighted_sums(nll: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
     """`(sum(where(w > 0, nll * w, 0)), sum(w))`: loss.py's reduction, before its division."""
+    import numpy as np
+
     positive = weights > 0
     return float(np.where(positive, np.where(positive, nll, 0.0) * weights, 0.0).sum()), float(weights.sum())
 
@@ -209,6 +217,8 @@ def summarize(
 ) -> ScoreSummary:
     """A file's summary from its score array. nll [1 + dep_q, T] (NaN: not scored); text_row [T]
     the text targets (for the padding weights; ignored when text is not scored)."""
+    import numpy as np
+
     rows, frames = nll.shape
     targets = np.zeros_like(nll, dtype=np.int64)  # [R, T]: only the text targets matter for the weights
     targets[0] = np.asarray(text_row, dtype=np.int64)[:frames]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from ..jobs.audio import FRAME_SIZE, SAMPLE_RATE
+from ..jobs.files import FRAME_SIZE, SAMPLE_RATE
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE  # 80 ms: one LMGen step
 TEXT_FORMATS = ("txt", "jsonl", "srt")

@@ -24,7 +24,7 @@ from helpers.cli import assert_no_traceback, infer
 from moshi_ttt.checkpoints.tiny import write_sample_recordings
 from moshi_ttt.errors import MoshiTTTError
 from moshi_ttt.events import SilentEvents
-from moshi_ttt.jobs.audio import FRAME_SIZE
+from moshi_ttt.jobs.files import FRAME_SIZE
 from moshi_ttt.options import RayOptions, RunOptions
 from moshi_ttt.report.schema import REPORT_NAME
 from moshi_ttt.run import run_batch

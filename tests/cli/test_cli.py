@@ -29,7 +29,7 @@ from helpers.cli import (
     report_of,
     start_and_wait_for_finished_files,
 )
-from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
+from moshi_ttt.jobs.files import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
 from moshi_ttt.jobs.guard import LOCK_NAME
 from moshi_ttt.jobs.plan import Job
 from moshi_ttt.report.schema import REPORT_NAME, REPORT_SCHEMA, FileResult
@@ -446,7 +446,7 @@ def _temporaries_of_a_killed_run(targets: list[Path]) -> list[Path]:
     """What a run killed mid-write leaves: real temporaries of `atomic_output`, from a process
     that is gone (os._exit skips every cleanup, as kill -9 does)."""
     code = (
-        "import os, sys, contextlib\nfrom pathlib import Path\nfrom moshi_ttt.jobs.audio import atomic_output\n"
+        "import os, sys, contextlib\nfrom pathlib import Path\nfrom moshi_ttt.jobs.files import atomic_output\n"
         "with contextlib.ExitStack() as stack:\n"
         "    for name in sys.argv[1:]:\n"
         "        tmp = stack.enter_context(atomic_output(Path(name)))\n"
@@ -459,7 +459,7 @@ def _temporaries_of_a_killed_run(targets: list[Path]) -> list[Path]:
 
 
 def test_stale_partials_are_never_inputs_and_only_ours_are_cleaned_up(tiny_inplace, recordings, tmp_path: Path) -> None:
-    from moshi_ttt.jobs.audio import atomic_output
+    from moshi_ttt.jobs.files import atomic_output
 
     src, out = tmp_path / "in", tmp_path / "in" / "out"  # outputs inside the input folder
     src.mkdir()

@@ -30,7 +30,8 @@ from helpers.cli import (
     start_and_wait_for_finished_files,
 )
 from moshi_ttt.errors import AudioError
-from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output, read_audio, write_audio
+from moshi_ttt.jobs.audio import read_audio, write_audio
+from moshi_ttt.jobs.files import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output
 from moshi_ttt.jobs.guard import LOCK_NAME
 from moshi_ttt.report.schema import REPORT_NAME, FileResult, Report, RunSettings
 from moshi_ttt_cli.app import app

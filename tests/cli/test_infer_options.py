@@ -18,7 +18,8 @@ from helpers.cli import assert_no_traceback, infer, report_of
 from moshi_ttt.checkpoints.model import load_model
 from moshi_ttt.errors import MoshiTTTError
 from moshi_ttt.events import SilentEvents
-from moshi_ttt.jobs.audio import FRAME_SIZE, SAMPLE_RATE, read_audio
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.jobs.files import FRAME_SIZE, SAMPLE_RATE
 from moshi_ttt.jobs.plan import Job
 from moshi_ttt.options import RunOptions, Sampling
 from moshi_ttt.report.schema import REPORT_NAME, FileResult

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moshi_ttt.jobs.audio import PARTIAL_SUFFIX, read_audio
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.jobs.files import PARTIAL_SUFFIX
 from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt.ttt.base import TTTController
 

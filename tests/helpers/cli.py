@@ -14,7 +14,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from helpers import files_under
-from moshi_ttt.jobs.audio import FRAME_SIZE
+from moshi_ttt.jobs.files import FRAME_SIZE
 from moshi_ttt.report.schema import REPORT_NAME
 from moshi_ttt_cli.app import app
 

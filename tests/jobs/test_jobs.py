@@ -22,8 +22,9 @@ from helpers import partials, tone
 from moshi_ttt.checkpoints.model import load_model
 from moshi_ttt.errors import AudioError, AudioTooShortError, MoshiTTTError
 from moshi_ttt.events import SilentEvents
-from moshi_ttt.jobs.audio import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, AudioWriter, read_audio, write_audio
+from moshi_ttt.jobs.audio import AudioWriter, read_audio, write_audio
 from moshi_ttt.jobs.driver import BatchRunner
+from moshi_ttt.jobs.files import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
 from moshi_ttt.jobs.plan import Job, default_report_path, find_inputs, plan_jobs, prepare_batch
 from moshi_ttt.jobs.worker import FileWorker
 from moshi_ttt.report.schema import REPORT_SCHEMA, RunSettings

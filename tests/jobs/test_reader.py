@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from helpers import sweep
 from moshi_ttt.errors import AudioError, AudioTooShortError
-from moshi_ttt.jobs.audio import FRAME_SIZE, SAMPLE_RATE, pick_channel, read_recording
+from moshi_ttt.jobs.audio import pick_channel, read_recording
+from moshi_ttt.jobs.files import FRAME_SIZE, SAMPLE_RATE
 from moshi_ttt.jobs.reader import (
     MAX_SAMPLE_RATE,
     SOUNDFILE,
@@ -229,7 +230,7 @@ def test_resampler_pads_to_the_exact_length(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("rate", [SAMPLE_RATE, 44_100])
 def test_channel_choice_equals_pick_channel(tmp_path: Path, rate: int) -> None:
-    from moshi_ttt.jobs.audio import parse_channel
+    from moshi_ttt.jobs.files import parse_channel
 
     pcm = np.concatenate([stereo(rate, 2.0), 0.3 * stereo(rate, 2.0)[:, ::-1]], axis=1)  # 4 channels
     path = tmp_path / "dialogue.wav"

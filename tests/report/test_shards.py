@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from helpers import comparable, files_under, partials, write_corpus
 from helpers.cli import assert_no_traceback, infer, report_of
 from moshi_ttt.errors import MoshiTTTError
-from moshi_ttt.jobs.audio import atomic_output
+from moshi_ttt.jobs.files import atomic_output
 from moshi_ttt.jobs.guard import OutputLock
 from moshi_ttt.report.schema import REPORT_NAME
 from moshi_ttt.report.shards import Shard, parse_shard, shard_of
@@ -241,7 +241,7 @@ def test_shards_run_side_by_side_but_never_twice_nor_beside_an_unsharded_run(tin
 def _dead_temporary(final: Path) -> Path:
     """A temporary of `final` left by a process that is gone (made in a child that exits)."""
     code = (
-        "import sys; from pathlib import Path; from moshi_ttt.jobs.audio import AtomicFile; "
+        "import sys; from pathlib import Path; from moshi_ttt.jobs.files import AtomicFile; "
         "f = AtomicFile(Path(sys.argv[1])); f.tmp.write_bytes(b'half'); print(f.tmp)"
     )
     done = subprocess.run([sys.executable, "-c", code, str(final)], capture_output=True, text=True, check=True)

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from helpers import block_hub
 from moshi_ttt.checkpoints.layouts import base_checkpoint_info
 from moshi_ttt.checkpoints.model import load_model
-from moshi_ttt.jobs.audio import FRAME_SIZE, read_audio
+from moshi_ttt.jobs.audio import read_audio
+from moshi_ttt.jobs.files import FRAME_SIZE
 from moshi_ttt.runtime import default_threads, resolve_dtype, set_threads
 from moshi_ttt.streaming.reference import StreamingRunner
 from moshi_ttt_cli.app import app
