@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import AudioTooShortError, MoshiTTTError, failure_reason, os_reason
+from ..errors import AudioTooShortError, failure_reason, stops_the_run
 from ..events import BatchEvents, SilentEvents
 from ..report.schema import FileResult, FileTTT, sha256_of
 from ..streaming.reference import StreamResult, timed_words_of, transcript_of
@@ -19,7 +19,7 @@ from .audio import SAMPLE_RATE, AudioWriter, read_recording, write_text
 from .plan import Job
 
 if tp.TYPE_CHECKING:
-    from ..streaming.batched import BatchedRunner
+    from ..streaming.batched import BatchedRunner, StreamFailure
 
 
 @dataclass
@@ -31,7 +31,6 @@ class _InFlight:
     duration: float
     begin: float
     warnings: list[str]
-    error: Exception | None = None  # the output could not be written; the file fails at its end
 
 
 class FileWorker:
@@ -40,9 +39,15 @@ class FileWorker:
     temporary renamed into place when complete, and describes each file in a `FileResult`. A local
     run and each Ray actor run this.
 
-    A file that cannot be read or written fails alone. A failure inside a batched step (e.g. out
-    of memory) fails the files streaming at that moment, not the others: the worker starts a
-    fresh batch for the files left.
+    Every failure stays in its file. Whatever goes wrong while one file is read, decoded,
+    resampled, streamed (its TTT fast weights becoming NaN/Inf) or written, a Rust panic of a
+    decoder or running out of memory included, is a failed entry with a one-line reason
+    (`errors.failure_reason`) and the run goes on; only an interrupt or an exit stops it
+    (`errors.stops_the_run`). A write that fails (disk full) deletes that file's temporary at once
+    and frees its slot, so its space serves the next files. A failure inside a batched step (out of
+    memory) fails the files streaming at that moment, not the others: the worker starts a fresh
+    batch for the files left. A failure before any file streams (the batch's state cannot be
+    allocated) fails the next file, so a run always moves on.
     """
 
     def __init__(
@@ -65,24 +70,24 @@ class FileWorker:
         known: collections.deque[tuple[int, FileResult]] = collections.deque()  # results not streamed
         flights: dict[int, _InFlight] = {}
 
+        def failed(job: Job, exc: BaseException, duration: float = 0.0) -> FileResult:
+            return FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=duration)
+
         def recordings() -> tp.Iterator[tuple[int, np.ndarray]]:
             for index, job in pending:
                 begin = time.perf_counter()
-                try:
+                duration = 0.0  # not known until it is read
+                try:  # this file's boundary: reading, decoding, resampling, opening its output
                     recording = read_recording(job.input, self.channel)
+                    duration = len(recording.pcm) / SAMPLE_RATE
+                    writer = AudioWriter(job.output)
                 except AudioTooShortError as exc:
                     known.append((index, FileResult(str(job.input), None, "skipped", exc.reason)))
                     continue
-                except MoshiTTTError as exc:
-                    known.append((index, FileResult(str(job.input), None, "failed", exc.reason)))
-                    continue
-                duration = len(recording.pcm) / SAMPLE_RATE
-                try:
-                    writer = AudioWriter(job.output)
-                except (MoshiTTTError, OSError) as exc:
-                    known.append(
-                        (index, FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=duration))
-                    )
+                except BaseException as exc:
+                    if stops_the_run(exc):
+                        raise
+                    known.append((index, failed(job, exc, duration)))
                     continue
                 flights[index] = _InFlight(job, writer, duration, begin, recording.warnings)
                 events.file_started(index, total, job, duration)
@@ -91,44 +96,55 @@ class FileWorker:
                 yield index, recording.pcm
 
         def write(index: int, block: np.ndarray) -> None:
-            flight = flights[index]
-            if flight.error is None:
-                try:
-                    flight.writer.write(block)
-                except OSError as exc:  # disk full: this file fails at its end, the others go on
-                    flight.error = exc
+            writer = flights[index].writer
+            try:
+                writer.write(block)
+            except BaseException:  # disk full: its temporary goes now, and the runner frees its slot
+                writer.abort()
+                raise
 
         try:
             while True:
+                stream = self.runner.run(recordings(), on_audio=write, progress=events.frames_done)
                 try:
-                    for index, streamed in self.runner.run(recordings(), on_audio=write, progress=events.frames_done):
+                    for index, streamed in stream:
                         yield from _drain(known)
                         yield index, self._finish(flights.pop(index), streamed)
                     yield from _drain(known)
                     return
-                except (RuntimeError, ValueError, OSError) as exc:
+                except BaseException as exc:
+                    stream.close()  # streaming state left before anything else (a fresh batch)
+                    if stops_the_run(exc):
+                        raise
                     # The step that failed was every streaming file's: those fail, the rest go on.
                     for index, flight in flights.items():
                         flight.writer.abort()
-                        known.append(
-                            (
-                                index,
-                                FileResult(
-                                    str(flight.job.input), None, "failed", os_reason(exc), duration_s=flight.duration
-                                ),
-                            )
-                        )
+                        known.append((index, failed(flight.job, exc, flight.duration)))
+                    upcoming = None if flights else next(pending, None)
+                    if upcoming is not None:  # the batch could not start: the next file fails, so the run moves on
+                        batch = self.runner.batch_size
+                        reason = f"streaming could not start at batch size {batch}: {failure_reason(exc)}"
+                        known.append((upcoming[0], FileResult(str(upcoming[1].input), None, "failed", reason[:300])))
+                    done = not flights and upcoming is None
                     flights.clear()
-                    yield from _drain(known)
+                yield from _drain(known)
+                if done:
+                    return
         finally:  # interrupted: no temporaries left behind
             for flight in flights.values():
                 flight.writer.abort()
 
-    def _finish(self, flight: _InFlight, streamed: StreamResult) -> FileResult:
+    def _finish(self, flight: _InFlight, streamed: StreamResult | StreamFailure) -> FileResult:
         job, model = flight.job, self.runner.model
         try:
-            if flight.error is not None:
-                raise flight.error
+            if not isinstance(streamed, StreamResult):  # its slot failed alone (write, TTT divergence)
+                raise streamed.error
+            model_ttt = model.describe_ttt()
+            ttt = (
+                None
+                if model_ttt is None
+                else FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(streamed.ttt_layers))
+            )
             transcript = transcript_of(model, streamed.text_tokens)
             if job.text_output is not None:
                 write_text(
@@ -136,15 +152,11 @@ class FileWorker:
                 )
             flight.writer.commit()
             digest = sha256_of(job.output)
-        except (MoshiTTTError, RuntimeError, ValueError, OSError) as exc:
+        except BaseException as exc:
             flight.writer.abort()
+            if stops_the_run(exc):
+                raise
             return FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=flight.duration)
-        model_ttt = model.describe_ttt()
-        ttt = (
-            None
-            if model_ttt is None
-            else FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(streamed.ttt_layers))
-        )
         return FileResult(
             str(job.input),
             str(job.output),
