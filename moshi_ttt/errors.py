@@ -44,9 +44,25 @@ def first_line(exc: BaseException) -> str:
 
 def os_reason(exc: BaseException) -> str:
     """A one-line reason for an exception that is not ours: its type and first line."""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    text = str(exc).strip()
+    return (f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__)[:300]
 
 
 def failure_reason(exc: BaseException) -> str:
-    """What a report says of a file's failure: our own errors say it already."""
-    return exc.reason if isinstance(exc, MoshiTTTError) else os_reason(exc)
+    """What a report says of a file's failure: our own errors say it already; a crash of a native
+    decoder (a Rust panic surfaces as pyo3's `PanicException`) or running out of memory is named as
+    such, in one line."""
+    if isinstance(exc, MoshiTTTError):
+        return exc.reason
+    if type(exc).__name__ == "PanicException":  # pyo3_runtime's, a BaseException: not importable by name
+        return f"a native library crashed ({os_reason(exc)})"[:300]
+    if isinstance(exc, MemoryError):
+        return f"out of memory ({os_reason(exc)})"[:300]
+    return os_reason(exc)
+
+
+def stops_the_run(exc: BaseException) -> bool:
+    """Whether `exc` ends the whole run rather than one file: an interrupt (Ctrl-C, SIGTERM), an
+    exit, or a generator being closed. Anything else that happens while a file is read, streamed or
+    written is that file's failure (`failure_reason`), a Rust panic or an out-of-memory included."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import stops_the_run
 from ..report.schema import FileResult, FileTTT, sha256_of
 from ..report.scores import summarize
 from ..streaming.reference import Frames, StreamResult, timed_words_of, transcript_of
@@ -70,7 +71,9 @@ class InFlight:
     def _guarded(self, source: tp.Iterator[np.ndarray]) -> tp.Iterator[np.ndarray]:
         try:
             yield from source
-        except Exception as exc:  # a decode error mid-file: this file fails at its end
+        except BaseException as exc:  # a decode error mid-file: this file fails at its end
+            if stops_the_run(exc):
+                raise
             self.error = exc
 
     def abort(self) -> None:

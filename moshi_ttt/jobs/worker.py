@@ -10,9 +10,10 @@ import typing as tp
 
 import numpy as np
 
-from ..errors import AudioTooShortError, MoshiTTTError, failure_reason, os_reason
+from ..errors import AudioTooShortError, failure_reason, stops_the_run
 from ..events import BatchEvents, SilentEvents
 from ..report.schema import FileResult
+from ..streaming.batched import StreamFailure
 from .kinds import InferFiles, InFlight, ScoreFiles
 from .plan import Job
 
@@ -28,9 +29,15 @@ class FileWorker:
     audio) to a temporary renamed into place when complete, and describes each file in a
     `FileResult`. A local run and each Ray actor run this, for `infer` and `score` jobs alike.
 
-    A file that cannot be read or written fails alone, also part way through. A failure inside a
-    batched step (e.g. out of memory) fails the files streaming at that moment, not the others:
-    the worker starts a fresh batch for the files left.
+    Every failure stays in its file. Whatever goes wrong while one file is read, decoded,
+    resampled, streamed (its TTT fast weights becoming NaN/Inf) or written, a Rust panic of a
+    decoder or running out of memory included, is a failed entry with a one-line reason
+    (`errors.failure_reason`) and the run goes on; only an interrupt or an exit stops it
+    (`errors.stops_the_run`). A write that fails (disk full) deletes that file's temporary at once
+    and frees its slot, so its space serves the next files. A failure inside a batched step (out of
+    memory) fails the files streaming at that moment, not the others: the worker starts a fresh
+    batch for the files left. A failure before any file streams (the batch's state cannot be
+    allocated) fails the next file, so a run always moves on.
     """
 
     def __init__(
@@ -40,7 +47,7 @@ class FileWorker:
         channel: int | str | None = None,
         batch_size_reason: str = "",
     ):
-        # A bare runner is an `infer` worker (what the tests and notebooks build most).
+        # A bare runner is an `infer` worker (what tests and notebooks build most).
         self.files: FileKind = (
             files if isinstance(files, (InferFiles, ScoreFiles)) else InferFiles(files, text_format, channel)
         )
@@ -62,54 +69,60 @@ class FileWorker:
         known: collections.deque[tuple[int, FileResult]] = collections.deque()  # results not streamed
         flights: dict[int, InFlight] = {}
 
+        def failed(job: Job, exc: BaseException, duration: float = 0.0) -> FileResult:
+            return FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=round(duration, 4))
+
         def recordings() -> tp.Iterator[tuple[int, tp.Any]]:
             for index, job in pending:
-                try:
+                try:  # this file's boundary: its header, its first frames, its output
                     flight, source = self.files.open(job)
                 except AudioTooShortError as exc:
                     known.append((index, FileResult(str(job.input), None, "skipped", exc.reason)))
                     continue
-                except (MoshiTTTError, OSError) as exc:
-                    known.append((index, FileResult(str(job.input), None, "failed", failure_reason(exc))))
+                except BaseException as exc:
+                    if stops_the_run(exc):
+                        raise
+                    known.append((index, failed(job, exc)))
                     continue
                 flights[index] = flight
                 events.file_started(index, total, job, flight.planned_s)
                 yield index, source
 
         def write(index: int, block: np.ndarray) -> None:
-            flight = flights[index]
-            if flight.error is None:
-                try:
-                    tp.cast(tp.Any, flight.writer).write(block)
-                except OSError as exc:  # disk full: this file fails at its end, the others go on
-                    flight.error = exc
+            writer = tp.cast(tp.Any, flights[index].writer)
+            try:
+                writer.write(block)
+            except BaseException:  # disk full: its temporary goes now, and the runner frees its slot
+                writer.abort()
+                raise
 
+        done = False
         try:
-            while True:
+            while not done:
+                stream = self.files.stream(recordings(), write, events.frames_done)
                 try:
-                    for index, streamed in self.files.stream(recordings(), write, events.frames_done):
+                    for index, streamed in stream:
                         yield from _drain(known)
                         yield index, self._finish(flights.pop(index), streamed, events)
-                    yield from _drain(known)
-                    return
-                except (RuntimeError, ValueError, OSError) as exc:
+                    done = True
+                except BaseException as exc:
+                    stream.close()  # streaming state left before anything else (a fresh batch)
+                    if stops_the_run(exc):
+                        raise
                     # The step that failed was every streaming file's: those fail, the rest go on.
                     for index, flight in flights.items():
                         flight.abort()
-                        known.append(
-                            (
-                                index,
-                                FileResult(
-                                    str(flight.job.input),
-                                    None,
-                                    "failed",
-                                    os_reason(exc),
-                                    duration_s=round(flight.read_s, 4),
-                                ),
-                            )
+                        known.append((index, failed(flight.job, exc, flight.read_s)))
+                    upcoming = None if flights else next(pending, None)
+                    if upcoming is not None:  # the batch could not start: the next file fails, so the run moves on
+                        reason = f"streaming could not start at batch size {self.runner.batch_size}: "
+                        failure = FileResult(
+                            str(upcoming[1].input), None, "failed", (reason + failure_reason(exc))[:300]
                         )
+                        known.append((upcoming[0], failure))
+                    done = not flights and upcoming is None
                     flights.clear()
-                    yield from _drain(known)
+                yield from _drain(known)
         finally:  # interrupted: no temporaries left behind
             for flight in flights.values():
                 flight.abort()
@@ -117,11 +130,15 @@ class FileWorker:
     def _finish(self, flight: InFlight, streamed: tp.Any, events: BatchEvents) -> FileResult:
         job = flight.job
         try:
-            if flight.error is not None:  # read or written only in part
+            if isinstance(streamed, StreamFailure):  # its slot failed alone (write, TTT divergence)
+                raise streamed.error
+            if flight.error is not None:  # read only in part (a decode error mid-file)
                 raise flight.error
             result = self.files.finish(flight, streamed)
-        except (MoshiTTTError, RuntimeError, ValueError, OSError) as exc:
+        except BaseException as exc:
             flight.abort()
+            if stops_the_run(exc):
+                raise
             return FileResult(str(job.input), None, "failed", failure_reason(exc), duration_s=round(flight.read_s, 4))
         for warning in result.warnings:
             events.file_warning(job, warning)

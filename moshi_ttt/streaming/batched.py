@@ -24,6 +24,15 @@ runs beside it (tested to be equal on CPU float32).
 Decoded audio goes to `on_audio(key, block)` as it is produced when the caller gives one (a file
 writer: memory stays flat however long the recording); otherwise it is joined into the result.
 
+A failure of one file stays in its slot: when its `on_audio` raises (disk full) the slot is freed
+at once, in the step it happened, and when its TTT fast weights became NaN/Inf (a per-stream
+flag kept on the device at commit time, read when the file ends) its file ends with that; `run`
+yields `(key, StreamFailure)` for it and the other slots never notice. A slot's attention caches
+are zeroed whenever it takes a file (a reset only moves their positions back, and a masked NaN a
+diverged file left there would still poison attention: 0 * NaN), so no file inherits anything
+from the one before it. A failure of a batched step (out of memory) is every busy slot's: it
+leaves `run`, whose streaming state is then left cleanly, so the caller can start a fresh batch.
+
 Chunked decoding (`decode_chunk` > 1, opt-in) keeps Mimi's decoder streaming, so the audio is the
 frame-by-frame audio up to float rounding (~2e-7, within one 16-bit step; tokens never change;
 measured in `bench/throughput.py --decode-chunk`). Slots are decoded together: when any slot has
@@ -35,6 +44,7 @@ step. The default, one frame per step, is moshi's decode exactly and independent
 
 from __future__ import annotations
 
+import contextlib
 import typing as tp
 from dataclasses import dataclass, field
 
@@ -42,6 +52,7 @@ import numpy as np
 import torch
 
 from ..checkpoints.model import LoadedModel
+from ..errors import stops_the_run
 from ..options import Sampling, check_seed
 from .reference import Frames, StreamResult, make_lm_gen
 from .sampler import StreamSampler
@@ -49,6 +60,15 @@ from .sampler import StreamSampler
 Key = tp.TypeVar("Key")
 AudioFn = tp.Callable[[tp.Any, np.ndarray], None]  # (key, decoded 24 kHz float32 block)
 FrameProgressFn = tp.Callable[[tp.Any, int, int], None]  # (key, frames done, frames total)
+
+
+@dataclass
+class StreamFailure:
+    """What `BatchedRunner.run` yields for a recording it could not finish, in place of its
+    `StreamResult`: the exception that ended it (its `on_audio` raised, or its TTT fast weights
+    became NaN/Inf). Only its slot was affected."""
+
+    error: BaseException
 
 
 @dataclass
@@ -65,6 +85,7 @@ class _Slot(tp.Generic[Key]):
     pending_codes: list[torch.Tensor] = field(default_factory=list)  # [K, 1] each, not yet decoded
     text_tokens: list[int] = field(default_factory=list)
     text_steps: list[int] = field(default_factory=list)  # the slot's step count when each came back
+    failure: BaseException | None = None  # its on_audio raised: the slot is freed after this step
 
     @property
     def busy(self) -> bool:
@@ -109,8 +130,9 @@ class BatchedRunner:
         recordings: tp.Iterable[tuple[Key, np.ndarray | Frames]],
         on_audio: AudioFn | None = None,
         progress: FrameProgressFn | None = None,
-    ) -> tp.Iterator[tuple[Key, StreamResult]]:
-        """Yield `(key, result)` for every recording as soon as it is done (completion order).
+    ) -> tp.Iterator[tuple[Key, StreamResult | StreamFailure]]:
+        """Yield `(key, result)` for every recording as soon as it is done (completion order), a
+        `StreamFailure` for one whose `on_audio` raised or whose TTT weights became NaN/Inf.
 
         Recordings are pulled from `recordings` only when a slot frees, so at most `batch_size`
         are held at once. With `on_audio`, decoded audio goes there block by block and results
@@ -122,7 +144,7 @@ class BatchedRunner:
         size = mimi.frame_size
         self.controller.set_frozen(not self.ttt_enabled)
         self.controller.set_timeline(self.timeline)
-        with mimi.streaming(self.batch_size), lm_gen.streaming(self.batch_size), self.sampler.installed():
+        with streaming(mimi, self.batch_size), streaming(lm_gen, self.batch_size), self.sampler.installed():
             exhausted = False
             while True:
                 # Free slots take the next files.
@@ -142,6 +164,7 @@ class BatchedRunner:
                     lm_gen.reset_streaming(mask)  # its callback resets the LM, TTT fast weights included
                     for index in np.flatnonzero(starting):
                         self.sampler.reseed(int(index), self.seed)
+                    scrub_attention_caches((self.model.lm, self.model.mimi), np.flatnonzero(starting))
                 # A file shorter than one frame has nothing to stream: done at once, as alone.
                 empty = [index for index, slot in enumerate(slots) if slot.busy and slot.frame is None]
                 if empty:
@@ -181,6 +204,10 @@ class BatchedRunner:
                 if any(ending) or any(len(slot.pending_codes) >= self.decode_chunk for slot in slots):
                     self._decode(slots, on_audio)
                 for index, slot in enumerate(slots):
+                    if slot.failure is not None:  # its audio could not be taken: free the slot now
+                        yield slot.key, StreamFailure(slot.failure)
+                        slots[index] = _Slot()
+                        continue
                     if slot.busy and progress is not None:
                         progress(slot.key, slot.next_frame, max(slot.next_frame, tp.cast(Frames, slot.source).expected))
                     if ending[index]:
@@ -205,10 +232,15 @@ class BatchedRunner:
             for index in np.flatnonzero(group):
                 slot = slots[index]
                 slot.samples += pcm.shape[-1]
-                if on_audio is not None:
-                    on_audio(slot.key, pcm[index, 0])
-                else:
+                if on_audio is None:
                     slot.pcm.append(pcm[index, 0])
+                elif slot.failure is None:
+                    try:
+                        on_audio(slot.key, pcm[index, 0])
+                    except BaseException as exc:  # this file's sink failed (disk full): this file only
+                        if stops_the_run(exc):
+                            raise
+                        slot.failure = exc
 
     def _step(self, codes: torch.Tensor, active: list[bool]) -> torch.Tensor:
         """One LM step for the `active` streams; the TTT layers hear which ones consumed a token."""
@@ -218,9 +250,16 @@ class BatchedRunner:
         self.controller.after_step(active)
         return tokens
 
-    def _finish(self, index: int, slot: _Slot) -> StreamResult:
-        self.controller.flush([index])
-        reports = self.controller.reports(index) if self.controller else []
+    def _finish(self, index: int, slot: _Slot) -> StreamResult | StreamFailure:
+        """The slot's file is done: flush its TTT chunk and collect its numbers; a `StreamFailure`
+        where its fast weights became NaN/Inf (the layer's report says which, and when)."""
+        try:
+            self.controller.flush([index])
+            reports = self.controller.reports(index) if self.controller else []
+        except BaseException as exc:
+            if stops_the_run(exc):
+                raise
+            return StreamFailure(exc)
         audio = np.concatenate(slot.pcm) if slot.pcm else np.zeros(0, dtype=np.float32)
         return StreamResult(
             pcm=audio,
@@ -232,3 +271,43 @@ class BatchedRunner:
             steps=slot.steps,
             ttt_layers=reports,
         )
+
+
+def scrub_attention_caches(modules: tp.Iterable[tp.Any], rows: tp.Iterable[int]) -> None:
+    """Zero `rows` of every attention cache below `modules` as those streams take new files.
+    moshi's reset only moves the cache positions back, and attention reads the stale entries
+    with weight 0: harmless when they are finite (so outputs do not change), NaN when a file
+    whose TTT weights diverged left NaN/Inf there. In place, so a captured CUDA graph keeps
+    its tensors.
+
+    moshi adapter, checked against moshi 0.2.13: `_MHAState.kv_cache` is a `RingKVCache` whose
+    `cache` is `[2, B, heads, capacity, dim]` (B rows: LMGen runs without CFG here)."""
+    ids = [int(row) for row in rows]
+    for root in modules:
+        for module in root.modules():
+            cache = getattr(getattr(module, "_streaming_state", None), "kv_cache", None)
+            if cache is not None:
+                for index in ids:
+                    cache.cache[:, index].zero_()
+
+
+@contextlib.contextmanager
+def streaming(module: tp.Any, batch_size: int) -> tp.Iterator[None]:
+    """`module.streaming(batch_size)`, left cleanly even when entering it fails part way.
+
+    moshi adapter, checked against moshi 0.2.13: `StreamingModule.streaming` gives its streaming
+    submodules their states one after another (LMGen's enters its detached LM's inside its own) and
+    registers the undo only once all have one, so an allocation failing half way (out of memory at
+    a large batch) would leave the first ones streaming, and the next batch would die with
+    "... is already streaming!". On such a failure every streaming module below `module` is stopped."""
+    from moshi.modules.streaming import StreamingModule
+
+    try:
+        stack = module.streaming(batch_size)
+    except BaseException:
+        for child in module.modules():
+            if isinstance(child, StreamingModule):
+                child._streaming_state = None
+        raise
+    with stack:
+        yield

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from ..checkpoints.model import LoadedModel
+from ..errors import stops_the_run
+from .batched import StreamFailure, scrub_attention_caches
 from .scoring import FileScore, ScoreAccumulator, TeacherForcedScorer
 
 Key = tp.TypeVar("Key")
@@ -104,7 +106,7 @@ class ScoreRunner:
     @torch.no_grad()
     def run(
         self, recordings: tp.Iterable[tuple[Key, ScoreInput]], progress: FrameProgressFn | None = None
-    ) -> tp.Iterator[tuple[Key, ScoredFile]]:
+    ) -> tp.Iterator[tuple[Key, ScoredFile | StreamFailure]]:
         """Yield `(key, ScoredFile)` for every recording as soon as it ends (completion order).
         Recordings are pulled only when a slot frees, so at most `batch_size` are open at once."""
         mimi, B = self.model.mimi, self.batch_size
@@ -137,6 +139,9 @@ class ScoreRunner:
                         starting[index] = True
                 if any(starting):
                     mimi.reset_streaming(self._mask(starting + starting))
+                    rows = np.flatnonzero(starting)
+                    scrub_attention_caches((self.model.lm,), rows)  # a diverged file's NaNs stay behind
+                    scrub_attention_caches((mimi,), [*rows, *(rows + B)])
                 active = [slot.busy for slot in slots]
                 if not any(active):
                     return
@@ -187,8 +192,15 @@ class ScoreRunner:
         text_column = torch.from_numpy(text).to(codes.device)[:, None]  # [B, 1]
         return torch.cat([text_column, moshi, user], dim=1)  # [B, K]
 
-    def _finish(self, slot: _Slot, index: int | None = None, started: bool = True) -> ScoredFile:
-        reports = self.scorer.finish(index) if started and index is not None else []
+    def _finish(self, slot: _Slot, index: int | None = None, started: bool = True) -> ScoredFile | StreamFailure:
+        """The slot's file is done: flush its TTT chunk and collect its scores; a `StreamFailure`
+        where its fast weights became NaN/Inf (the layer's report says which), for it alone."""
+        try:
+            reports = self.scorer.finish(index) if started and index is not None else []
+        except BaseException as exc:
+            if stops_the_run(exc):
+                raise
+            return StreamFailure(exc)
         frames = slot.steps
         nll = slot.sums.array(frames) if slot.sums is not None else np.zeros((self.layout.scored_rows, 0))
         text_row = np.resize(slot.text_row, frames) if len(slot.text_row) < frames else slot.text_row[:frames]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from helpers.cli import (
     report_of,
     start_and_wait_for_finished_files,
 )
+from moshi_ttt.checkpoints.tiny import TinyPaths
 from moshi_ttt.errors import AudioError
 from moshi_ttt.jobs.audio import read_audio, write_audio
 from moshi_ttt.jobs.files import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output
@@ -501,3 +503,52 @@ def test_output_folder_slash_format_by_extension_and_escaped_names(tiny_inplace,
     result = infer(tiny_inplace, evil.parent, tmp_path / "names_out", "--no-details")
     assert result.exit_code == 0, result.output
     assert "\x1b" not in result.output and "a\\nb\\x1b[31m[bold]c[red].wav" in result.output
+
+
+# -- 13. a failure of one file stays in its file -----------------------------------------------------------
+
+
+def test_a_file_whose_fast_weights_diverge_fails_alone(tiny_inplace, tmp_path: Path) -> None:
+    """At a learning rate this absurd (and no delta clip) silence drives the In-Place fast weights
+    to Inf while loud noise does not: the update grows with what the layer hears. Streamed one at a
+    time, the noise then takes the slot the silence left: it must come out as when it runs alone."""
+    checkpoint = edit_finetune_config(tiny_inplace, tmp_path / "ckpt", learning_rate=4e35)
+    tiny = TinyPaths(tiny_inplace.base, checkpoint)
+    src = tmp_path / "rec"
+    src.mkdir()
+    sf.write(src / "a_silence.wav", np.zeros(2 * SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)
+    noise = np.random.default_rng(0).uniform(-0.9, 0.9, 2 * SAMPLE_RATE).astype(np.float32)
+    sf.write(src / "b_noise.wav", noise, SAMPLE_RATE)
+    result = infer(tiny, src, tmp_path / "out", "--batch-size", 1, "--delta-clip", "none", "--quiet")
+    assert_no_traceback(result)
+    assert result.exit_code == 1, result.output
+    files = {Path(f["input"]).name: f for f in report_of(tmp_path / "out" / REPORT_NAME)["files"]}
+    assert files["a_silence.wav"]["status"] == "failed"
+    assert re.fullmatch(
+        r"TTT layer \d+: fast weights became NaN/Inf at update \d+ of \d+", files["a_silence.wav"]["reason"]
+    )
+    assert files["b_noise.wav"]["status"] == "ok"
+    assert files_under(tmp_path / "out") == ["b_noise.wav", REPORT_NAME]
+
+    alone = infer(tiny, src / "b_noise.wav", tmp_path / "alone.wav", "--batch-size", 1, "--delta-clip", "none")
+    assert alone.exit_code == 0, alone.output
+    assert (tmp_path / "out" / "b_noise.wav").read_bytes() == (tmp_path / "alone.wav").read_bytes()
+
+
+def test_a_wav_that_crashes_the_decoder_fails_alone(tiny_inplace, recordings, tmp_path: Path) -> None:
+    """A WAV header with sample rate 0 makes the Rust decoder panic (pyo3's PanicException is a
+    BaseException): one failed entry with a one-line reason, and the run goes on."""
+    src = tmp_path / "rec"
+    src.mkdir()
+    data = bytearray(recordings[0].read_bytes())
+    at = data.find(b"fmt ") + 12  # the fmt chunk's sample rate
+    data[at : at + 4] = (0).to_bytes(4, "little")
+    (src / "a_rate0.wav").write_bytes(bytes(data))
+    shutil.copy(recordings[1], src / "b.wav")
+    result = infer(tiny_inplace, src, tmp_path / "out", "--batch-size", 2, "--quiet")
+    assert_no_traceback(result)
+    assert result.exit_code == 1, result.output
+    files = {Path(f["input"]).name: f for f in report_of(tmp_path / "out" / REPORT_NAME)["files"]}
+    assert files["a_rate0.wav"]["status"] == "failed" and "\n" not in files["a_rate0.wav"]["reason"]
+    assert files["b.wav"]["status"] == "ok"
+    assert partials(tmp_path) == []
