@@ -180,6 +180,8 @@ class RunOptions:
     seed: int = 4242  # reapplied at the start of every file
     pattern: str | None = None  # only inputs whose relative path or name matches this glob
     include_hidden: bool = False
+    # Also take recordings in folders of IN that hold a moshi-ttt report or lock (another run's OUT).
+    include_outputs: bool = False
     text: bool = False  # also write transcripts (implied by a text_format other than txt)
     text_format: str = "txt"  # txt (words) | jsonl (timed words) | srt (subtitles); see transcripts.py
     # An index, "left", "right", "mix", or None: channel 0, with a warning on two-track dialogues.

@@ -138,6 +138,7 @@ def run_batch(
         text_format=options.text_format,
         audio_format=options.audio_format,
         shard=tp.cast(tp.Any, options.shard),
+        include_outputs=options.include_outputs,
     )
     backend: tp.Any = None
     batch: BatchRunner | None = None

@@ -222,6 +222,11 @@ def infer(
     include_hidden: bool = typer.Option(
         False, "--include-hidden", help="Also take hidden files and folders as inputs (never macOS ._ files)."
     ),
+    include_outputs: bool = typer.Option(
+        False,
+        "--include-outputs",
+        help="Also take recordings in folders of IN holding a moshi-ttt report or lock (other runs' outputs).",
+    ),
     text: bool = typer.Option(False, "--text", help="Also write Moshi's text stream beside each output."),
     text_format: TextFormat = typer.Option(
         TextFormat.txt,
@@ -307,6 +312,7 @@ def infer(
             seed=seed,
             pattern=glob,
             include_hidden=include_hidden,
+            include_outputs=include_outputs,
             text=text,
             text_format=text_format.value,
             channel=channel,
