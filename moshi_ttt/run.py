@@ -72,6 +72,7 @@ def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int =
         dtype=dtype,
         ttt_overrides=options.ttt_overrides(),
         step=options.step,
+        streams=options.batch_size,
     )
     batch_size, reason = choose_batch_size(options.batch_size, model, files)
     runner = BatchedRunner(
