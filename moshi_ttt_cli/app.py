@@ -49,6 +49,11 @@ def _remembering_interrupts() -> tp.Iterator[None]:
         raise KeyboardInterrupt
 
 
+if None in (sys.stdin, sys.stdout, sys.stderr):  # started with a closed stream: see render
+    from .render import reopen_closed_standard_streams
+
+    reopen_closed_standard_streams()
+
 try:
     with _remembering_interrupts():
         import typer
@@ -75,8 +80,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Offline inference for Moshi fine-tuned with Test-Time Training layers.",
 )
-out = Console()
-err = Console(stderr=True)
+# Output to people and to pipes never stops a run: a reader that goes away only silences it.
+out = Console(file=render.SafeStream("stdout"))
+err = Console(file=render.SafeStream("stderr"), stderr=True)
 
 
 class BackendName(str, Enum):
@@ -526,8 +532,11 @@ def main() -> None:
     except SystemExit as exc:
         # Typer turns Ctrl-C during argument parsing into a silent exit 130: say it in one line.
         if exc.code in (130, 143) and not _said_interrupted:
-            sys.stderr.write("interrupted during start-up\n")
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write("interrupted during start-up\n")
         raise
+    finally:
+        render.settle_streams()  # a closed stdout must not turn the exit code into 120
 
 
 if __name__ == "__main__":
