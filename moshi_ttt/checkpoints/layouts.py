@@ -110,12 +110,13 @@ LM_COUNTED = {
     "n_q": "emb.",
     "dep_q": "linears.",
 }
-# ...and (tensor, axis, offset) of sizes: `text_emb` is [text_card + 1, dim].
+# ...and (tensor, axis, offset) of sizes: `text_emb` is [text_card + 1, dim], `depformer_in.0`
+# [depformer_dim, dim] (the depformer's embeddings may be low-rank, its input projection is not).
 LM_SHAPED = {
     "dim": ("text_emb.weight", 1, 0),
     "text_card": ("text_emb.weight", 0, 1),
     "card": ("emb.0.weight", 0, 1),
-    "depformer_dim": ("depformer_text_emb.weight", 1, 0),
+    "depformer_dim": ("depformer_in.0.weight", 0, 0),
 }
 MIMI_LAYER_PREFIX = "encoder_transformer.transformer.layers."
 
@@ -285,7 +286,7 @@ def _sanitize_lm_config(info: tp.Any, source: Path) -> None:
     """Make the LM kwargs safe for `LMModel(...)` (moshi passes every unknown key through)."""
     if info.lm_config is None:
         return
-    check_lm_config(info.lm_config, source, Path(info.moshi_weights))
+    check_lm_config(info.lm_config, source, Path(info.moshi_weights) if info.moshi_weights else None)
     parse_yarn_config(info.lm_config, source)  # a setting we cannot honour fails here, naming the file
     for key in NON_LM_KEYS:
         info.lm_config.pop(key, None)

@@ -116,6 +116,10 @@ def test_more_threads_than_cpus_are_refused_before_loading(threads, tiny_inplace
         ({"dep_q": 10**9}, "dep_q is 1000000000, but the weights hold 2 (linears.N)"),
         ({"dim": 10**6}, "dim is 1000000, but the weights (model.safetensors) have 64"),
         ({"card": 10**9}, "card is 1000000000, but the weights (model.safetensors) have 128"),
+        (
+            {"depformer_dim": 32, "depformer_num_heads": 2},
+            "depformer_dim is 32, but the weights (model.safetensors) have 16",
+        ),
     ],
     ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
 )
