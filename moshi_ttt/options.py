@@ -13,6 +13,7 @@ No torch here: `moshi-ttt --help` and option errors must be instant.
 from __future__ import annotations
 
 import math
+import os
 import typing as tp
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -28,7 +29,8 @@ BACKENDS = ("local", "ray")
 DEVICES = ("auto", "cpu", "cuda")
 # numpy's seed must fit in 32 bits; torch's and random's take that range too.
 SEED_RANGE = range(0, 2**32)
-# More intra-op threads than this only spawn idle threads (and take minutes to start).
+# More intra-op threads than this only spawn idle threads (and take minutes to start); a local run
+# also takes no more than the CPUs it may use (`usable_cpus`): more only compete for them.
 MAX_THREADS = 1024
 # How the user stream is filled for a mono recording when scoring, and how the text row is
 # filled without an alignment file (see `streaming/scoring.py`).
@@ -180,6 +182,8 @@ class RunOptions:
     seed: int = 4242  # reapplied at the start of every file
     pattern: str | None = None  # only inputs whose relative path or name matches this glob
     include_hidden: bool = False
+    # Also take recordings in folders of IN that hold a moshi-ttt report or lock (another run's OUT).
+    include_outputs: bool = False
     text: bool = False  # also write transcripts (implied by a text_format other than txt)
     text_format: str = "txt"  # txt (words) | jsonl (timed words) | srt (subtitles); see transcripts.py
     # An index, "left", "right", "mix", or None: channel 0, with a warning on two-track dialogues.
@@ -213,6 +217,8 @@ class RunOptions:
             raise OptionError("dtype", f"must be one of {', '.join((AUTO, *DTYPE_NAMES))}, got {self.dtype!r}")
         if self.threads is not None:
             _whole("threads", self.threads, 1, MAX_THREADS)
+            if self.backend == "local" and self.threads > (cpus := usable_cpus()):
+                raise OptionError("threads", f"must be at most {cpus}, the CPUs this run may use, got {self.threads}")
         check_seed(self.seed)
         if self.text_format not in TEXT_FORMATS:
             raise OptionError("text_format", f"must be one of {', '.join(TEXT_FORMATS)}, got {self.text_format!r}")
@@ -279,6 +285,14 @@ class RunOptions:
         return {
             f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)
         }
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or `taskset`'s share)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def check_seed(seed: int) -> int:

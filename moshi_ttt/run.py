@@ -73,6 +73,7 @@ def make_worker(options: RunOptions, device: tp.Any, dtype: tp.Any, files: int =
         dtype=dtype,
         ttt_overrides=options.ttt_overrides(),
         step=options.step,
+        streams=options.batch_size,
     )
     batch_size, reason = choose_batch_size(options.batch_size, model, files)
     if options.score is not None:
@@ -189,6 +190,7 @@ def run_batch(
         audio_format=options.audio_format,
         shard=tp.cast(tp.Any, options.shard),
         scores=options.score is not None,
+        include_outputs=options.include_outputs,
     )
     backend: tp.Any = None
     batch: BatchRunner | None = None

@@ -49,6 +49,11 @@ def _remembering_interrupts() -> tp.Iterator[None]:
         raise KeyboardInterrupt
 
 
+if None in (sys.stdin, sys.stdout, sys.stderr):  # started with a closed stream: see render
+    from .render import reopen_closed_standard_streams
+
+    reopen_closed_standard_streams()
+
 try:
     with _remembering_interrupts():
         import typer
@@ -75,8 +80,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Offline inference for Moshi fine-tuned with Test-Time Training layers.",
 )
-out = Console()
-err = Console(stderr=True)
+# Output to people and to pipes never stops a run: a reader that goes away only silences it.
+out = Console(file=render.SafeStream("stdout"))
+err = Console(file=render.SafeStream("stderr"), stderr=True)
 
 
 class BackendName(str, Enum):
@@ -222,6 +228,11 @@ def infer(
     include_hidden: bool = typer.Option(
         False, "--include-hidden", help="Also take hidden files and folders as inputs (never macOS ._ files)."
     ),
+    include_outputs: bool = typer.Option(
+        False,
+        "--include-outputs",
+        help="Also take recordings in folders of IN holding a moshi-ttt report or lock (other runs' outputs).",
+    ),
     text: bool = typer.Option(False, "--text", help="Also write Moshi's text stream beside each output."),
     text_format: TextFormat = typer.Option(
         TextFormat.txt,
@@ -307,6 +318,7 @@ def infer(
             seed=seed,
             pattern=glob,
             include_hidden=include_hidden,
+            include_outputs=include_outputs,
             text=text,
             text_format=text_format.value,
             channel=channel,
@@ -746,8 +758,11 @@ def main() -> None:
     except SystemExit as exc:
         # Typer turns Ctrl-C during argument parsing into a silent exit 130: say it in one line.
         if exc.code in (130, 143) and not _said_interrupted:
-            sys.stderr.write("interrupted during start-up\n")
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write("interrupted during start-up\n")
         raise
+    finally:
+        render.settle_streams()  # a closed stdout must not turn the exit code into 120
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -24,6 +27,92 @@ from moshi_ttt.jobs.plan import Job
 from moshi_ttt.report.schema import FileResult, Report
 
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "skipped": "yellow"}
+
+
+def reopen_closed_standard_streams() -> None:
+    """A standard stream started closed (`>&-`, `2>&-`): Python leaves it None, and the next file
+    opened would take its descriptor, where any library's stray print would land. Point it at
+    /dev/null instead, so output to it is simply dropped."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            with contextlib.suppress(OSError):
+                os.fstat(fd)
+                continue  # the descriptor is open (someone else set the stream None): leave it
+            devnull = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+
+
+class SafeStream:
+    """`sys.stdout` or `sys.stderr` (looked up at every write, so a test runner's capture is seen)
+    for a console whose reader may go away: `moshi-ttt infer ... | head -1`, `--json | true`, a
+    closed terminal, a full disk. A write or flush that fails drops that text and every later
+    one (the stream's descriptor is pointed at /dev/null, so neither we nor the interpreter's
+    flush at exit ever fail on it again) and never reaches the run: progress and tables just
+    stop, the batch goes on, and the exit code still speaks of files only."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.broken = False
+
+    @property
+    def stream(self) -> tp.TextIO:
+        return getattr(sys, self.name)
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):
+                self._give_up()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                self._give_up()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def __getattr__(self, name: str) -> tp.Any:
+        return getattr(self.stream, name)
+
+    def _give_up(self) -> None:
+        self.broken = True
+        silence(self.stream)
+
+
+def silence(stream: tp.Any) -> None:
+    """Point `stream`'s descriptor at /dev/null, so what is still buffered (and any later write
+    by anyone) goes nowhere instead of failing at exit (Python's advice for a closed pipe)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+
+def settle_streams() -> None:
+    """Flush stdout and stderr before the interpreter does, silencing a stream whose reader is gone."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            silence(stream)
 
 
 def shown(path: tp.Any) -> str:

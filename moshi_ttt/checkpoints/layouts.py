@@ -79,6 +79,138 @@ def check_safetensors(path: Path) -> list[str]:
         raise CheckpointError(f"not a valid safetensors file ({str(exc).splitlines()[0]})", path) from None
 
 
+# What each LM config key moshi's `LMModel` reads must hold; a wrong type would otherwise fail deep
+# in torch, or compare a string with a number. Whole numbers: the least value each takes.
+LM_WHOLE_KEYS = {
+    "dim": 1,
+    "num_heads": 1,
+    "num_layers": 1,
+    "card": 1,
+    "text_card": 1,
+    "n_q": 0,
+    "dep_q": 0,
+    "depformer_dim": 1,
+    "depformer_num_heads": 1,
+    "depformer_num_layers": 0,
+    "existing_text_padding_id": 0,
+    "existing_text_end_padding_id": 0,
+}
+LM_OPTIONAL_WHOLE_KEYS = {"context": 1, "depformer_context": 1, "text_card_out": 1, "depformer_low_rank_embeddings": 1}
+LM_NUMBER_KEYS = ("hidden_scale", "max_period", "depformer_max_period")  # positive and finite
+LM_FLAG_KEYS = ("causal", "depformer_multi_linear", "depformer_weights_per_step", "norm_emb", "bias_proj", "lora")
+LM_NAME_KEYS = ("norm", "gating", "positional_embedding", "depformer_gating", "depformer_pos_emb")
+# Mimi's transformer (`mimi_config.json` -> `transformer`).
+MIMI_WHOLE_KEYS = {"d_model": 1, "num_heads": 1, "num_layers": 0, "context": 1, "dim_feedforward": 1}
+# How the LM weights show each size of the config, so that a config disagreeing with them is
+# refused before a model is built from it (moshi builds some modules on the CPU whatever the
+# device: a `card` or `dim` of 10^9 would allocate for minutes): counts of numbered modules...
+LM_COUNTED = {
+    "num_layers": "transformer.layers.",
+    "depformer_num_layers": "depformer.layers.",
+    "n_q": "emb.",
+    "dep_q": "linears.",
+}
+# ...and (tensor, axis, offset) of sizes: `text_emb` is [text_card + 1, dim], `depformer_in.0`
+# [depformer_dim, dim] (the depformer's embeddings may be low-rank, its input projection is not).
+LM_SHAPED = {
+    "dim": ("text_emb.weight", 1, 0),
+    "text_card": ("text_emb.weight", 0, 1),
+    "card": ("emb.0.weight", 0, 1),
+    "depformer_dim": ("depformer_in.0.weight", 0, 0),
+}
+MIMI_LAYER_PREFIX = "encoder_transformer.transformer.layers."
+
+
+def _is_whole(value: tp.Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _whole_number(config: dict, key: str, least: int, source: Path, where: str = "") -> None:
+    if not _is_whole(config[key], least):
+        raise CheckpointError(f"{where}{key} must be a whole number >= {least}, got {_shown(config[key])}", source)
+
+
+def _shown(value: tp.Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_lm_config(config: dict, source: Path, weights: Path | None = None) -> None:
+    """Every LM setting of a moshi config of the type `LMModel` needs, one `CheckpointError`
+    naming the file and the key otherwise; with the `weights` (a safetensors file: its header is
+    read), every size the weights show must be theirs (`LM_COUNTED`, `LM_SHAPED`: a config of a
+    million layers is refused here, not after building them)."""
+    for key, least in LM_WHOLE_KEYS.items():
+        if key in config:
+            _whole_number(config, key, least, source)
+    for key, least in LM_OPTIONAL_WHOLE_KEYS.items():
+        if config.get(key) is not None:
+            _whole_number(config, key, least, source)
+    for key in LM_NUMBER_KEYS:
+        value = config.get(key)
+        if key in config and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+        ):
+            raise CheckpointError(f"{key} must be a positive number, got {_shown(value)}", source)
+    for key in LM_FLAG_KEYS:
+        if key in config and not isinstance(config[key], bool):
+            raise CheckpointError(f"{key} must be true or false, got {_shown(config[key])}", source)
+    for key in LM_NAME_KEYS:
+        if key in config and not isinstance(config[key], str):
+            raise CheckpointError(f"{key} must be a name, got {_shown(config[key])}", source)
+    delays = config.get("delays")
+    if "delays" in config and not (isinstance(delays, list) and all(_is_whole(d, 0) for d in delays)):
+        raise CheckpointError(f"delays must be a list of whole numbers >= 0, got {_shown(delays)}", source)
+    feedforward = config.get("depformer_dim_feedforward")
+    if feedforward is not None and not (
+        _is_whole(feedforward, 1) or (isinstance(feedforward, list) and all(_is_whole(d, 1) for d in feedforward))
+    ):
+        raise CheckpointError(
+            f"depformer_dim_feedforward must be a whole number >= 1 (or a list of them), got {_shown(feedforward)}",
+            source,
+        )
+    for dim, heads in (("dim", "num_heads"), ("depformer_dim", "depformer_num_heads")):
+        if dim in config and heads in config and config[dim] % config[heads]:
+            raise CheckpointError(f"{dim} {config[dim]} is not a multiple of {heads} {config[heads]}", source)
+    if weights is not None and weights.suffix == ".safetensors" and weights.is_file():
+        keys = check_safetensors(weights)
+        for key, prefix in LM_COUNTED.items():
+            _check_count(config, key, keys, prefix, source)
+        with safe_open(str(weights), framework="pt") as handle:
+            for key, (name, axis, offset) in LM_SHAPED.items():
+                if key in config and name in keys:
+                    shape = handle.get_slice(name).get_shape()
+                    if len(shape) > axis and config[key] != shape[axis] - offset:
+                        raise CheckpointError(
+                            f"{key} is {config[key]}, but the weights ({weights.name}) have {shape[axis] - offset}",
+                            source,
+                        )
+
+
+def check_mimi_config(config: dict, source: Path, weight_keys: tp.Sequence[str] | None = None) -> None:
+    """Mimi's transformer settings as `check_lm_config` checks the LM's."""
+    transformer = config.get("transformer")
+    if transformer is None:
+        return
+    if not isinstance(transformer, dict):
+        raise CheckpointError(f"transformer must be a mapping, got {_shown(transformer)}", source)
+    for key, least in MIMI_WHOLE_KEYS.items():
+        if transformer.get(key) is not None:
+            _whole_number(transformer, key, least, source, "transformer.")
+    if weight_keys is not None:
+        _check_count(transformer, "num_layers", weight_keys, MIMI_LAYER_PREFIX, source, "transformer.")
+
+
+def _check_count(
+    config: dict, key: str, weight_keys: tp.Sequence[str], prefix: str, source: Path, where: str = ""
+) -> None:
+    """`config[key]` is the number of modules `prefix`N. the weights hold (where they hold any)."""
+    held = {name[len(prefix) :].split(".", 1)[0] for name in weight_keys if name.startswith(prefix)}
+    count = len({index for index in held if index.isdigit()})
+    if key in config and count and config[key] != count:
+        raise CheckpointError(f"{where}{key} is {config[key]}, but the weights hold {count} ({prefix}N)", source)
+
+
 def _lm_dims(config: dict) -> dict:
     return {key: config.get(key) for key in ("dim", "num_layers", "num_heads") if key in config}
 
@@ -127,12 +259,12 @@ def _local_checkpoint_info(folder: Path) -> tp.Any:
         paths[key] = folder / name
         if not paths[key].is_file():
             raise CheckpointError(f"file not found (named by {key!r} in config.json)", paths[key])
-    for key in ("moshi_name", "mimi_name"):
-        check_safetensors(paths[key])
+    check_safetensors(paths["moshi_name"])  # its sizes are checked against the config below (_sanitize_lm_config)
+    mimi_keys = check_safetensors(paths["mimi_name"])
     mimi_config_path = None
     if config.get("mimi_config_name"):
         mimi_config_path = folder / config["mimi_config_name"]
-        read_mapping(mimi_config_path)  # fail early, naming the file
+        check_mimi_config(read_mapping(mimi_config_path), mimi_config_path, mimi_keys)  # fail early, naming the file
     lora_weights = None
     if config.get("lora") and config.get("lora_name"):
         lora_weights = folder / config["lora_name"]
@@ -154,6 +286,7 @@ def _sanitize_lm_config(info: tp.Any, source: Path) -> None:
     """Make the LM kwargs safe for `LMModel(...)` (moshi passes every unknown key through)."""
     if info.lm_config is None:
         return
+    check_lm_config(info.lm_config, source, Path(info.moshi_weights) if info.moshi_weights else None)
     parse_yarn_config(info.lm_config, source)  # a setting we cannot honour fails here, naming the file
     for key in NON_LM_KEYS:
         info.lm_config.pop(key, None)
@@ -350,6 +483,8 @@ def load_finetune(
     folder = resolve_finetune_folder(path, step)
     config_json = folder / "config.json"
     lm_config = read_mapping(config_json) if config_json.is_file() else None
+    if lm_config is not None:
+        check_lm_config(lm_config, config_json)
     weights = next((folder / name for name in WEIGHT_NAMES if (folder / name).is_file()), None)
     given = Path(path).expanduser()
     if given.is_file() and given.suffix == ".safetensors":

@@ -112,14 +112,24 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     ttt_overrides: tp.Mapping[str, tp.Any] | None = None,
     step: int | None = None,
+    streams: int | str | None = None,
 ) -> LoadedModel:
-    """Base + fine-tune, TTT layers attached and loaded (see `resolve_checkpoints`)."""
+    """Base + fine-tune, TTT layers attached and loaded (see `resolve_checkpoints`). With
+    `streams` (a batch size, or "auto" for at least one), a model and streams that cannot fit in
+    the memory free on `device` are refused before anything loads (`check_streams_fit`)."""
     device = torch.device(device)
     info, finetune = resolve_checkpoints(base, checkpoint, ttt_overrides, step)
-    settings = lm_settings(info.raw_config, Path(base) / "config.json", finetune)
+    config_path = Path(base) / "config.json"
+    settings = lm_settings(info.raw_config, config_path, finetune)
     yarn = settings.yarn
     if info.lm_config is not None and settings.context is not None:
         info.lm_config["context"] = settings.context  # the KV cache span moshi builds the LM with
+        if finetune is not None and finetune.lm_config is not None and "context" in finetune.lm_config:
+            config_path = finetune.folder / "config.json"  # where the context came from
+    if streams is not None:
+        from ..streaming.batch_size import check_streams_fit
+
+        check_streams_fit(streams, info, finetune, device, dtype, config_path)
     mimi = _load(info.get_mimi, info.mimi_weights, device=device)
     lm = _load(info.get_moshi, info.moshi_weights, device=device, dtype=dtype, fuse_lora=True)
     if yarn is not None:

@@ -74,7 +74,9 @@ class BatchRunner:
         try:
             todo = []
             for index, job in enumerate(jobs):
-                if job.output.exists() and not self.overwrite:
+                if job.problem is not None:  # known from the plan (e.g. a name too long): fails alone
+                    record(index, FileResult(str(job.input), None, "failed", job.problem))
+                elif job.output.exists() and not self.overwrite:
                     record(index, self._skip_existing(job))
                 else:
                     todo.append((index, job))

@@ -64,6 +64,44 @@ def load_timeline_report(path: Path) -> PlottedReport:
     return PlottedReport(Path(path), f"{name.parent.name}/{name.name}{state}", files)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_figure_path(output: Path, columns: tp.Sequence[PlottedReport]) -> None:
+    """`plot` writes PNG figures and replaces nothing else: never a report it reads, an input or an
+    output those reports list (by file identity, so links and other spellings count), nor any
+    existing file that is not a PNG."""
+    if output.suffix.lower() != ".png":
+        raise MoshiTTTError("the figure is a PNG: name it .png", output)
+    if output.is_dir():
+        raise MoshiTTTError("is a folder; name the PNG to write", output)
+    identity = _identity(output)
+    if identity is None:
+        return
+    for column in columns:
+        if _identity(column.path) == identity:
+            raise MoshiTTTError("is the report being plotted; choose another name for the figure", output)
+        for entry in column.files:
+            for role, path in (("input", entry.input), ("output", entry.output)):
+                if path is not None and _identity(Path(path)) == identity:
+                    raise MoshiTTTError(f"is an {role} listed in {column.path}; choose another name", output)
+    try:
+        with open(output, "rb") as handle:
+            head = handle.read(len(PNG_SIGNATURE))
+    except OSError as exc:
+        raise MoshiTTTError(f"cannot check what it holds ({exc.strerror or exc})", output) from None
+    if head != PNG_SIGNATURE:
+        raise MoshiTTTError("exists and is not a PNG figure; plot replaces only PNGs, choose another name", output)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def seconds(records: tp.Sequence[UpdateRecord]) -> list[float]:
     """When each update took effect, in seconds of the file (one token per 80 ms frame)."""
     return [r.token * SECONDS_PER_TOKEN for r in records]
@@ -117,6 +155,7 @@ def plot_reports(
         except OSError as exc:
             raise MoshiTTTError(f"cannot write the figure ({exc.strerror or exc})", output) from None
     columns = [load_timeline_report(report)] + ([load_timeline_report(compare)] if compare is not None else [])
+    check_figure_path(Path(output), columns)
     names = list(dict.fromkeys(f.input for column in columns for f in column.files))
     panels = panels_of([f for column in columns for f in column.files])
     rows = len(names) * len(panels)

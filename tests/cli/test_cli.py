@@ -75,8 +75,8 @@ SKIPPED = {"bad/short.wav": "shorter than one 80 ms frame"}
 
 
 def output_rel(rel: str) -> str:
-    """tone.mp3 and tone.ogg side by side: the second keeps its full name, neither is lost."""
-    return "formats/tone.ogg.wav" if rel == "formats/tone.ogg" else str(Path(rel).with_suffix(".wav"))
+    """tone.mp3 and tone.ogg side by side: each takes its full name, neither is lost."""
+    return f"{rel}.wav" if rel.startswith("formats/tone.") else str(Path(rel).with_suffix(".wav"))
 
 
 def write_mixed(root: Path, recordings: list[Path]) -> Path:
