@@ -172,27 +172,33 @@ def forward_nll(lm: tp.Any, codes: torch.Tensor, score_text: bool = True) -> tor
 class ScoreAccumulator:
     """Collects one stream's per-step scores into its `[1 + dep_q, T]` array (NaN: not scored).
 
-    Holds 1 + dep_q floats per frame, never logits, so a file of any length fits.
+    Holds 1 + dep_q float32 per frame in one growing array (capacity doubling), never logits nor
+    per-step objects, so memory grows by a few bytes per frame: a file of any length fits.
     """
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, capacity: int = 1024):
         self.rows = rows
-        self._nll: list[np.ndarray] = []
-        self._frames: list[np.ndarray] = []
+        self._out = np.full((rows, max(1, capacity)), np.nan, dtype=np.float32)  # [R, capacity]
 
     def add(self, nll: np.ndarray, frames: np.ndarray) -> None:
         """One step: nll [R] (NaN where nothing counted), frames [R] (-1 where no target)."""
-        self._nll.append(np.asarray(nll, dtype=np.float32))
-        self._frames.append(np.asarray(frames, dtype=np.int64))
+        frames = np.asarray(frames)
+        rows = np.flatnonzero(frames >= 0)  # the rows this step scored a target of
+        if not rows.size:
+            return
+        columns = frames[rows]
+        needed = int(columns.max()) + 1
+        if needed > self._out.shape[1]:
+            grown = np.full((self.rows, max(needed, 2 * self._out.shape[1])), np.nan, dtype=np.float32)
+            grown[:, : self._out.shape[1]] = self._out
+            self._out = grown
+        self._out[rows, columns] = np.asarray(nll, dtype=np.float32)[rows]
 
     def array(self, length: int) -> np.ndarray:
         """[R, length] float32: NaN where no target was scored."""
         out = np.full((self.rows, length), np.nan, dtype=np.float32)
-        if self._nll:
-            nll = np.stack(self._nll)  # [S, R]
-            frames = np.stack(self._frames)  # [S, R]
-            steps, rows = np.nonzero(frames >= 0)
-            out[rows, frames[steps, rows]] = nll[steps, rows]
+        kept = min(length, self._out.shape[1])
+        out[:, :kept] = self._out[:, :kept]
         return out
 
 
