@@ -81,6 +81,26 @@ class InFlight:
         if self.writer is not None:
             self.writer.abort()
 
+    def done(
+        self, model: tp.Any, frames: int, steps: int, ttt_layers: tp.Sequence[tp.Any], **fields: tp.Any
+    ) -> FileResult:
+        """The file's `ok` entry once its output is in place: what every job kind records."""
+        model_ttt = model.describe_ttt()
+        return FileResult(
+            str(self.job.input),
+            str(self.job.output),
+            "ok",
+            None,
+            duration_s=round(self.read_s, 4),
+            frames=frames,
+            steps=steps,
+            wall_s=round(time.perf_counter() - self.begin, 4),
+            ttt=None if model_ttt is None else FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(ttt_layers)),
+            output_sha256=sha256_of(self.job.output),
+            warnings=list(self.reader.warnings),
+            **fields,
+        )
+
 
 class InferFiles:
     """`infer`: one channel in, Moshi's audio (and text) out, written block by block."""
@@ -112,23 +132,7 @@ class InferFiles:
             rendered = render_transcript(self.text_format, transcript, timed_words_of(model, streamed))
             write_text(job.text_output, rendered)
         tp.cast(AudioWriter, flight.writer).commit()
-        model_ttt = model.describe_ttt()
-        return FileResult(
-            str(job.input),
-            str(job.output),
-            "ok",
-            None,
-            duration_s=round(flight.read_s, 4),
-            frames=streamed.frames,
-            steps=streamed.steps,
-            wall_s=round(time.perf_counter() - flight.begin, 4),
-            ttt=None
-            if model_ttt is None
-            else FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(streamed.ttt_layers)),
-            transcript=transcript,
-            output_sha256=sha256_of(job.output),
-            warnings=list(flight.reader.warnings),
-        )
+        return flight.done(model, streamed.frames, streamed.steps, streamed.ttt_layers, transcript=transcript)
 
 
 @dataclass(frozen=True)
@@ -184,20 +188,4 @@ class ScoreFiles:
             first_codebook_weight=self.weights.first_codebook,
             text_padding_weight=self.weights.text_padding,
         )
-        model_ttt = model.describe_ttt()
-        return FileResult(
-            str(job.input),
-            str(job.output),
-            "ok",
-            None,
-            duration_s=round(flight.read_s, 4),
-            frames=score.frames,
-            steps=score.frames,
-            wall_s=round(time.perf_counter() - flight.begin, 4),
-            ttt=None
-            if model_ttt is None
-            else FileTTT(model_ttt["variant"], model_ttt["chunk_size"], list(score.ttt_layers)),
-            output_sha256=sha256_of(job.output),
-            warnings=list(flight.reader.warnings),
-            scores=summary,
-        )
+        return flight.done(model, score.frames, score.frames, score.ttt_layers, scores=summary)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers.cli import assert_no_traceback
+from helpers.cli import one_error_line
 from moshi_ttt.checkpoints.model import load_model, resolve_checkpoints
 from moshi_ttt.options import usable_cpus
 from moshi_ttt.streaming import batch_size as bs
@@ -27,14 +27,6 @@ def run(tiny, recording: Path, out: Path, *extra: str, base: Path | None = None,
     if finetune is not None or base is None:
         args += ["--checkpoint", str(finetune or tiny.finetune)]
     return CliRunner().invoke(app, args)
-
-
-def one_error_line(result) -> str:
-    assert_no_traceback(result)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from helpers.cli import (
     check_outputs_complete,
     cli_command,
     infer,
+    one_error_line,
     report_of,
     start_and_wait_for_finished_files,
 )
@@ -54,14 +55,6 @@ def strict(text: str) -> dict:
 
 def run_cli(tiny, *args: object, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(tiny, *args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def one_error_line(result) -> str:
-    assert_no_traceback(result)
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def edit_finetune_config(tiny, dest: Path, **changes) -> Path:

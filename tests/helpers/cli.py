@@ -24,6 +24,15 @@ def cli_run(argv: list[str], env: dict | None = None):
     return CliRunner().invoke(app, argv, env=env)
 
 
+def one_error_line(result) -> str:
+    """The one line a refused run prints (exit 2, no traceback), for asserting on its wording."""
+    assert_no_traceback(result)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
 def infer(tiny, *args: object, env: dict | None = None):
     argv = ["infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune), "--device", "cpu"]
     return CliRunner().invoke(app, argv, env=env)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import files_under, sweep
-from helpers.cli import assert_no_traceback, infer, report_of
+from helpers.cli import assert_no_traceback, infer, one_error_line, report_of
 from moshi_ttt.errors import MoshiTTTError
 from moshi_ttt.jobs.files import SAMPLE_RATE
 from moshi_ttt.jobs.manifest import MAX_LINE_BYTES, read_manifest
@@ -26,14 +26,6 @@ from moshi_ttt.jobs.plan import TEMPORARY_OVERHEAD, output_names, plan_jobs
 from moshi_ttt.report.schema import REPORT_NAME
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def one_error_line(result) -> str:
-    assert_no_traceback(result)
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture
