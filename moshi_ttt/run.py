@@ -182,8 +182,15 @@ def run_batch(
     batch: BatchRunner | None = None
     try:
         info, finetune = resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides(), options.step)
-        # The actors of a Ray run choose their own dtype for `auto`: recorded as asked.
-        dtype_name = options.dtype if on_ray and options.dtype == "auto" else str(dtype).removeprefix("torch.")
+        dtype_name = str(dtype).removeprefix("torch.")
+        if on_ray and options.dtype == "auto":  # the actors resolve it: as they will, where it is known here
+            import torch
+
+            from .runtime import resolve_dtype
+
+            known = options.device != "auto"
+            resolved = resolve_dtype("auto", torch.device(options.device)) if known else "auto"
+            dtype_name = str(resolved).removeprefix("torch.")
         made_by = origin_of(options, info, finetune, dtype_name)
         what = options.base + (f" + {options.checkpoint}" if options.checkpoint else "")
         if not plan.jobs:  # a shard that got no file: its (empty) part says it is done, no model needed
