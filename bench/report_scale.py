@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -76,11 +77,11 @@ class FakeBackend:
     def __init__(self, seconds: float):
         self.output = wav_bytes(seconds, 1)
         self.seconds = seconds
-        self.busy_s = 0.0  # time spent here, not in the driver
+        self.busy = Span(0.0, 0.0)  # time spent here, not in the driver
 
     def results(self, jobs: list[tuple[int, Job]], total: int, events: tp.Any) -> tp.Iterator[tuple[int, FileResult]]:
         for index, job in jobs:
-            begin = time.perf_counter()
+            begin = now()
             with atomic_output(job.output) as tmp:
                 tmp.write_bytes(self.output)
             layers = [LayerReport(layer, 2, 1, 0, 1.234567, 1.2456789, 0.0123456, 0.0098765, 0) for layer in (1, 3)]
@@ -97,7 +98,7 @@ class FakeBackend:
                 transcript="hello there",
                 output_sha256=sha256_of(job.output),
             )
-            self.busy_s += time.perf_counter() - begin
+            self.busy += now() - begin
             yield index, result
 
 
@@ -128,13 +129,33 @@ def settings_for(options: RunOptions, made_by: dict, batch_size: int = 16) -> Ru
     )
 
 
-def timed(fn: tp.Callable[[], tp.Any]) -> tuple[float, tp.Any]:
-    begin = time.perf_counter()
+class Span(tp.NamedTuple):
+    """Wall and CPU seconds (this process; CPU time is what a loaded machine cannot inflate)."""
+
+    wall: float
+    cpu: float
+
+    def __str__(self) -> str:
+        return f"{self.wall:.2f} s (cpu {self.cpu:.2f} s)"
+
+    def __add__(self, other: tp.Any) -> Span:
+        return Span(self.wall + other.wall, self.cpu + other.cpu)
+
+    def __sub__(self, other: tp.Any) -> Span:
+        return Span(self.wall - other.wall, self.cpu - other.cpu)
+
+
+def now() -> Span:
+    return Span(time.perf_counter(), time.process_time())
+
+
+def timed(fn: tp.Callable[[], tp.Any]) -> tuple[Span, tp.Any]:
+    begin = now()
     value = fn()
-    return time.perf_counter() - begin, value
+    return now() - begin, value
 
 
-def plan_and_resume(src: Path, out: Path, options: RunOptions, made_by: dict) -> tuple[float, float, tp.Any]:
+def plan_and_resume(src: Path, out: Path, options: RunOptions, made_by: dict) -> tuple[Span, Span, tp.Any]:
     plan_s, plan = timed(lambda: prepare_batch(src, out))
     try:
         runner = BatchRunner(
@@ -146,7 +167,7 @@ def plan_and_resume(src: Path, out: Path, options: RunOptions, made_by: dict) ->
     return plan_s, resume_s, report
 
 
-def real_per_file(tiny: tp.Any, src: Path, files: int, root: Path) -> tuple[float, float, float]:
+def real_per_file(tiny: tp.Any, src: Path, files: int, root: Path) -> tuple[Span, Span, Span]:
     """Seconds per file of the tiny model on `files` recordings at batch size 16, without a
     report and with one (each run into a fresh folder; the fastest of three), and the load time."""
     from moshi_ttt.run import make_worker
@@ -156,17 +177,17 @@ def real_per_file(tiny: tp.Any, src: Path, files: int, root: Path) -> tuple[floa
     device, dtype, _ = prepare_runtime("cpu", "float32", 1)
     load_s, worker = timed(lambda: make_worker(options.validate(), device, dtype, files))
     inputs = sorted(src.rglob("*.wav"))[:files]
-    walls: dict[bool, list[float]] = {False: [], True: []}
+    spans: dict[bool, list[Span]] = {False: [], True: []}
     for with_report in (False, True) * 3:  # alternated, the fastest of each kept: this machine is noisy
         out = root / "real"
         shutil.rmtree(out, ignore_errors=True)
         jobs = [Job(p, out / p.relative_to(src)) for p in inputs]
         settings = RunSettings(base="b", checkpoint="c", seed=1)
         runner = BatchRunner(worker, settings, report_path=(out / "r.json") if with_report else None)
-        begin = time.perf_counter()
-        runner.run(jobs)
-        walls[with_report].append((time.perf_counter() - begin) / files)
-    return min(walls[False]), min(walls[True]), load_s
+        span, _ = timed(lambda: runner.run(jobs))  # noqa: B023  called at once
+        spans[with_report].append(Span(span.wall / files, span.cpu / files))
+    fastest = {k: Span(min(s.wall for s in v), min(s.cpu for s in v)) for k, v in spans.items()}
+    return fastest[False], fastest[True], load_s
 
 
 def main() -> None:
@@ -188,7 +209,7 @@ def main() -> None:
     corpus_s, _ = timed(lambda: write_corpus(src, args.files, args.seconds))
     tiny = write_tiny_variant(root / "tiny", "inplace", seed=0)
     options, made_by = origin_and_options(tiny)
-    print(f"corpus written in {corpus_s:.1f} s")
+    print(f"corpus written in {corpus_s.wall:.1f} s")
 
     # 1. A first run: the driver's bookkeeping with a backend that costs nothing.
     shutil.rmtree(out, ignore_errors=True)
@@ -201,46 +222,49 @@ def main() -> None:
     finally:
         plan.lock.release()
     assert report.totals()["ok"] == args.files, report.totals()
-    bookkeeping = first_s - backend.busy_s
-    per_file_ms = 1e3 * bookkeeping / args.files
+    bookkeeping = first_s - backend.busy
+    per_file_ms = 1e3 * bookkeeping.cpu / args.files
     print(
-        f"first run (fake backend): plan {plan_s:.2f} s, run {first_s:.2f} s, of which the backend "
-        f"{backend.busy_s:.2f} s and bookkeeping {bookkeeping:.2f} s ({per_file_ms:.3f} ms per file)"
+        f"first run (fake backend): plan {plan_s}, run {first_s}, of which the backend {backend.busy} "
+        f"and bookkeeping {bookkeeping}: {per_file_ms:.3f} ms of cpu per file"
     )
     if args.real_files:
-        bare, reported, load_s = real_per_file(tiny, src, args.real_files, root)
+        bare, reported, _ = real_per_file(tiny, src, args.real_files, root)
         print(
-            f"tiny model, batch 16, {args.real_files} files: {1e3 * bare:.1f} ms per file without a report, "
-            f"{1e3 * reported:.1f} ms with one ({100 * (reported / bare - 1):+.1f}%); "
-            f"fake-run bookkeeping = {100 * per_file_ms / (1e3 * bare):.2f}% of a file's time"
+            f"tiny model, batch 16, {args.real_files} files, fastest of 3: {1e3 * bare.wall:.1f} ms per file "
+            f"(cpu {1e3 * bare.cpu:.1f}) without a report, {1e3 * reported.wall:.1f} ms (cpu {1e3 * reported.cpu:.1f}) "
+            f"with one ({100 * (reported.cpu / bare.cpu - 1):+.1f}% cpu); the fake run's bookkeeping per file is "
+            f"{100 * per_file_ms / (1e3 * bare.cpu):.2f}% of a file's cpu time"
         )
 
     # 2. A resume with every output present: planning, and the driver skipping every file.
     plan_s, resume_s, report = plan_and_resume(src, out, options, made_by)
     totals = report.totals()
     assert totals["skipped"] == args.files and totals["made_by_other"] == 0, totals
-    print(f"resume, all outputs present: plan {plan_s:.2f} s + run {resume_s:.2f} s = {plan_s + resume_s:.2f} s")
+    print(f"resume, all outputs present: plan {plan_s} + run {resume_s} = {plan_s + resume_s}")
     now = time.time() + 5
     for path in out.rglob("*.wav"):
         os.utime(path, (now, now))
     plan_s, resume_s, report = plan_and_resume(src, out, options, made_by)
     assert report.totals()["skipped"] == args.files and report.files[0].from_earlier_run
-    print(f"resume after touching every output (each hashed again): plan {plan_s:.2f} s + run {resume_s:.2f} s")
+    print(f"resume after touching every output (each hashed again): plan {plan_s} + run {resume_s}")
     plan_s, resume_s, report = plan_and_resume(src, out, options, made_by)
-    print(f"and the resume after that (stats trusted again): plan {plan_s:.2f} s + run {resume_s:.2f} s")
+    print(f"and the resume after that (stats trusted again): plan {plan_s} + run {resume_s}")
 
     if args.cli:
         script = Path(sys.executable).with_name("moshi-ttt")
         head = [str(script)] if script.exists() else [sys.executable, "-m", "moshi_ttt_cli.app"]
         command = [*head, "infer", str(src), str(out), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune)]
         for extra in (["--quiet"], []):
-            begin = time.perf_counter()
             env = {**os.environ, "COLUMNS": "120"}
+            before, begin = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
             done = subprocess.run([*command, "--device", "cpu", *extra], capture_output=True, text=True, env=env)
-            wall = time.perf_counter() - begin
+            wall, after = time.perf_counter() - begin, resource.getrusage(resource.RUSAGE_CHILDREN)
             assert done.returncode == 0, done.stderr[-2000:]
+            assert "warning" not in done.stderr, done.stderr[-2000:]
+            cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
             flags = " ".join(extra)
-            print(f"`moshi-ttt infer IN OUT {flags}` resuming, all outputs present: {wall:.2f} s (whole process)")
+            print(f"`moshi-ttt infer IN OUT {flags}` resuming, all outputs present: {Span(wall, cpu)} (whole process)")
     print(f"kept in {root}" if args.folder else f"(temporary folder {root}; pass --folder to keep the corpus)")
     if not args.folder:
         shutil.rmtree(root, ignore_errors=True)

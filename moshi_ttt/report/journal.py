@@ -34,7 +34,7 @@ import json
 import os
 import time
 import typing as tp
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MoshiTTTError
@@ -63,6 +63,11 @@ class JournalLines:
     entries: list[dict]
     last_seq: int  # the highest seq in the file (header included)
     mtime_ns: int
+    seqs: list[int] = field(default_factory=list)  # each entry's seq
+
+    def after(self, seq: int) -> list[dict]:
+        """The entries newer than a report holding every line up to `seq`."""
+        return [entry for line, entry in zip(self.seqs, self.entries, strict=True) if line > seq]
 
 
 def read_journal(report: Path, after: int = 0) -> JournalLines | None:
@@ -86,7 +91,7 @@ def read_journal(report: Path, after: int = 0) -> JournalLines | None:
     if header is None or header.get("schema") != JOURNAL_SCHEMA or not _is_seq(header.get("seq")):
         raise MoshiTTTError("exists and is not a moshi-ttt journal; refusing to replace it", path)
     last = header["seq"]
-    entries = []
+    entries, seqs = [], []
     for number, line in enumerate(complete[1:], start=2):
         record = _parse(line)
         if record is None or not _is_seq(record.get("seq")) or not isinstance(record.get("entry"), dict):
@@ -94,7 +99,8 @@ def read_journal(report: Path, after: int = 0) -> JournalLines | None:
         last = max(last, record["seq"])
         if record["seq"] > after:
             entries.append(record["entry"])
-    return JournalLines(entries, last, mtime_ns)
+            seqs.append(record["seq"])
+    return JournalLines(entries, last, mtime_ns, seqs)
 
 
 def _parse(line: bytes) -> dict | None:

@@ -163,6 +163,8 @@ def read_report_file(path: Path, shard: Shard | None = None) -> ReportFile | Non
     else there is an error naming it, one line, whatever is wrong inside."""
     from .journal import fold, read_journal, report_seq
 
+    # The journal first: a run compacting meanwhile only moves lines into the report read next.
+    journal = read_journal(path)
     try:
         text = path.read_bytes()
         mtime_ns = path.stat().st_mtime_ns
@@ -183,13 +185,13 @@ def read_report_file(path: Path, shard: Shard | None = None) -> ReportFile | Non
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise MoshiTTTError(f"malformed report: {key} must be a JSON object", path)
     seq = report_seq(data)
-    journal = read_journal(path, after=seq)
     if journal is None and text is None:
         return None
+    newer = [] if journal is None else journal.after(seq)
     if journal is not None:
-        data = fold(data, journal.entries)
+        data = fold(data, newer)
         seq = max(seq, journal.last_seq)
-        if journal.entries:
+        if newer:
             mtime_ns = max(mtime_ns, journal.mtime_ns)
     entries = []
     for number, entry in enumerate(data["files"], start=1):
@@ -201,7 +203,7 @@ def read_report_file(path: Path, shard: Shard | None = None) -> ReportFile | Non
         settings = RunSettings.from_json(data.get("settings"))
     except MalformedEntry as exc:
         raise MoshiTTTError(f"malformed report: {exc}", path) from None
-    if journal is not None and journal.entries:  # the totals of what the report and journal hold
+    if newer:  # the totals of what the report and journal hold
         wall_s = (data.get("totals") or {}).get("wall_s")
         wall_s = wall_s if isinstance(wall_s, (int, float)) and not isinstance(wall_s, bool) else 0.0
         data["totals"] = Report(settings, entries, wall_s=wall_s).totals()
