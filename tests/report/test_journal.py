@@ -170,7 +170,7 @@ def test_a_large_first_run_rewrites_its_report_a_few_times_not_once_a_file(tmp_p
     )
     report = first_run(src, out)
     assert report.totals()["ok"] == 1500 and len(report_of(out / REPORT_NAME)["files"]) == 1500
-    assert len(writes) < 150, writes  # once a file would be 1500 (and quadratic)
+    assert len(writes) < 300, writes  # once a file would be 1500 (and quadratic); ~30 on an idle machine
     assert writes[-1] == 1500
 
 
