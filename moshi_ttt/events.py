@@ -26,6 +26,8 @@ class BatchEvents(tp.Protocol):
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None: ...
     def frames_done(self, index: int, done: int, total: int) -> None: ...
     def file_warning(self, job: Job, message: str) -> None: ...
+    # One line about the run as a whole (e.g. existing outputs another model made), before files finish.
+    def run_warning(self, message: str) -> None: ...
     def file_finished(self, index: int, total: int, result: FileResult) -> None: ...
     def report_failed(self, path: Path, reason: str) -> None: ...
 
@@ -52,6 +54,9 @@ class SilentEvents:
         pass
 
     def file_warning(self, job: Job, message: str) -> None:
+        pass
+
+    def run_warning(self, message: str) -> None:
         pass
 
     def frames_done(self, index: int, done: int, total: int) -> None:
@@ -98,6 +103,9 @@ class ProgressBar(SilentEvents):
 
     def file_warning(self, job: Job, message: str) -> None:
         self._write(f"warning: {job.input}: {message}")
+
+    def run_warning(self, message: str) -> None:
+        self._write(f"warning: {message}")
 
     def file_finished(self, index: int, total: int, result: FileResult) -> None:
         if index < len(self.planned):

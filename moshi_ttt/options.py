@@ -192,6 +192,9 @@ class RunOptions:
     # Overrides of the checkpoint's lm_gen_config (temperatures, top-k, greedy).
     sampling: Sampling = field(default_factory=Sampling)
     overwrite: bool = False
+    # Redo existing outputs whose report entry says another model or other output-changing
+    # settings made them (see report/provenance.py); others are kept, counted and warned about.
+    redo_other: bool = False
     report: Path | None = None  # default: OUT/moshi-ttt-report.json in folder mode
     timeline: bool = False  # record every TTT update in the report (can be large)
     # Recordings streamed at once: a positive number, or "auto" (free memory; see batch_size.py).
@@ -220,6 +223,8 @@ class RunOptions:
             if self.backend == "local" and self.threads > (cpus := usable_cpus()):
                 raise OptionError("threads", f"must be at most {cpus}, the CPUs this run may use, got {self.threads}")
         check_seed(self.seed)
+        if not isinstance(self.redo_other, bool):
+            raise OptionError("redo_other", f"must be true or false, got {self.redo_other!r}")
         if self.text_format not in TEXT_FORMATS:
             raise OptionError("text_format", f"must be one of {', '.join(TEXT_FORMATS)}, got {self.text_format!r}")
         if self.text_format != "txt" and not self.text:

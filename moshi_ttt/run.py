@@ -19,6 +19,7 @@ released. Importing this module loads no torch: the model stack is imported by `
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import typing as tp
 from dataclasses import dataclass
@@ -160,6 +161,46 @@ def run_settings(options: RunOptions, worker: FileWorker, threads: int | None) -
     )
 
 
+# Files beside a fine-tune's weights that change what it computes (its TTT and LM configs).
+FINETUNE_CONFIGS = ("config.json", "training_config.json", "args.yaml")
+
+
+def origin_of(options: RunOptions, info: tp.Any, finetune: tp.Any, dtype: str) -> dict:
+    """What this run's outputs are made by (`report.provenance`), from the checkpoints as
+    `resolve_checkpoints` found them: known before any weights load, from a few MB of the files."""
+    from .errors import CheckpointError
+    from .report.provenance import describe_origin, fingerprint_files
+
+    try:
+        base_fingerprint = fingerprint_files(
+            [info.moshi_weights, info.mimi_weights, info.tokenizer], extra=info.raw_config
+        )
+        finetune_fingerprint = None
+        if finetune is not None:
+            configs = {finetune.folder / name for name in FINETUNE_CONFIGS} | {finetune.config_source}
+            present = sorted((p for p in configs if p is not None and p.is_file()), key=lambda p: p.name)
+            finetune_fingerprint = fingerprint_files([finetune.weights, *present])
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the checkpoint's files: {exc.strerror or exc}", exc.filename) from None
+    sampling = options.sampling.apply(info.lm_gen_config or {})
+    ttt = None if finetune is None else finetune.ttt
+    return describe_origin(
+        base=options.base,
+        base_fingerprint=base_fingerprint,
+        checkpoint=options.checkpoint,
+        finetune_fingerprint=finetune_fingerprint,
+        step=None if finetune is None else finetune.step,
+        seed=options.seed,
+        greedy=sampling.get("use_sampling", True) is False,
+        ttt=None if ttt is None else options.ttt_enabled,
+        delta_clip=getattr(ttt, "delta_clip", None),
+        sampling=sampling,
+        channel=options.channel,
+        dtype=dtype,
+        score=None if options.score is None else dataclasses.asdict(options.score),
+    )
+
+
 def run_batch(
     source: Path | str, target: Path | str, options: RunOptions | None = None, events: BatchEvents | None = None
 ) -> RunOutcome:
@@ -195,7 +236,17 @@ def run_batch(
     backend: tp.Any = None
     batch: BatchRunner | None = None
     try:
-        resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides(), options.step)
+        info, finetune = resolve_checkpoints(options.base, options.checkpoint, options.ttt_overrides(), options.step)
+        dtype_name = str(dtype).removeprefix("torch.")
+        if on_ray and options.dtype == "auto":  # the actors resolve it: as they will, where it is known here
+            import torch
+
+            from .runtime import resolve_dtype
+
+            known = options.device != "auto"
+            resolved = resolve_dtype("auto", torch.device(options.device)) if known else "auto"
+            dtype_name = str(resolved).removeprefix("torch.")
+        made_by = origin_of(options, info, finetune, dtype_name)
         what = options.base + (f" + {options.checkpoint}" if options.checkpoint else "")
         if not plan.jobs:  # a shard that got no file: its (empty) part says it is done, no model needed
             settings = RunSettings(base=options.base, checkpoint=options.checkpoint, seed=options.seed)
@@ -211,6 +262,7 @@ def run_batch(
                 backend = make_worker(options, device, dtype, len(plan.jobs))
             events.batch_size_chosen(backend.runner.batch_size, backend.batch_size_reason)
             settings = run_settings(options, backend, threads)
+        settings.made_by = made_by
         batch = BatchRunner(
             backend,
             settings,
@@ -219,6 +271,7 @@ def run_batch(
             events=events,
             earlier=plan.earlier,
             text_format=options.text_format,
+            redo_other=options.redo_other,
         )
         if plan.shard is not None:
             batch.report.shard = {"index": plan.shard.index, "count": plan.shard.count, "planned": len(plan.jobs)}

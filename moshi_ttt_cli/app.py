@@ -248,6 +248,12 @@ def infer(
     top_k_text: int | None = typer.Option(None, help="Text top-k (default: the checkpoint's)."),
     greedy: bool = typer.Option(False, "--greedy", help="Argmax instead of sampling (seed-independent output)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo files whose output exists."),
+    redo_other: bool = typer.Option(
+        False,
+        "--redo-other",
+        help="Redo existing outputs the report says another model or other output-changing settings "
+        "made (kept and counted otherwise).",
+    ),
     report: Path | None = typer.Option(None, help="JSON report (default in folder mode: OUT/moshi-ttt-report.json)."),
     details: bool | None = typer.Option(
         None, "--details/--no-details", help="Per-layer TTT table after each file (default: single file only)."
@@ -325,6 +331,7 @@ def infer(
             audio_format=audio_format.value if audio_format else None,
             sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy),
             overwrite=overwrite,
+            redo_other=redo_other,
             report=report,
             timeline=timeline,
             batch_size=batch_size,
@@ -627,16 +634,25 @@ def report_merge(
     report: Path | None = typer.Option(
         None, help="The report the shards were given with --report (default: OUT/moshi-ttt-report.json)."
     ),
+    mixed: bool = typer.Option(
+        False,
+        "--mixed",
+        help="Merge even outputs made by different models or settings (each entry keeps its made_by; "
+        "the settings list them all).",
+    ),
 ) -> None:
     """Merge the report parts of `infer --shard I/N` runs (and any earlier report) into one report.
 
     Exit code 0 when every shard is complete, 1 when some shard is missing, still running or
-    stopped short (the merged report is written all the same), 2 when there is nothing to merge."""
+    stopped short (the merged report is written all the same), 2 when there is nothing to merge,
+    a part is not a readable report, or the outputs were made by different models (without --mixed)."""
     from moshi_ttt.report.shards import default_report_of, merge_reports
 
     with user_errors():
         outcome = merge_reports(
-            Path(report) if report is not None else default_report_of(folder), lock_folder=Path(folder).absolute()
+            Path(report) if report is not None else default_report_of(folder),
+            lock_folder=Path(folder).absolute(),
+            mixed=mixed,
         )
     render.merge_summary(out, err, outcome)
     raise typer.Exit(1 if outcome.incomplete else 0)

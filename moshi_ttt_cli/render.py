@@ -164,7 +164,8 @@ def _line(result: FileResult) -> str:
     if result.status == "skipped" and result.output and (result.reason or "").startswith(EXISTS):
         # Say which output, and how to redo it.
         rest = tp.cast(str, result.reason)[len(EXISTS) :]
-        text += f": {shown(result.output)} exists{shown(rest)} (--overwrite redoes it)"
+        redo = "" if "--redo-other" in rest else " (--overwrite redoes it)"
+        text += f": {shown(result.output)} exists{shown(rest)}{redo}"
     elif result.reason:
         text += f": {shown(result.reason)}"
     elif result.status == "ok":
@@ -201,6 +202,7 @@ class RichEvents:
         # Each job's seconds as planned (headers, manifest), corrected as files are read: the
         # audio bar's total, so it shows an ETA from the audio processed so far.
         self._planned: list[float | None] = []
+        self._planned_total = 0.0
 
     def __enter__(self) -> RichEvents:
         self.progress.__enter__()
@@ -214,15 +216,14 @@ class RichEvents:
 
     def batch_started(self, durations: list[float | None]) -> None:
         self._planned = list(durations)
-        self.progress.update(self.audio_task, total=round(self._audio_total(), 1))
-
-    def _audio_total(self) -> float:
-        return sum(d for d in self._planned if d is not None)
+        self._planned_total = sum(d for d in self._planned if d is not None)
+        self.progress.update(self.audio_task, total=round(self._planned_total, 1))
 
     def _set_planned(self, index: int, seconds: float) -> None:
-        if index < len(self._planned):
+        if index < len(self._planned):  # the total kept up to date, not summed again (10,000 files)
+            self._planned_total += seconds - (self._planned[index] or 0.0)
             self._planned[index] = seconds
-            self.progress.update(self.audio_task, total=round(self._audio_total(), 1))
+            self.progress.update(self.audio_task, total=round(self._planned_total, 1))
 
     def file_started(self, index: int, total: int, job: Job, audio_s: float) -> None:
         if self.details is None:
@@ -251,6 +252,9 @@ class RichEvents:
     def file_warning(self, job: Job, message: str) -> None:
         _warn(self.errors, job, message)
 
+    def run_warning(self, message: str) -> None:
+        _warn_run(self.errors, message)
+
     def file_finished(self, index: int, total: int, result: FileResult) -> None:
         self._streaming.pop(index, None)
         self._finished += 1
@@ -274,6 +278,10 @@ def _warn(errors: Console, job: Job, message: str) -> None:
     errors.print(f"[yellow]warning:[/] {shown(job.input)}: {shown(message)}", highlight=False, soft_wrap=True)
 
 
+def _warn_run(errors: Console, message: str) -> None:
+    errors.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
+
+
 def _report_failed(errors: Console, path: Path, reason: str) -> None:
     errors.print(
         f"[bold red]error:[/] {shown(path)}: {shown(reason)}; the run goes on", highlight=False, soft_wrap=True
@@ -293,12 +301,28 @@ class QuietEvents(SilentEvents):
     def file_warning(self, job: Job, message: str) -> None:
         _warn(self.errors, job, message)
 
+    def run_warning(self, message: str) -> None:
+        _warn_run(self.errors, message)
+
     def report_failed(self, path: Path, reason: str) -> None:
         _report_failed(self.errors, path, reason)
 
 
 def make_events(console: Console, errors: Console, quiet: bool, details: bool | None) -> tp.Any:
     return QuietEvents(errors) if quiet else RichEvents(console, details, errors)
+
+
+SUMMARY_ROWS = 50  # a run of 10,000 files gets a table of this many rows, not 10,000
+
+
+def rows_of(files: list[FileResult]) -> list[FileResult]:
+    """The files the summary table shows: all of them up to SUMMARY_ROWS; beyond that the failed
+    ones, then those made by another model, then the others, in report order within each."""
+    if len(files) <= SUMMARY_ROWS:
+        return files
+    rank = {id(f): 0 if f.status == "failed" else 1 if "--redo-other" in (f.reason or "") else 2 for f in files}
+    chosen = {id(f) for f in sorted(files, key=lambda f: rank[id(f)])[:SUMMARY_ROWS]}
+    return [f for f in files if id(f) in chosen]
 
 
 def summary(console: Console, report: Report, report_path: Path | None) -> None:
@@ -313,7 +337,14 @@ def summary(console: Console, report: Report, report_path: Path | None) -> None:
         ("note", "left"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for result in report.all_files():
+    files = report.all_files()
+    shown_files = rows_of(files)
+    if len(shown_files) < len(files):
+        table.caption = (
+            f"{len(shown_files)} of {len(files)} files (failed and foreign ones first): all are in the report"
+        )
+        table.caption_justify = "left"
+    for result in shown_files:
         layers = result.ttt.layers if result.ttt is not None else []
         n_updates = sum(layer.updates for layer in layers)
         updates = str(n_updates) if layers else "-"
@@ -338,6 +369,12 @@ def summary(console: Console, report: Report, report_path: Path | None) -> None:
         f"(real-time factor {t['real_time_factor']:.3f})",
         highlight=False,
     )
+    if t.get("made_by_other"):
+        console.print(
+            f"[yellow]{plural(t['made_by_other'], 'output')} made by another model or settings[/] "
+            "(the report's made_by says which; --redo-other redoes them)",
+            highlight=False,
+        )
     if report_path is not None:
         console.print(f"report: {shown(report_path)}", highlight=False, soft_wrap=True)
 
@@ -385,6 +422,13 @@ def merge_summary(console: Console, errors: Console, outcome: tp.Any) -> None:
         highlight=False,
     )
     console.print(f"report: {shown(outcome.path)}", highlight=False, soft_wrap=True)
+    if outcome.origins:
+        errors.print(
+            f"[yellow]warning:[/] merged outputs made by {len(outcome.origins)} different models or settings "
+            "(--mixed): each entry's made_by says which; the report's settings list them (mixed_origins)",
+            highlight=False,
+            soft_wrap=True,
+        )
     for key in outcome.differing_settings:
         errors.print(
             f"[yellow]warning:[/] the shards ran with different settings.{shown(key)}; the report keeps "

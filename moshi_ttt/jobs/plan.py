@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import MoshiTTTError
 from ..report.history import EarlierResults, earlier_results, read_report
+from ..report.journal import journal_path
 from ..report.schema import REPORT_NAME, SCORES_REPORT_NAME, FileResult
 from ..report.shards import Shard, holder_of, lock_is_held, running_shards
 from .files import AUDIO_EXTENSIONS, PARTIAL_SUFFIX, TEMP_MARK, is_our_temporary, output_format, temporary_of
@@ -368,7 +369,7 @@ def prepare_batch(
         sources = [p for p in source.rglob("*") if p.is_file() and not (outputs_inside and is_inside(p, out_root))]
     else:
         sources = [source]
-    check_sources_untouched(sources, [*outputs, *([report_path] if report_path else [])])
+    check_sources_untouched(sources, [*outputs, *([report_path, journal_path(report_path)] if report_path else [])])
     check_writable(out_root, "outputs")
     if report_path is not None:
         check_writable(report_path.parent, "report")

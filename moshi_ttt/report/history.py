@@ -4,57 +4,133 @@ outputs) and `report merge` share.
 An entry describes an output only while that output is the very file it was written as (same
 SHA-256); several reports may describe one output (the main report and shard parts), and of the
 candidates the newest report wins.
+
+Hashing every output on every resume costs as much as reading them all (hours of audio: GBs),
+so an entry also records the output's size, mtime (ns) and inode when its hash was last known to
+hold (`output_stat`), and the hash is trusted while those are unchanged, as make and git trust a
+file's stat: writing a file changes its mtime, replacing it changes its inode. Only an output
+whose stat differs is hashed again; when the hash still matches (a `touch`, a copy with `cp -p`),
+its entry takes the new stat, so the next resume trusts it. Not noticed: an edit that restores
+size, mtime to the nanosecond and inode (`touch -d` after an in-place edit of the same length).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat as stat_module
 import typing as tp
 from pathlib import Path
 
 from ..errors import MoshiTTTError
 from .schema import FileResult, sha256_of
-from .shards import find_parts, read_report_file
+from .shards import ReportFile, find_parts, read_report_file
 
 if tp.TYPE_CHECKING:
     from ..jobs.plan import Job
 
 
-def read_report(path: Path) -> dict | None:
-    """The report an earlier run left at `path` (None if there is none). Anything else there is
-    refused rather than replaced: `--report` may name a user's file by mistake."""
+def read_report(path: Path) -> ReportFile | None:
+    """The report an earlier run left at `path` with its journal (None if there is none).
+    Anything else there is refused rather than replaced: `--report` may name a user's file by
+    mistake; a report of ours with malformed entries is refused saying which."""
     try:
-        found = read_report_file(path)
-    except MoshiTTTError:
-        raise MoshiTTTError("exists and is not a moshi-ttt report; refusing to replace it", path) from None
-    return None if found is None else found.data
+        return read_report_file(path)
+    except MoshiTTTError as exc:
+        if exc.reason.startswith("is not a moshi-ttt report"):
+            raise MoshiTTTError("exists and is not a moshi-ttt report; refusing to replace it", path) from None
+        raise
+
+
+def stat_of(path: Path | str) -> dict | None:
+    """What `output_stat` records of a regular file (None for anything else, or nothing)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not stat_module.S_ISREG(info.st_mode):
+        return None
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "ino": info.st_ino}
+
+
+class OutputCheck:
+    """Whether an output on disk is the file an entry describes: its recorded stat unchanged, or
+    else its SHA-256 equal (each output hashed at most once per check)."""
+
+    def __init__(self) -> None:
+        self._stats: dict[str, dict | None] = {}
+        self._hashes: dict[str, str | None] = {}
+
+    def stat(self, path: str) -> dict | None:
+        if path not in self._stats:
+            self._stats[path] = stat_of(path)
+        return self._stats[path]
+
+    def sha(self, path: str) -> str | None:
+        if path not in self._hashes:
+            try:
+                self._hashes[path] = sha256_of(Path(path)) if self.stat(path) is not None else None
+            except OSError:
+                self._hashes[path] = None
+        return self._hashes[path]
+
+    def matches(self, entry: FileResult, path: Path | str | None = None) -> FileResult | None:
+        """`entry` (its stat refreshed if the hash had to be taken) if its output on disk (at
+        `path`, default the entry's own) is the file it describes, else None."""
+        where = str(path if path is not None else entry.output or "")
+        if not where or not entry.output_sha256:
+            return None
+        current = self.stat(where)
+        if current is None:
+            return None
+        if entry.output_stat == current:
+            return entry
+        if self.sha(where) != entry.output_sha256:
+            return None
+        return dataclasses.replace(entry, output_stat=current)
 
 
 class EarlierResults:
     """Results earlier runs recorded, by output file, trusted only while that output is the
-    very file they describe (same SHA-256): a replaced output gets no borrowed numbers.
+    very file they describe (see the module docstring): a replaced output gets no borrowed numbers.
 
     Several reports may describe one output (the main report and shard parts, see `shards.py`):
-    they are given newest first, and the first whose SHA-256 matches the file wins."""
+    they are given newest first, and the first that still describes the file wins."""
 
-    def __init__(self, *reports: dict | None):
+    def __init__(self, *reports: ReportFile | dict | None):
         self._by_output: dict[str, list[FileResult]] = {}
+        self._folders: dict[str, str] = {}
+        self.check = OutputCheck()
+        # The last journal line the run's own report holds (see `earlier_results`); None: unknown.
+        self.journal_seq: int | None = None
         for report in reports:
-            for entry in (report or {}).get("files", []):
-                if isinstance(entry, dict) and entry.get("output"):
-                    result = FileResult.from_json(entry)
-                    self._by_output.setdefault(self._key(Path(tp.cast(str, result.output))), []).append(result)
+            if report is None:
+                continue
+            entries = (
+                report.entries
+                if isinstance(report, ReportFile)
+                else [FileResult.from_json(e) for e in report.get("files", []) if isinstance(e, dict)]
+            )
+            for result in entries:
+                if result.output:
+                    self._by_output.setdefault(self._key(result.output), []).append(result)
 
-    @staticmethod
-    def _key(path: Path) -> str:
-        return str(path.resolve())
+    def _key(self, path: Path | str) -> str:
+        """The output's path with its folder's links resolved (resolving each folder once: a
+        resume over 10,000 outputs in a few folders resolves a few folders)."""
+        folder, name = os.path.split(os.path.abspath(path))
+        if folder not in self._folders:
+            self._folders[folder] = str(Path(folder).resolve())
+        return os.path.join(self._folders[folder], name)
 
     def for_output(self, output: Path) -> FileResult | None:
-        candidates = [e for e in self._by_output.get(self._key(output), []) if e.output_sha256 is not None]
-        if not candidates or not output.is_file():
-            return None
-        digest = sha256_of(output)
-        return next((e for e in candidates if e.output_sha256 == digest), None)
+        for entry in self._by_output.get(self._key(output), []):
+            if entry.output_sha256 is None:
+                continue
+            found = self.check.matches(entry, output)
+            if found is not None:
+                return found
+        return None
 
     def others(self, jobs: list[Job], keep: tp.Callable[[FileResult], bool] | None = None) -> list[FileResult]:
         """Entries for the outputs this run does not plan (e.g. outside its --glob) that still
@@ -65,7 +141,7 @@ class EarlierResults:
         for key, entries in self._by_output.items():
             entry = entries[0]
             output = Path(tp.cast(str, entry.output))
-            if key in planned or not output.is_file() or (keep is not None and not keep(entry)):
+            if key in planned or (keep is not None and not keep(entry)) or self.check.stat(str(output)) is None:
                 continue
             earlier = self.for_output(output)
             kept.append(
@@ -81,7 +157,7 @@ def carried(earlier: FileResult, reason: str) -> FileResult:
     return dataclasses.replace(earlier, status="skipped", reason=reason, from_earlier_run=True)
 
 
-def earlier_results(main_report: Path, own_path: Path, own: dict | None) -> EarlierResults:
+def earlier_results(main_report: Path, own_path: Path, own: ReportFile | dict | None) -> EarlierResults:
     """What earlier runs recorded about OUT's files: this run's own report (or shard part), and
     the other reports beside it: the main report and every shard part (so an unsharded run after
     shards, or shards after a merge, keep their numbers: the automatic merge). Newest first; a
@@ -97,8 +173,13 @@ def earlier_results(main_report: Path, own_path: Path, own: dict | None) -> Earl
         if found is not None:
             others.append(found)
     reports = sorted(others, key=lambda r: r.mtime_ns, reverse=True)
-    own_time = own_path.stat().st_mtime_ns if own is not None else -1
-    ordered = (
-        [r.data for r in reports if r.mtime_ns > own_time] + [own] + [r.data for r in reports if r.mtime_ns <= own_time]
-    )
-    return EarlierResults(*ordered)
+    if own is None:
+        own_time = -1
+    elif isinstance(own, ReportFile):
+        own_time = own.mtime_ns
+    else:
+        own_time = own_path.stat().st_mtime_ns
+    ordered = [r for r in reports if r.mtime_ns > own_time] + [own] + [r for r in reports if r.mtime_ns <= own_time]
+    earlier = EarlierResults(*ordered)
+    earlier.journal_seq = own.journal_seq if isinstance(own, ReportFile) else 0 if own is None else None
+    return earlier

@@ -67,13 +67,17 @@ class LayerReport:
     @classmethod
     def from_json(cls, entry: dict) -> LayerReport:
         """Read back a report's layer entry (unknown keys ignored)."""
-        values = {k: v for k, v in entry.items() if k in {f.name for f in fields(cls)}}
+        values = {k: v for k, v in entry.items() if k in _LAYER_FIELDS}
         if isinstance(values.get("timeline"), list):
-            record_keys = {f.name for f in fields(UpdateRecord)}
             values["timeline"] = [
-                UpdateRecord(**{k: v for k, v in record.items() if k in record_keys}) for record in values["timeline"]
+                UpdateRecord(**{k: v for k, v in record.items() if k in _RECORD_FIELDS})
+                for record in values["timeline"]
             ]
         return cls(**values)
+
+
+_LAYER_FIELDS = frozenset(f.name for f in fields(LayerReport))
+_RECORD_FIELDS = frozenset(f.name for f in fields(UpdateRecord))
 
 
 @dataclass
@@ -83,6 +87,21 @@ class FileTTT:
     variant: str
     chunk_size: int
     layers: list[LayerReport] = field(default_factory=list)
+
+
+class MalformedEntry(TypeError, ValueError):
+    """A report entry that is not what this schema writes (a field of the wrong type, a status
+    we never write, a layer record missing a field). A TypeError too, for callers that caught
+    the TypeError a malformed entry used to raise."""
+
+
+_STATUSES = ("ok", "failed", "skipped")
+
+
+def _expect(entry: dict, key: str, kinds: tuple[type, ...], what: str) -> None:
+    value = entry.get(key)
+    if key in entry and not (isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)):
+        raise MalformedEntry(f"{key} must be {what}, got {type(value).__name__}")
 
 
 @dataclass
@@ -102,22 +121,54 @@ class FileResult:
     warnings: list[str] = field(default_factory=list)  # e.g. which channel was taken of a dialogue
     # `score` runs: the file's teacher-forced NLL summary (its per-target array is the output).
     scores: ScoreSummary | None = None
+    # What made the output (model, fine-tune, step, fingerprints, settings that change outputs):
+    # `report.provenance`. Kept as it was when an entry is carried into a later run's report.
+    made_by: dict | None = None
+    # The output's {"size", "mtime_ns", "ino"} when its SHA-256 was last known to hold: a resume
+    # trusts the hash while these are unchanged instead of reading the file again (`output_matches`).
+    output_stat: dict | None = None
 
     @classmethod
     def from_json(cls, entry: dict) -> FileResult:
-        """Read back a report entry (unknown keys ignored, fields added since then defaulted)."""
-        known = {f.name for f in fields(cls)}
+        """Read back a report entry (unknown keys ignored, fields added since then defaulted).
+        `MalformedEntry` says what is wrong with one that is not of this schema."""
+        if not isinstance(entry, dict):
+            raise MalformedEntry(f"an entry must be a JSON object, got {type(entry).__name__}")
+        if not isinstance(entry.get("input"), str):
+            raise MalformedEntry("input must be a path (a string)")
+        if entry.get("status") not in _STATUSES:
+            raise MalformedEntry(f"status must be one of {', '.join(_STATUSES)}, got {entry.get('status')!r}")
+        for key in ("output", "reason", "transcript", "output_sha256"):
+            _expect(entry, key, (str, type(None)), "a string or null")
+        for key in ("duration_s", "wall_s"):
+            _expect(entry, key, (int, float), "a number")
+        for key in ("frames", "steps"):
+            _expect(entry, key, (int,), "a whole number")
+        _expect(entry, "from_earlier_run", (bool,), "true or false")
+        for key in ("ttt", "made_by", "output_stat"):
+            _expect(entry, key, (dict, type(None)), "an object or null")
+        _expect(entry, "warnings", (list,), "a list")
+        known = _FILE_FIELDS
         values = {k: v for k, v in entry.items() if k in known}
         ttt = values.get("ttt")
         if isinstance(ttt, dict):
-            values["ttt"] = FileTTT(
-                variant=ttt.get("variant", "?"),
-                chunk_size=ttt.get("chunk_size", 0),
-                layers=[LayerReport.from_json(layer) for layer in ttt.get("layers", [])],
-            )
+            layers = ttt.get("layers", [])
+            if not isinstance(layers, list) or not all(isinstance(layer, dict) for layer in layers):
+                raise MalformedEntry("ttt.layers must be a list of objects")
+            try:
+                values["ttt"] = FileTTT(
+                    variant=ttt.get("variant", "?"),
+                    chunk_size=ttt.get("chunk_size", 0),
+                    layers=[LayerReport.from_json(layer) for layer in layers],
+                )
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise MalformedEntry(f"ttt.layers: {exc}") from None
         if isinstance(values.get("scores"), dict):
             values["scores"] = ScoreSummary.from_json(values["scores"])
         return cls(**values)
+
+
+_FILE_FIELDS = frozenset(f.name for f in fields(FileResult))
 
 
 def sha256_of(path: Path) -> str:
@@ -133,14 +184,57 @@ def sha256_of(path: Path) -> str:
 
 def file_json(result: FileResult) -> dict:
     """A file's report entry: its fields, without the layers' `timeline` where none was recorded
-    and without `scores` outside `score` runs (additive: reports keep their old shape)."""
-    data = asdict(result)
-    if data.get("scores") is None:
-        data.pop("scores", None)
+    and without `scores` outside `score` runs (additive: reports keep their old shape). Built
+    field by field (`dataclasses.asdict` deep-copies: it was most of the cost of writing a large
+    report)."""
+    if result.ttt is not None and not isinstance(result.ttt, FileTTT):  # built by hand (a dict): as it is
+        data = asdict(result)
+        _drop_empty_timelines(data)
+        if data.get("scores") is None:
+            data.pop("scores", None)
+        return data
+    data = {name: getattr(result, name) for name in _FILE_ORDER}
+    data["warnings"] = list(result.warnings)
+    if result.scores is None:  # only `score` runs' entries carry scores
+        del data["scores"]
+    else:
+        data["scores"] = result.scores.to_json()
+    if result.ttt is not None:
+        data["ttt"] = {
+            "variant": result.ttt.variant,
+            "chunk_size": result.ttt.chunk_size,
+            "layers": [_layer_json(layer) for layer in result.ttt.layers],
+        }
+    return data
+
+
+def _drop_empty_timelines(data: dict) -> None:
     for layer in (data.get("ttt") or {}).get("layers", []):
         if isinstance(layer, dict) and layer.get("timeline", ()) is None:
             del layer["timeline"]
+
+
+_FILE_ORDER = tuple(f.name for f in fields(FileResult))
+_LAYER_ORDER = tuple(f.name for f in fields(LayerReport))
+
+
+def _layer_json(layer: LayerReport) -> dict:
+    data = {name: getattr(layer, name) for name in _LAYER_ORDER}
+    if layer.timeline is None:
+        del data["timeline"]
+    else:
+        data["timeline"] = [dict(vars(record)) for record in layer.timeline]
     return data
+
+
+def entry_text(result: FileResult) -> str:
+    """A file's report entry as strict JSON text on one line: what the journal appends and the
+    report joins, so each entry is serialised once however often the report is written."""
+    data = file_json(result)
+    try:
+        return json.dumps(data, allow_nan=False)
+    except ValueError:  # a non-finite number somewhere: null, as strict parsers need
+        return json.dumps(strict_json(data), allow_nan=False)
 
 
 def strict_json(value: tp.Any) -> tp.Any:
@@ -182,12 +276,17 @@ class RunSettings:
     # `score` runs: the user/text stream policies, loss weights (with where they came from), the
     # attention context in seconds and the position buckets.
     score: dict | None = None
+    # What this run's outputs are made by (`report.provenance.describe_origin`): each entry this
+    # run makes records it (with its batch size and device), and a rerun compares it with theirs.
+    made_by: dict | None = None
     extra: dict = field(default_factory=dict)
 
-    _ONLY_WHEN_SET = ("backend", "workers", "gpus_per_worker", "score")
+    _ONLY_WHEN_SET = ("backend", "workers", "gpus_per_worker", "score", "made_by")
 
     @classmethod
     def from_json(cls, data: dict | None) -> RunSettings:
+        if data is not None and not isinstance(data, dict):
+            raise MalformedEntry(f"settings must be a JSON object, got {type(data).__name__}")
         data = dict(data or {})
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: data.pop(k) for k in list(data) if k in known}
@@ -215,9 +314,19 @@ class Report:
     # `--shard I/N`: {"index", "count", "planned"} (files this shard planned); the JSON adds "done",
     # how many of them are finished, so a merge can tell a shard that was killed half way.
     shard: dict | None = None
+    # The last line of the report's journal this report holds (`report.journal`); None: no journal.
+    journal_seq: int | None = None
 
     def all_files(self) -> list[FileResult]:
         return [*self.files, *self.earlier]
+
+    def made_by_other(self) -> int:
+        """Entries whose output another model or other output-changing settings made than the
+        ones this report's settings name (entries of unknown origin are not counted)."""
+        own = (self.settings.made_by or {}).get("id")
+        if own is None:
+            return 0
+        return sum(1 for f in self.all_files() if f.made_by is not None and f.made_by.get("id") not in (None, own))
 
     def totals(self) -> dict:
         files = self.all_files()
@@ -232,24 +341,39 @@ class Report:
             "wall_s": round(self.wall_s, 3),
             # Seconds of processing per second of audio: below 1 is faster than real time.
             "real_time_factor": round(self.wall_s / audio_s, 4) if audio_s > 0 else 0.0,
+            "made_by_other": self.made_by_other(),
             **({"scores": pooled.to_json()} if (pooled := pool([f.scores for f in ok if f.scores])) else {}),
         }
 
-    def to_json(self) -> dict:
-        data = {
-            "schema": REPORT_SCHEMA,
-            "settings": self.settings.to_json(),
-            "files": [file_json(f) for f in self.all_files()],
-            "totals": self.totals(),
-        }
+    def _head(self) -> dict:
+        return {"schema": REPORT_SCHEMA, "settings": strict_json(self.settings.to_json())}
+
+    def _tail(self) -> dict:
+        data: dict = {"totals": strict_json(self.totals())}
         if self.interrupted:
             data["interrupted"] = True
         if self.shard is not None:
             data["shard"] = {**self.shard, "done": len(self.files)}
-        return strict_json(data)
+        if self.journal_seq is not None:
+            data["journal"] = {"seq": self.journal_seq}
+        return data
 
-    def write(self, path: Path) -> None:
+    def to_json(self) -> dict:
+        return {**self._head(), "files": [strict_json(file_json(f)) for f in self.all_files()], **self._tail()}
+
+    def to_text(self, entries: tp.Sequence[str] | None = None) -> str:
+        """The report as written: indented, but one line per file (`entry_text`; pass `entries`,
+        one per `all_files()`, where they are already serialised). Parses to `to_json()`."""
+        if entries is None:
+            entries = [entry_text(f) for f in self.all_files()]
+        head = json.dumps(self._head(), indent=2, allow_nan=False)[:-2]  # without the closing "\n}"
+        tail = json.dumps(self._tail(), indent=2, allow_nan=False)[1:]  # without the opening "{"
+        files = "[\n    " + ",\n    ".join(entries) + "\n  ]" if entries else "[]"
+        return f'{head},\n  "files": {files},{tail}\n'
+
+    def write(self, path: Path, entries: tp.Sequence[str] | None = None) -> None:
         from ..jobs.files import atomic_output
 
+        text = self.to_text(entries)
         with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 from ..errors import MoshiTTTError
-from .schema import REPORT_NAME, REPORT_SCHEMA, SCORES_REPORT_NAME, FileResult, Report, RunSettings, sha256_of
+from .schema import REPORT_NAME, REPORT_SCHEMA, SCORES_REPORT_NAME, FileResult, MalformedEntry, Report, RunSettings
 
 # Settings each process decides for itself (auto batch size from its own file count and memory,
 # its threads and device): differing between shards is expected, not worth a warning.
@@ -143,34 +143,71 @@ def running_shards(folder: Path) -> list[tuple[Shard, str]]:
 
 @dataclass
 class ReportFile:
-    """A report (main or part) as read from disk, with when it was last written."""
+    """A report (main or part) as read from disk with its journal's newer lines applied, its
+    entries parsed once, and when it was last written (report or journal, the later)."""
 
     path: Path
     data: dict
     mtime_ns: int
     shard: Shard | None = None
+    entries: list[FileResult] = field(default_factory=list)
+    journal_seq: int = 0  # the last journal line it holds
 
     @property
     def files(self) -> list[FileResult]:
-        return [FileResult.from_json(e) for e in self.data.get("files", []) if isinstance(e, dict)]
+        return self.entries
 
 
 def read_report_file(path: Path, shard: Shard | None = None) -> ReportFile | None:
-    """A report at `path`, or None if there is none; anything else there is an error naming it."""
+    """A report at `path` (with its journal: `journal.py`), or None if there is none; anything
+    else there is an error naming it, one line, whatever is wrong inside."""
+    from .journal import fold, read_journal, report_seq
+
+    # The journal first: a run compacting meanwhile only moves lines into the report read next.
+    journal = read_journal(path)
     try:
         text = path.read_bytes()
         mtime_ns = path.stat().st_mtime_ns
     except FileNotFoundError:
-        return None
+        text, mtime_ns = None, -1
     except OSError as exc:
         raise MoshiTTTError(f"cannot read: {exc.strerror or exc}", path) from None
-    try:
-        data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        data = None
+    if text is None:
+        data: dict | None = {"schema": REPORT_SCHEMA, "settings": {}, "files": []}
+    else:
+        try:
+            data = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            data = None
     if not isinstance(data, dict) or data.get("schema") != REPORT_SCHEMA or not isinstance(data.get("files"), list):
         raise MoshiTTTError("is not a moshi-ttt report", path)
-    return ReportFile(path, data, mtime_ns, shard)
+    for key in ("settings", "totals", "shard", "journal"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise MoshiTTTError(f"malformed report: {key} must be a JSON object", path)
+    seq = report_seq(data)
+    if journal is None and text is None:
+        return None
+    newer = [] if journal is None else journal.after(seq)
+    if journal is not None:
+        data = fold(data, newer)
+        seq = max(seq, journal.last_seq)
+        if newer:
+            mtime_ns = max(mtime_ns, journal.mtime_ns)
+    entries = []
+    for number, entry in enumerate(data["files"], start=1):
+        try:
+            entries.append(FileResult.from_json(entry))
+        except MalformedEntry as exc:
+            raise MoshiTTTError(f"malformed report entry {number}: {exc}", path) from None
+    try:
+        settings = RunSettings.from_json(data.get("settings"))
+    except MalformedEntry as exc:
+        raise MoshiTTTError(f"malformed report: {exc}", path) from None
+    if newer:  # the totals of what the report and journal hold
+        wall_s = (data.get("totals") or {}).get("wall_s")
+        wall_s = wall_s if isinstance(wall_s, (int, float)) and not isinstance(wall_s, bool) else 0.0
+        data["totals"] = Report(settings, entries, wall_s=wall_s).totals()
+    return ReportFile(path, data, mtime_ns, shard, entries, seq)
 
 
 def reports_beside(report: Path) -> list[ReportFile]:
@@ -184,41 +221,32 @@ def reports_beside(report: Path) -> list[ReportFile]:
     return sorted(found, key=lambda r: r.mtime_ns, reverse=True)
 
 
-def pick(candidates: list[FileResult], sha_of: tp.Callable[[Path], str | None]) -> FileResult:
+def pick(candidates: list[tuple[FileResult, ReportFile]], check: tp.Any) -> tuple[FileResult, ReportFile]:
     """One entry per input when several reports describe it (`candidates` newest report first):
-    an entry describing the output as it is on disk (same SHA-256) wins, since the output is what
-    the user has; otherwise the newest report's entry (a later failure or skip is the latest word
-    on a file without a matching output). Outputs are hashed only here, i.e. only on conflicts."""
+    an entry describing the output as it is on disk wins (`history.OutputCheck`: its recorded
+    stat, else its SHA-256), since the output is what the user has; otherwise the newest report's
+    entry (a later failure or skip is the latest word on a file without a matching output).
+    Outputs are looked at only here, i.e. only on conflicts."""
     if len(candidates) == 1:
         return candidates[0]
-    for entry in candidates:
-        if entry.output and entry.output_sha256 and sha_of(Path(entry.output)) == entry.output_sha256:
-            return entry
+    for entry, source in candidates:
+        found = check.matches(entry)
+        if found is not None:
+            return found, source
     return candidates[0]
 
 
-def _sha_cache() -> tp.Callable[[Path], str | None]:
-    cache: dict[Path, str | None] = {}
+def merged_entries(reports: list[ReportFile]) -> list[tuple[FileResult, ReportFile]]:
+    """Every input once across `reports` (newest first), sorted by input path, with the report
+    each entry was taken from."""
+    from .history import OutputCheck
 
-    def sha_of(path: Path) -> str | None:
-        if path not in cache:
-            try:
-                cache[path] = sha256_of(path) if path.is_file() else None
-            except OSError:
-                cache[path] = None
-        return cache[path]
-
-    return sha_of
-
-
-def merged_entries(reports: list[ReportFile]) -> list[FileResult]:
-    """Every input once across `reports` (newest first), sorted by input path."""
-    by_input: dict[str, list[FileResult]] = {}
+    by_input: dict[str, list[tuple[FileResult, ReportFile]]] = {}
     for report in reports:
         for entry in report.files:
-            by_input.setdefault(entry.input, []).append(entry)
-    sha_of = _sha_cache()
-    return [pick(by_input[key], sha_of) for key in sorted(by_input)]
+            by_input.setdefault(entry.input, []).append((entry, report))
+    check = OutputCheck()
+    return [pick(by_input[key], check) for key in sorted(by_input)]
 
 
 # -- merging ---------------------------------------------------------------------------------------
@@ -242,6 +270,8 @@ class MergeOutcome:
     shards: list[ShardState] = field(default_factory=list)
     # Settings keys that differ between the parts (e.g. two checkpoints): the merge still happens.
     differing_settings: list[str] = field(default_factory=list)
+    # With `mixed`: the distinct origins (`made_by`) of the merged outputs, when more than one.
+    origins: list[dict] = field(default_factory=list)
 
     @property
     def incomplete(self) -> list[ShardState]:
@@ -260,8 +290,8 @@ def shard_states(parts: dict[Shard, ReportFile], lock_folder: Path) -> list[Shar
                 states.append(ShardState(shard, None, "running" if shard in running else "missing"))
                 continue
             info = part.data.get("shard") if isinstance(part.data.get("shard"), dict) else {}
-            planned = info.get("planned") if isinstance(info.get("planned"), int) else None
-            done = info.get("done") if isinstance(info.get("done"), int) else None
+            planned = _count(info.get("planned"))
+            done = _count(info.get("done"))
             if shard in running:
                 state = "running"
             elif part.data.get("interrupted"):
@@ -275,12 +305,58 @@ def shard_states(parts: dict[Shard, ReportFile], lock_folder: Path) -> list[Shar
     return states
 
 
-def merge_reports(report: Path, lock_folder: Path | None = None) -> MergeOutcome:
+def _count(value: tp.Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _wall_s(report: ReportFile) -> float:
+    value = (report.data.get("totals") or {}).get("wall_s")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _origin_label(made_by: dict) -> str:
+    checkpoint = made_by.get("checkpoint")
+    name = "no fine-tune" if not checkpoint else PurePath(str(checkpoint)).name or str(checkpoint)
+    step = made_by.get("step")
+    return f"{name}{'' if step is None else f' step {step}'}, origin {str(made_by.get('id'))[:8]}"
+
+
+def check_one_origin(picked: list[tuple[FileResult, ReportFile]]) -> list[dict]:
+    """The distinct origins (`made_by`, by id) of the merged outputs, first seen first; more
+    than one is refused by `merge_reports` unless asked."""
+    origins: dict[str, dict] = {}
+    for entry, _ in picked:
+        if entry.output and entry.made_by and entry.made_by.get("id"):
+            origins.setdefault(entry.made_by["id"], entry.made_by)
+    return list(origins.values())
+
+
+def _refuse_mixed(picked: list[tuple[FileResult, ReportFile]], origins: list[dict]) -> tp.NoReturn:
+    from .provenance import difference
+
+    sources: dict[str, list[str]] = {}
+    for entry, source in picked:
+        if entry.output and entry.made_by and entry.made_by.get("id"):
+            names = sources.setdefault(entry.made_by["id"], [])
+            if source.path.name not in names:
+                names.append(source.path.name)
+    said = "; ".join(f"{', '.join(sources[o['id']])} ({_origin_label(o)})" for o in origins)
+    raise MoshiTTTError(
+        f"refusing to merge outputs made by different models or settings: {said}; they differ in "
+        f"{difference(origins[0], origins[1])}. Redo the odd files with `infer --redo-other`, or "
+        "pass --mixed to merge anyway (each file keeps its origin in made_by)"
+    )
+
+
+def merge_reports(report: Path, lock_folder: Path | None = None, mixed: bool = False) -> MergeOutcome:
     """Merge the shard parts beside `report` (and `report` itself, if it exists) into `report`:
     each input once (see `pick`), totals recomputed, `wall_s` the sum of the parts' (processing
     time, so the real-time factor stays seconds of work per second of audio). Parts are kept:
-    merging again gives the same report. Raises `MoshiTTTError` when there is nothing to merge."""
+    merging again gives the same report. Raises `MoshiTTTError` when there is nothing to merge,
+    and when the merged outputs were made by different models or settings (`made_by`) unless
+    `mixed`: then the report's settings list them all (`mixed_origins`) and claim none."""
     from ..jobs.guard import OutputLock
+    from .journal import remove_journal
 
     report = Path(report).absolute()
     lock_folder = lock_folder or report.parent
@@ -306,16 +382,28 @@ def merge_reports(report: Path, lock_folder: Path | None = None) -> MergeOutcome
             if key not in PER_PROCESS_SETTINGS and newest_json.get(key) != value
         }
     )
+    main = next((r for r in reports if r.shard is None), None)
     with OutputLock(lock_folder):  # no unsharded run (nor another merge) writes the report meanwhile
         states = shard_states(parts, lock_folder)
+        picked = merged_entries(reports)
+        origins = check_one_origin(picked)
+        if len(origins) > 1:
+            if not mixed:
+                _refuse_mixed(picked, origins)
+            settings.made_by = None
+            settings.extra["mixed_origins"] = origins
         merged = Report(
             settings=settings,
-            files=merged_entries(reports),
-            wall_s=sum(float(r.data.get("totals", {}).get("wall_s") or 0.0) for r in parts.values()),
+            files=[entry for entry, _ in picked],
+            wall_s=sum(_wall_s(r) for r in parts.values()),
         )
         merged.interrupted = False
+        if main is not None and main.journal_seq:
+            merged.journal_seq = main.journal_seq  # the main report's journal is folded in
         merged.write(report)
-    return MergeOutcome(merged, report, states, differing)
+        if main is not None and main.journal_seq:
+            remove_journal(report)
+    return MergeOutcome(merged, report, states, differing, origins if len(origins) > 1 else [])
 
 
 def default_report_of(out: Path) -> Path:

@@ -135,8 +135,9 @@ def write_corpus(folder: Path, seconds: float = 1.0) -> dict[str, str]:
 
 
 def comparable(entry: dict) -> dict:
-    """A report entry without what differs between runs of the same work (timings)."""
-    return {k: v for k, v in entry.items() if k not in ("wall_s",)}
+    """A report entry without what differs between runs of the same work (timings, and the stat
+    of the output file each run wrote)."""
+    return {k: v for k, v in entry.items() if k not in ("wall_s", "output_stat")}
 
 
 # Files in `long_recordings` (conftest): enough that a run can be interrupted between files.

@@ -28,6 +28,7 @@ from moshi_ttt.jobs.files import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE
 from moshi_ttt.jobs.plan import Job, default_report_path, find_inputs, plan_jobs, prepare_batch
 from moshi_ttt.jobs.worker import FileWorker
 from moshi_ttt.report.schema import REPORT_SCHEMA, RunSettings
+from moshi_ttt.report.shards import read_report_file
 from moshi_ttt.streaming.batched import BatchedRunner
 
 FILE_KEYS = {
@@ -44,6 +45,8 @@ FILE_KEYS = {
     "output_sha256",
     "from_earlier_run",
     "warnings",
+    "made_by",
+    "output_stat",
 }
 LAYER_KEYS = {
     "layer",
@@ -56,7 +59,7 @@ LAYER_KEYS = {
     "relative_drift",
     "clipped_updates",
 }
-TOTAL_KEYS = {"files", "ok", "failed", "skipped", "audio_s", "wall_s", "real_time_factor"}
+TOTAL_KEYS = {"files", "ok", "failed", "skipped", "audio_s", "wall_s", "real_time_factor", "made_by_other"}
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -117,8 +120,8 @@ class Recorder(SilentEvents):
             raise KeyboardInterrupt
 
     def file_finished(self, index, total, result):
-        if self.report_path is not None:
-            self.on_disk.append(json.loads(self.report_path.read_text()))
+        if self.report_path is not None:  # the report with its journal, as a resume reads them
+            self.on_disk.append(read_report_file(self.report_path).data)
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def test_report_is_complete_and_on_disk_after_every_file(runner, model, recordin
 
     data = json.loads(report_path.read_text())
     assert data == json.loads(json.dumps(report.to_json()))
-    assert set(data) == {"schema", "settings", "files", "totals"}  # no "interrupted" key
+    assert set(data) == {"schema", "settings", "files", "totals", "journal"}  # no "interrupted" key
     assert data["schema"] == REPORT_SCHEMA
     assert data["settings"] == settings.to_json() and RunSettings.from_json(data["settings"]) == settings
     assert [f["input"] for f in data["files"]] == [str(j.input) for j in jobs]
@@ -399,7 +402,7 @@ def test_report_is_complete_and_on_disk_after_every_file(runner, model, recordin
     assert totals["wall_s"] >= sum(f["wall_s"] for f in ok) - 1e-3
     assert totals["real_time_factor"] == pytest.approx(totals["wall_s"] / totals["audio_s"], rel=1e-2)
 
-    # The report on disk was up to date as each file finished.
+    # The report on disk (with its journal) was up to date as each file finished.
     assert [len(d["files"]) for d in events.on_disk] == list(range(1, len(jobs) + 1))
     for i, d in enumerate(events.on_disk):
         assert d["files"] == data["files"][: i + 1]
