@@ -190,161 +190,400 @@ def _load_model_stack(device: str, dtype: str, threads: int | None) -> None:
         import moshi_ttt.streaming.batched  # noqa: F401  the model stack
 
 
-@app.command()
-def infer(
-    source: Path = typer.Argument(
-        ...,
+# Options: each declared once, as an annotated type, and used by every command that takes it.
+Source = tp.Annotated[
+    Path,
+    typer.Argument(
         metavar="IN",
         help="A recording, a folder searched recursively, or a "
         '.jsonl manifest of {"path", "duration"} lines (paths relative to it).',
     ),
-    target: str = typer.Argument(
-        ...,
-        metavar="OUT",
-        help="Output file (format by extension), or folder "
-        "mirroring IN's layout (end it with / to create one for a single file).",
-    ),
-    base: str = typer.Option(DEFAULT_BASE, help="Base Moshi: Hugging Face repo id or local folder."),
-    checkpoint: str | None = typer.Option(None, help="TTT fine-tune folder (consolidated/, checkpoint or run folder)."),
-    step: int | None = typer.Option(None, help="Run folder: load checkpoint_NNNNNN of this step (default: latest)."),
-    no_ttt: bool = typer.Option(False, "--no-ttt", help="Keep fast weights frozen (ablation)."),
-    delta_clip: str | None = typer.Option(
-        None,
+]
+Base = tp.Annotated[str, typer.Option(help="Base Moshi: Hugging Face repo id or local folder.")]
+Checkpoint = tp.Annotated[
+    str | None, typer.Option(help="TTT fine-tune folder (consolidated/, checkpoint or run folder).")
+]
+Step = tp.Annotated[
+    int | None, typer.Option(help="Run folder: load checkpoint_NNNNNN of this step (default: latest).")
+]
+NoTTT = tp.Annotated[bool, typer.Option("--no-ttt", help="Keep fast weights frozen (ablation).")]
+DeltaClip = tp.Annotated[
+    str | None,
+    typer.Option(
         "--delta-clip",
         metavar="TAU|none",
-        help="In-Place TTT: bound on each chunk's delta norm (before the learning rate), overriding "
-        "the checkpoint; 'none' turns clipping off.",
+        help="In-Place TTT: bound on each chunk's delta norm (before "
+        "the learning rate), overriding the checkpoint; 'none' turns clipping off.",
     ),
-    device: Device = typer.Option(Device.auto),
-    dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on GPU, float32 on CPU."),
-    seed: int = typer.Option(4242, help="RNG seed (0 to 2^32-1), reapplied at the start of every file."),
-    threads: int | None = typer.Option(None, help="CPU intra-op threads (default: chosen for this machine)."),
-    channel: str | None = typer.Option(
-        None,
-        metavar="N|left|right|mix",
-        help="Input channel to stream (default 0; moshi-finetune dialogues: Moshi left, user right).",
-    ),
-    glob: str | None = typer.Option(None, help="Only inputs whose relative path or name matches."),
-    include_hidden: bool = typer.Option(
-        False, "--include-hidden", help="Also take hidden files and folders as inputs (never macOS ._ files)."
-    ),
-    include_outputs: bool = typer.Option(
-        False,
+]
+DeviceOption = tp.Annotated[Device, typer.Option("--device")]
+DTypeOption = tp.Annotated[DType, typer.Option("--dtype", help="auto: bfloat16 on GPU, float32 on CPU.")]
+Threads = tp.Annotated[int | None, typer.Option(help="CPU intra-op threads (default: chosen for this machine).")]
+Glob = tp.Annotated[str | None, typer.Option(help="Only inputs whose relative path or name matches.")]
+IncludeHidden = tp.Annotated[
+    bool, typer.Option("--include-hidden", help="Also take hidden files and folders as inputs (never macOS ._ files).")
+]
+IncludeOutputs = tp.Annotated[
+    bool,
+    typer.Option(
         "--include-outputs",
         help="Also take recordings in folders of IN holding a moshi-ttt report or lock (other runs' outputs).",
     ),
-    text: bool = typer.Option(False, "--text", help="Also write Moshi's text stream beside each output."),
-    text_format: TextFormat = typer.Option(
-        TextFormat.txt,
-        "--text-format",
-        help="Transcripts as txt (words), jsonl (one timed word a line) or srt; jsonl/srt imply --text.",
-    ),
-    audio_format: AudioFormat | None = typer.Option(
-        None, "--format", help="Format of outputs written into a folder (default wav)."
-    ),
-    temp: float | None = typer.Option(None, help="Audio sampling temperature (default: the checkpoint's)."),
-    temp_text: float | None = typer.Option(None, help="Text sampling temperature (default: the checkpoint's)."),
-    top_k: int | None = typer.Option(None, help="Audio top-k (default: the checkpoint's)."),
-    top_k_text: int | None = typer.Option(None, help="Text top-k (default: the checkpoint's)."),
-    greedy: bool = typer.Option(False, "--greedy", help="Argmax instead of sampling (seed-independent output)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo files whose output exists."),
-    redo_other: bool = typer.Option(
-        False,
+]
+Overwrite = tp.Annotated[bool, typer.Option("--overwrite", help="Redo files whose output exists.")]
+RedoOther = tp.Annotated[
+    bool,
+    typer.Option(
         "--redo-other",
-        help="Redo existing outputs the report says another model or other output-changing settings "
-        "made (kept and counted otherwise).",
+        help="Redo existing outputs the report says another model or other "
+        "output-changing settings made (kept and counted otherwise).",
     ),
-    report: Path | None = typer.Option(None, help="JSON report (default in folder mode: OUT/moshi-ttt-report.json)."),
-    details: bool | None = typer.Option(
-        None, "--details/--no-details", help="Per-layer TTT table after each file (default: single file only)."
-    ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or tables; errors still print."),
-    timeline: bool = typer.Option(
-        False, "--timeline", help="Record every TTT update in the report (for `moshi-ttt plot`; can be large)."
-    ),
-    json_summary: bool = typer.Option(
-        False,
+]
+Quiet = tp.Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables; errors still print.")]
+JsonSummary = tp.Annotated[
+    bool,
+    typer.Option(
         "--json",
-        help="Print one JSON summary line to stdout (totals, "
-        "report path) and nothing else there; progress goes to stderr.",
+        help="Print one JSON summary line to stdout (totals, report path) and nothing else "
+        "there; progress goes to stderr.",
     ),
-    batch_size: str = typer.Option(
-        "auto",
+]
+BatchSize = tp.Annotated[
+    str,
+    typer.Option(
         "--batch-size",
         metavar="B|auto",
-        help="Recordings streamed at once, each with its own fast weights (auto: as "
-        "many as fit in free GPU memory; at most 16 on CPU).",
+        help="Recordings streamed at once, each with its own fast "
+        "weights (auto: as many as fit in free GPU memory; at most 16 on CPU).",
     ),
-    decode_chunk: int | None = typer.Option(
-        None,
-        "--decode-chunk",
-        metavar="FRAMES",
-        help="Decode audio in chunks of this many frames: faster on CPU, "
-        "audio within one 16-bit step of the default frame-by-frame decode.",
-    ),
-    shard: str | None = typer.Option(
-        None,
+]
+ShardOption = tp.Annotated[
+    str | None,
+    typer.Option(
         "--shard",
         metavar="I/N",
         help="Process only shard I of N (by a hash of each file's relative "
-        "path) into OUT/moshi-ttt-report.shard-I-of-N.json; "
-        "`moshi-ttt report merge OUT` joins the parts.",
+        "path) into a report part (REPORT.shard-I-of-N.json); `moshi-ttt report merge OUT` joins them.",
     ),
-    backend: BackendName = typer.Option(
-        BackendName.local,
-        help="local: stream in this process; ray: on a Ray "
-        "actor pool (pip install 'moshi-ttt[ray]'), outputs and report as local.",
+]
+BackendOption = tp.Annotated[
+    BackendName,
+    typer.Option(
+        "--backend",
+        help="local: stream in this process; ray: on a Ray actor pool "
+        "(pip install 'moshi-ttt[ray]'), outputs and report as local.",
     ),
-    ray_address: str | None = typer.Option(
-        None,
+]
+RayAddress = tp.Annotated[
+    str | None,
+    typer.Option(
         "--ray-address",
         metavar="ADDR",
         help="--backend ray: a running cluster (e.g. auto, ray://head:10001); default: start a local Ray instance.",
     ),
-    workers: int | None = typer.Option(
-        None,
-        help="--backend ray: actors, each with its own model (default: "
-        "one per GPU on GPU, one per --threads cores on CPU).",
+]
+Workers = tp.Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="--backend ray: actors, each with its own model (default: one per GPU on GPU, "
+        "one per --threads cores on CPU).",
     ),
-    gpus_per_worker: float | None = typer.Option(
-        None, "--gpus-per-worker", help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."
-    ),
+]
+GpusPerWorker = tp.Annotated[
+    float | None,
+    typer.Option("--gpus-per-worker", help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."),
+]
+
+
+class UserStream(str, Enum):
+    silence = "silence"
+    copy = "copy"
+    none = "none"
+
+
+class TextStream(str, Enum):
+    pad = "pad"
+    none = "none"
+
+
+def _run_command(
+    source: Path,
+    target: str,
+    *,
+    quiet: bool,
+    json_summary: bool,
+    details: bool | None,
+    device: Device,
+    dtype: DType,
+    backend: BackendName,
+    ray_address: str | None,
+    workers: int | None,
+    gpus_per_worker: float | None,
+    **settings: tp.Any,
 ) -> None:
-    """Stream recordings through Moshi (+ TTT) and write what it says back."""
+    """What `infer` and `score` do once parsed: one `RunOptions`, validated before anything loads
+    (errors name the flag), Ray looked for where asked, then the run."""
     with user_errors():
         options = RunOptions(
-            base=base,
-            checkpoint=checkpoint,
-            step=step,
-            ttt_enabled=not no_ttt,
-            delta_clip=delta_clip,
             device=device.value,
             dtype=dtype.value,
-            threads=threads,
-            seed=seed,
-            pattern=glob,
-            include_hidden=include_hidden,
-            include_outputs=include_outputs,
-            text=text,
-            text_format=text_format.value,
-            channel=channel,
-            audio_format=audio_format.value if audio_format else None,
-            sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy),
-            overwrite=overwrite,
-            redo_other=redo_other,
-            report=report,
-            timeline=timeline,
-            batch_size=batch_size,
-            decode_chunk=decode_chunk,
-            shard=shard,
             backend=backend.value,
             ray=RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker),
+            **settings,
         ).validate()
         if options.backend == "ray":
             from moshi_ttt.backends.ray import require_ray
 
             require_ray()
     raise typer.Exit(_run(source, target, options, details, quiet, json_summary))
+
+
+@app.command()
+def infer(
+    source: Source,
+    target: tp.Annotated[
+        str,
+        typer.Argument(
+            metavar="OUT",
+            help="Output file (format by extension), or folder "
+            "mirroring IN's layout (end it with / to create one for a single "
+            "file).",
+        ),
+    ],
+    base: Base = DEFAULT_BASE,
+    checkpoint: Checkpoint = None,
+    step: Step = None,
+    no_ttt: NoTTT = False,
+    delta_clip: DeltaClip = None,
+    device: DeviceOption = Device.auto,
+    dtype: DTypeOption = DType.auto,
+    seed: tp.Annotated[int, typer.Option(help="RNG seed (0 to 2^32-1), reapplied at the start of every file.")] = 4242,
+    threads: Threads = None,
+    channel: tp.Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|left|right|mix",
+            help="Input channel to stream (default 0; moshi-finetune dialogues: Moshi left, user right).",
+        ),
+    ] = None,
+    glob: Glob = None,
+    include_hidden: IncludeHidden = False,
+    include_outputs: IncludeOutputs = False,
+    text: tp.Annotated[bool, typer.Option("--text", help="Also write Moshi's text stream beside each output.")] = False,
+    text_format: tp.Annotated[
+        TextFormat,
+        typer.Option(
+            "--text-format",
+            help="Transcripts as txt (words), jsonl (one timed word a line) or srt; jsonl/srt imply --text.",
+        ),
+    ] = TextFormat.txt,
+    audio_format: tp.Annotated[
+        AudioFormat | None,
+        typer.Option("--format", help="Format of outputs written into a folder (default wav)."),
+    ] = None,
+    temp: tp.Annotated[
+        float | None, typer.Option(help="Audio sampling temperature (default: the checkpoint's).")
+    ] = None,
+    temp_text: tp.Annotated[
+        float | None, typer.Option(help="Text sampling temperature (default: the checkpoint's).")
+    ] = None,
+    top_k: tp.Annotated[int | None, typer.Option(help="Audio top-k (default: the checkpoint's).")] = None,
+    top_k_text: tp.Annotated[int | None, typer.Option(help="Text top-k (default: the checkpoint's).")] = None,
+    greedy: tp.Annotated[
+        bool, typer.Option("--greedy", help="Argmax instead of sampling (seed-independent output).")
+    ] = False,
+    overwrite: Overwrite = False,
+    redo_other: RedoOther = False,
+    report: tp.Annotated[
+        Path | None, typer.Option(help="JSON report (default in folder mode: OUT/moshi-ttt-report.json).")
+    ] = None,
+    details: tp.Annotated[
+        bool | None,
+        typer.Option("--details/--no-details", help="Per-layer TTT table after each file (default: single file only)."),
+    ] = None,
+    quiet: Quiet = False,
+    timeline: tp.Annotated[
+        bool,
+        typer.Option("--timeline", help="Record every TTT update in the report (for `moshi-ttt plot`; can be large)."),
+    ] = False,
+    json_summary: JsonSummary = False,
+    batch_size: BatchSize = "auto",
+    decode_chunk: tp.Annotated[
+        int | None,
+        typer.Option(
+            "--decode-chunk",
+            metavar="FRAMES",
+            help="Decode "
+            "audio in chunks of this many frames: faster on CPU, audio within one 16-bit step "
+            "of the default frame-by-frame decode.",
+        ),
+    ] = None,
+    shard: ShardOption = None,
+    backend: BackendOption = BackendName.local,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+) -> None:
+    """Stream recordings through Moshi (+ TTT) and write what it says back."""
+    _run_command(
+        source,
+        target,
+        quiet=quiet,
+        json_summary=json_summary,
+        details=details,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        ray_address=ray_address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        base=base,
+        checkpoint=checkpoint,
+        step=step,
+        ttt_enabled=not no_ttt,
+        delta_clip=delta_clip,
+        threads=threads,
+        seed=seed,
+        pattern=glob,
+        include_hidden=include_hidden,
+        include_outputs=include_outputs,
+        text=text,
+        text_format=text_format.value,
+        channel=channel,
+        audio_format=audio_format.value if audio_format else None,
+        sampling=Sampling(temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy),
+        overwrite=overwrite,
+        redo_other=redo_other,
+        report=report,
+        timeline=timeline,
+        batch_size=batch_size,
+        decode_chunk=decode_chunk,
+        shard=shard,
+    )
+
+
+@app.command()
+def score(
+    source: Source,
+    target: tp.Annotated[
+        str,
+        typer.Argument(
+            metavar="OUT",
+            help="Folder for the per-file NLL arrays "
+            "(IN/talk/a.wav -> OUT/talk/a.nll.npy) and moshi-ttt-scores.json, "
+            "or a .npy file for a single recording.",
+        ),
+    ],
+    base: Base = DEFAULT_BASE,
+    checkpoint: Checkpoint = None,
+    step: Step = None,
+    no_ttt: NoTTT = False,
+    delta_clip: DeltaClip = None,
+    device: DeviceOption = Device.auto,
+    dtype: DTypeOption = DType.auto,
+    threads: Threads = None,
+    glob: Glob = None,
+    include_hidden: IncludeHidden = False,
+    include_outputs: IncludeOutputs = False,
+    user_stream: tp.Annotated[
+        UserStream,
+        typer.Option(
+            "--user-stream",
+            help="Mono recordings: what the user "
+            "stream is (silence: Mimi's codes of zeros; copy: the same audio; none: no tokens). "
+            "Stereo recordings: channel 1.",
+        ),
+    ] = UserStream.silence,
+    text_stream: tp.Annotated[
+        TextStream,
+        typer.Option(
+            "--text-stream",
+            help="Without an alignment file "
+            "(NAME.json beside the recording): the text row is PAD tokens or none; text is not "
+            "scored.",
+        ),
+    ] = TextStream.pad,
+    bucket_seconds: tp.Annotated[
+        float, typer.Option("--bucket-seconds", help="Width of the position buckets (report, table, plot).")
+    ] = 60.0,
+    first_codebook_weight: tp.Annotated[
+        float | None,
+        typer.Option(
+            "--first-codebook-weight",
+            help="The "
+            "weighted loss's first-codebook multiplier (default: the fine-tune's "
+            "training arguments, else 1.0).",
+        ),
+    ] = None,
+    text_padding_weight: tp.Annotated[
+        float | None,
+        typer.Option(
+            "--text-padding-weight",
+            help="The "
+            "weighted loss's weight of PAD/EPAD text targets (default: the fine-tune's "
+            "training arguments, else 0.5).",
+        ),
+    ] = None,
+    overwrite: Overwrite = False,
+    redo_other: RedoOther = False,
+    report: tp.Annotated[
+        Path | None, typer.Option(help="JSON report (default in folder mode: OUT/moshi-ttt-scores.json).")
+    ] = None,
+    quiet: Quiet = False,
+    timeline: tp.Annotated[
+        bool,
+        typer.Option(
+            "--timeline",
+            help="Record every TTT update in the report (TTT-MLP: "
+            "with the inner loss under the checkpoint's weights too).",
+        ),
+    ] = False,
+    json_summary: JsonSummary = False,
+    batch_size: BatchSize = "auto",
+    shard: ShardOption = None,
+    backend: BackendOption = BackendName.local,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = None,
+) -> None:
+    """Teacher-force every recording through the model and record the loss of every token it
+    predicts: TTT against plain Moshi (--no-ttt), by position (see README: Does TTT help?)."""
+    _run_command(
+        source,
+        target,
+        quiet=quiet,
+        json_summary=json_summary,
+        details=False,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        ray_address=ray_address,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        base=base,
+        checkpoint=checkpoint,
+        step=step,
+        ttt_enabled=not no_ttt,
+        delta_clip=delta_clip,
+        threads=threads,
+        pattern=glob,
+        include_hidden=include_hidden,
+        include_outputs=include_outputs,
+        overwrite=overwrite,
+        redo_other=redo_other,
+        report=report,
+        timeline=timeline,
+        batch_size=batch_size,
+        shard=shard,
+        score=ScoreOptions(
+            user_stream=user_stream.value,
+            text_stream=text_stream.value,
+            bucket_seconds=bucket_seconds,
+            first_codebook_weight=first_codebook_weight,
+            text_padding_weight=text_padding_weight,
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -407,208 +646,6 @@ def _run(
             soft_wrap=True,
         )
     return outcome.exit_code
-
-
-# Options `score` shares with `infer`: declared once, as annotated types.
-Source = tp.Annotated[
-    Path,
-    typer.Argument(
-        metavar="IN",
-        help="A recording, a folder searched recursively, or a "
-        '.jsonl manifest of {"path", "duration"} lines (paths relative to it).',
-    ),
-]
-Base = tp.Annotated[str, typer.Option(help="Base Moshi: Hugging Face repo id or local folder.")]
-Checkpoint = tp.Annotated[
-    str | None, typer.Option(help="TTT fine-tune folder (consolidated/, checkpoint or run folder).")
-]
-Step = tp.Annotated[int | None, typer.Option(help="Run folder: load checkpoint_NNNNNN of this step (default: latest).")]
-NoTTT = tp.Annotated[bool, typer.Option("--no-ttt", help="Keep fast weights frozen (ablation).")]
-DeviceOption = tp.Annotated[Device, typer.Option("--device")]
-DTypeOption = tp.Annotated[DType, typer.Option("--dtype", help="auto: bfloat16 on GPU, float32 on CPU.")]
-Threads = tp.Annotated[int | None, typer.Option(help="CPU intra-op threads (default: chosen for this machine).")]
-Glob = tp.Annotated[str | None, typer.Option(help="Only inputs whose relative path or name matches.")]
-IncludeHidden = tp.Annotated[
-    bool, typer.Option("--include-hidden", help="Also take hidden files and folders as inputs (never macOS ._ files).")
-]
-Overwrite = tp.Annotated[bool, typer.Option("--overwrite", help="Redo files whose output exists.")]
-Quiet = tp.Annotated[bool, typer.Option("--quiet", "-q", help="No progress or tables; errors still print.")]
-JsonSummary = tp.Annotated[
-    bool,
-    typer.Option(
-        "--json",
-        help="Print one JSON summary line to stdout (totals, report path) and nothing else there; "
-        "progress goes to stderr.",
-    ),
-]
-BatchSize = tp.Annotated[
-    str,
-    typer.Option(
-        "--batch-size",
-        metavar="B|auto",
-        help="Recordings streamed at once, each with its own fast weights "
-        "(auto: as many as fit in free GPU memory; at most 16 on CPU).",
-    ),
-]
-ShardOption = tp.Annotated[
-    str | None,
-    typer.Option(
-        "--shard",
-        metavar="I/N",
-        help="Process only shard I of N (by a hash of each file's relative path) "
-        "into a report part; `moshi-ttt report merge OUT` joins the parts.",
-    ),
-]
-BackendOption = tp.Annotated[
-    BackendName,
-    typer.Option(
-        "--backend",
-        help="local: stream in this process; ray: on a Ray actor pool "
-        "(pip install 'moshi-ttt[ray]'), outputs and report as local.",
-    ),
-]
-RayAddress = tp.Annotated[
-    str | None,
-    typer.Option(
-        "--ray-address",
-        metavar="ADDR",
-        help="--backend ray: a running cluster (e.g. auto, ray://head:10001); default: start a local Ray instance.",
-    ),
-]
-Workers = tp.Annotated[
-    int | None,
-    typer.Option(
-        "--workers",
-        help="--backend ray: actors, each with its own model (default: one per GPU on GPU, "
-        "one per --threads cores on CPU).",
-    ),
-]
-GpusPerWorker = tp.Annotated[
-    float | None,
-    typer.Option("--gpus-per-worker", help="--backend ray: GPUs per actor (default 1 on GPU, 0 on CPU)."),
-]
-
-
-class UserStream(str, Enum):
-    silence = "silence"
-    copy = "copy"
-    none = "none"
-
-
-class TextStream(str, Enum):
-    pad = "pad"
-    none = "none"
-
-
-@app.command()
-def score(
-    source: Source,
-    target: tp.Annotated[
-        str,
-        typer.Argument(
-            metavar="OUT",
-            help="Folder for the per-file NLL arrays (IN/talk/a.wav -> OUT/talk/a.nll.npy) and moshi-ttt-scores.json.",
-        ),
-    ],
-    base: Base = DEFAULT_BASE,
-    checkpoint: Checkpoint = None,
-    step: Step = None,
-    no_ttt: NoTTT = False,
-    device: DeviceOption = Device.auto,
-    dtype: DTypeOption = DType.auto,
-    threads: Threads = None,
-    glob: Glob = None,
-    include_hidden: IncludeHidden = False,
-    user_stream: tp.Annotated[
-        UserStream,
-        typer.Option(
-            "--user-stream",
-            help="Mono recordings: what the user stream "
-            "is (silence: Mimi's codes of zeros; copy: the same audio; none: no tokens). Stereo "
-            "recordings: channel 1.",
-        ),
-    ] = UserStream.silence,
-    text_stream: tp.Annotated[
-        TextStream,
-        typer.Option(
-            "--text-stream",
-            help="Without an alignment file (NAME.json "
-            "beside the recording): the text row is PAD tokens or none; text is not scored.",
-        ),
-    ] = TextStream.pad,
-    bucket_seconds: tp.Annotated[
-        float, typer.Option("--bucket-seconds", help="Width of the position buckets (report, table, plot).")
-    ] = 60.0,
-    first_codebook_weight: tp.Annotated[
-        float | None,
-        typer.Option(
-            "--first-codebook-weight",
-            help="The "
-            "weighted loss's first-codebook multiplier (default: the fine-tune's "
-            "training arguments, else 1.0).",
-        ),
-    ] = None,
-    text_padding_weight: tp.Annotated[
-        float | None,
-        typer.Option(
-            "--text-padding-weight",
-            help="The weighted "
-            "loss's weight of PAD/EPAD text targets (default: the fine-tune's training "
-            "arguments, else 0.5).",
-        ),
-    ] = None,
-    overwrite: Overwrite = False,
-    report: tp.Annotated[Path | None, typer.Option(help="JSON report (default: OUT/moshi-ttt-scores.json).")] = None,
-    quiet: Quiet = False,
-    timeline: tp.Annotated[
-        bool,
-        typer.Option(
-            "--timeline",
-            help="Record every TTT update in the report (TTT-MLP: "
-            "with the inner loss under the checkpoint's weights too).",
-        ),
-    ] = False,
-    json_summary: JsonSummary = False,
-    batch_size: BatchSize = "auto",
-    shard: ShardOption = None,
-    backend: BackendOption = BackendName.local,
-    ray_address: RayAddress = None,
-    workers: Workers = None,
-    gpus_per_worker: GpusPerWorker = None,
-) -> None:
-    """Teacher-force every recording through the model and record the loss of every token it
-    predicts: TTT against plain Moshi (--no-ttt), by position (see README: Does TTT help?)."""
-    with user_errors():
-        options = RunOptions(
-            base=base,
-            checkpoint=checkpoint,
-            step=step,
-            ttt_enabled=not no_ttt,
-            device=device.value,
-            dtype=dtype.value,
-            threads=threads,
-            pattern=glob,
-            include_hidden=include_hidden,
-            overwrite=overwrite,
-            report=report,
-            timeline=timeline,
-            batch_size=batch_size,
-            shard=shard,
-            backend=backend.value,
-            ray=RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker),
-            score=ScoreOptions(
-                user_stream=user_stream.value,
-                text_stream=text_stream.value,
-                bucket_seconds=bucket_seconds,
-                first_codebook_weight=first_codebook_weight,
-                text_padding_weight=text_padding_weight,
-            ),
-        ).validate()
-        if options.backend == "ray":
-            from moshi_ttt.backends.ray import require_ray
-
-            require_ray()
-    raise typer.Exit(_run(source, target, options, details=False, quiet=quiet, json_summary=json_summary))
 
 
 def _key_value(item: str, option: str) -> tuple[str, tp.Any]:

@@ -90,6 +90,19 @@ class OutputCheck:
         return dataclasses.replace(entry, output_stat=current)
 
 
+def describing(
+    candidates: tp.Iterable[FileResult], check: OutputCheck, output: Path | None = None
+) -> FileResult | None:
+    """The rule resume and `report merge` share: of the entries that may describe an output
+    (newest report first), the first whose output on disk (at `output`, default each entry's
+    own) is the very file it recorded (`OutputCheck`: stat, else SHA-256); None if none is."""
+    for entry in candidates:
+        found = check.matches(entry, output)
+        if found is not None:
+            return found
+    return None
+
+
 class EarlierResults:
     """Results earlier runs recorded, by output file, trusted only while that output is the
     very file they describe (see the module docstring): a replaced output gets no borrowed numbers.
@@ -124,13 +137,7 @@ class EarlierResults:
         return os.path.join(self._folders[folder], name)
 
     def for_output(self, output: Path) -> FileResult | None:
-        for entry in self._by_output.get(self._key(output), []):
-            if entry.output_sha256 is None:
-                continue
-            found = self.check.matches(entry, output)
-            if found is not None:
-                return found
-        return None
+        return describing(self._by_output.get(self._key(output), []), self.check, output)
 
     def others(self, jobs: list[Job], keep: tp.Callable[[FileResult], bool] | None = None) -> list[FileResult]:
         """Entries for the outputs this run does not plan (e.g. outside its --glob) that still

@@ -163,8 +163,13 @@ class FileResult:
                 )
             except (TypeError, ValueError, AttributeError) as exc:
                 raise MalformedEntry(f"ttt.layers: {exc}") from None
-        if isinstance(values.get("scores"), dict):
-            values["scores"] = ScoreSummary.from_json(values["scores"])
+        if values.get("scores") is not None:
+            if not isinstance(values["scores"], dict):
+                raise MalformedEntry("scores must be an object")
+            try:
+                values["scores"] = ScoreSummary.from_json(values["scores"])
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise MalformedEntry(f"scores: {exc}") from None
         return cls(**values)
 
 

@@ -227,13 +227,15 @@ def pick(candidates: list[tuple[FileResult, ReportFile]], check: tp.Any) -> tupl
     stat, else its SHA-256), since the output is what the user has; otherwise the newest report's
     entry (a later failure or skip is the latest word on a file without a matching output).
     Outputs are looked at only here, i.e. only on conflicts."""
+    from .history import describing
+
     if len(candidates) == 1:
         return candidates[0]
     for entry, source in candidates:
-        found = check.matches(entry)
+        found = describing([entry], check)
         if found is not None:
             return found, source
-    return candidates[0]
+    return candidates[0]  # no output matches: the newest report's word on the file
 
 
 def merged_entries(reports: list[ReportFile]) -> list[tuple[FileResult, ReportFile]]:

@@ -208,3 +208,15 @@ def test_shards_of_a_score_run_merge_into_one_scores_report(tiny_inplace, tmp_pa
     expected = json.loads((tmp_path / "whole" / SCORES_REPORT_NAME).read_text())
     assert report["totals"]["scores"]["count"] == expected["totals"]["scores"]["count"]
     assert report["totals"]["scores"]["nll"]["audio"] == pytest.approx(expected["totals"]["scores"]["nll"]["audio"])
+
+
+def test_a_rerun_with_other_score_settings_does_not_pass_old_arrays_off_as_new(tiny_inplace, tmp_path) -> None:
+    src = tmp_path / "in"
+    write(src / "a.wav", noise(0.8, seed=30, levels=(0.3,)))
+    assert score(tiny_inplace, src, tmp_path / "out", "--user-stream", "silence").exit_code == 0
+    again = score(tiny_inplace, src, tmp_path / "out", "--user-stream", "none")
+    assert again.exit_code == 0, again.output
+    report = json.loads((tmp_path / "out" / SCORES_REPORT_NAME).read_text())
+    entry = report["files"][0]
+    assert report["totals"]["made_by_other"] == 1 and entry["made_by"]["score"]["user_stream"] == "silence"
+    assert "--redo-other" in entry["reason"]
