@@ -203,9 +203,7 @@ Base = tp.Annotated[str, typer.Option(help="Base Moshi: Hugging Face repo id or 
 Checkpoint = tp.Annotated[
     str | None, typer.Option(help="TTT fine-tune folder (consolidated/, checkpoint or run folder).")
 ]
-Step = tp.Annotated[
-    int | None, typer.Option(help="Run folder: load checkpoint_NNNNNN of this step (default: latest).")
-]
+Step = tp.Annotated[int | None, typer.Option(help="Run folder: load checkpoint_NNNNNN of this step (default: latest).")]
 NoTTT = tp.Annotated[bool, typer.Option("--no-ttt", help="Keep fast weights frozen (ablation).")]
 DeltaClip = tp.Annotated[
     str | None,

@@ -1,6 +1,8 @@
-"""Audio in and out as Moshi wants it (24 kHz mono float32): channel picking, whole-file reading
-(`read_audio`, for tests and the reference loop; runs read in blocks: `reader.py`) and outputs
-written block by block (`AudioWriter`)."""
+"""Audio in and out as Moshi wants it (24 kHz mono float32): channel picking and outputs written
+block by block (`AudioWriter`). Runs read recordings in blocks (`reader.py`); `read_recording`
+and `read_audio` here read a file whole, with sphn's resampler: the path runs used before, kept as
+the reference the block reader is tested against (a 24 kHz input must give its very bytes) and
+for whole-file uses (the reference streaming loop, tests, benches)."""
 
 from __future__ import annotations
 
@@ -112,18 +114,6 @@ def read_recording(path: str | Path, channel: int | str | None = None) -> Record
         raise AudioTooShortError(f"shorter than one 80 ms frame ({mono.shape[0]} samples at 24 kHz)", path)
     recording.pcm = mono
     return recording
-
-
-def probe_duration(path: Path) -> float | None:
-    """Seconds of audio in `path` from its header alone (no decoding); None where the header does
-    not say (or the file cannot be read: the run reports that file later)."""
-    import soundfile
-
-    try:
-        info = soundfile.info(str(path))
-    except Exception:
-        return None
-    return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
 
 
 def _read_with_soundfile(path: Path, first: Exception) -> tuple[np.ndarray, int]:
