@@ -588,23 +588,28 @@ def score(
 def _only_our_stderr(active: bool) -> tp.Iterator[None]:
     """With `active`, what others write to the process's stderr (file descriptor 2: Ray's C++
     core and the processes it starts, libraries' warnings) goes nowhere, while our own lines
-    (`sys.stderr`, which the consoles write to) still reach the terminal: `-q` with Ray."""
+    (`sys.stderr`, which the consoles write to) still reach where they went: `-q` with Ray."""
     if not active:
         yield
         return
     sys.stderr.flush()
-    ours = os.dup(2)
+    try:
+        ours_on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # captured (a test runner, a notebook): not fd 2
+        ours_on_fd2 = False
+    saved_fd = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     saved_stderr = sys.stderr
     try:
         os.dup2(devnull, 2)
-        sys.stderr = open(ours, "w", buffering=1, encoding=saved_stderr.encoding or "utf-8", closefd=False)  # noqa: SIM115
+        if ours_on_fd2:  # our lines keep the terminal through a copy of the descriptor
+            sys.stderr = open(saved_fd, "w", buffering=1, encoding=saved_stderr.encoding or "utf-8", closefd=False)  # noqa: SIM115
         yield
     finally:
         sys.stderr.flush()
         sys.stderr = saved_stderr
-        os.dup2(ours, 2)
-        os.close(ours)
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
         os.close(devnull)
 
 

@@ -45,7 +45,7 @@ INSTALL_HINT = "--backend ray needs Ray: pip install 'moshi-ttt[ray]'"
 # and retries whole tasks).
 GPU_FILES_PER_TASK = 16
 # Report settings the driver decides; the rest (the model's, the worker's) come from the actors.
-DRIVER_SETTINGS = ("base", "checkpoint", "seed", "backend", "workers", "gpus_per_worker")
+DRIVER_SETTINGS = ("base", "checkpoint", "seed", "backend", "workers", "gpus_per_worker", "made_by")
 
 
 def require_ray() -> tp.Any:
@@ -132,12 +132,12 @@ class RayBackend:
     def connect(self) -> Resolved:
         """Join the cluster at `address`, or start a local Ray instance; decide the defaults."""
         ray = require_ray()
+        # Ray's own log lines are not ours to show: its Python loggers (Ray Data's too) say errors
+        # only, and a core we start only what is fatal (the CLI's -q silences the rest).
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
         if not ray.is_initialized():  # else: joined by the caller (a notebook, a test), left running
-            # Ray's own log lines are not ours to show: its Python loggers (Ray Data's too) say
-            # errors only, and its C++ core only what is fatal (the CLI's -q silences the rest).
             os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-            for name in ("ray", "ray.data"):
-                logging.getLogger(name).setLevel(logging.ERROR)
             try:
                 ray.init(
                     address=self.ray_options.address,
