@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 import typing as tp
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,9 +45,7 @@ class InFlight:
     expected_frames: int  # from the header (progress, the text row's length)
     begin: float
     writer: AudioWriter | None = None
-    text_row: np.ndarray | None = None
     error: BaseException | None = None
-    first: list[np.ndarray] = field(default_factory=list)  # frames read to open it (too short?)
 
     @property
     def planned_s(self) -> float:
@@ -63,10 +61,10 @@ class InFlight:
         """The recording's frames; a read failing part way ends them and marks the file failed."""
         source = self.reader.frames()
         try:
-            self.first.append(next(source))  # AudioTooShortError here: the file is skipped at open
+            first = next(source)  # AudioTooShortError here: the file is skipped when it is opened
         except StopIteration:
             return iter(())
-        return self._guarded(itertools.chain(self.first, source))
+        return self._guarded(itertools.chain([first], source))
 
     def _guarded(self, source: tp.Iterator[np.ndarray]) -> tp.Iterator[np.ndarray]:
         try:
@@ -162,13 +160,14 @@ class ScoreFiles:
         flight = InFlight(job, reader, (reader.header.samples_24k or 0) // FRAME_SIZE, begin)
         try:
             aligned = alignment_path(job.input)
+            text_row = None
             if aligned.is_file():
-                flight.text_row = text_row_for(self.runner.model, read_alignments(aligned), flight.expected_frames)
+                text_row = text_row_for(self.runner.model, read_alignments(aligned), flight.expected_frames)
             frames = flight.frames()
         except BaseException:
             flight.abort()
             raise
-        return flight, ScoreInput(frames, flight.expected_frames, flight.text_row)
+        return flight, ScoreInput(frames, flight.expected_frames, text_row)
 
     def stream(self, recordings: tp.Iterable, write: tp.Callable, progress: FrameProgressFn) -> tp.Iterator:
         return self.runner.run(recordings, progress=progress)

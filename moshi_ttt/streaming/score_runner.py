@@ -29,7 +29,7 @@ import torch
 
 from ..checkpoints.model import LoadedModel
 from ..errors import stops_the_run
-from .batched import StreamFailure, scrub_attention_caches
+from .batched import StreamFailure, scrub_attention_caches, streaming
 from .scoring import FileScore, ScoreAccumulator, TeacherForcedScorer
 
 Key = tp.TypeVar("Key")
@@ -114,7 +114,7 @@ class ScoreRunner:
         pending = iter(recordings)
         slots = [_Slot() for _ in range(B)]
         exhausted = False
-        with mimi.streaming(2 * B), self.scorer:
+        with streaming(mimi, 2 * B), self.scorer:
             while True:
                 starting = [False] * B
                 for index in range(B):

@@ -44,6 +44,7 @@ import torch
 from ..checkpoints.model import LoadedModel
 from ..errors import MoshiTTTError, StreamingError
 from ..report.schema import LayerReport
+from .batched import streaming
 
 Key = tp.TypeVar("Key")
 
@@ -283,7 +284,7 @@ class TeacherForcedScorer:
         self.controller.set_frozen(not self.ttt_enabled)  # per run: a loaded model may be shared
         self.controller.set_timeline(self.timeline)
         stack = ExitStack()
-        stack.enter_context(self.lm.streaming(B))
+        stack.enter_context(streaming(self.lm, B))  # left cleanly if entering fails part way
         self._stack = stack
         # Per stream, device-side: recent frames (delay history), the next transformer input
         # (the previous step's delayed column), steps taken, whether text is scored.
@@ -325,18 +326,22 @@ class TeacherForcedScorer:
         return self._slots[slot].steps
 
     def finish(self, slot: int) -> list[LayerReport]:
-        """End of slot `slot`'s file: apply its partial TTT chunk, return its TTT report, free it."""
+        """End of slot `slot`'s file: apply its partial TTT chunk, return its TTT report, free it.
+        The slot is freed even when its report raises (its fast weights became NaN/Inf): that
+        file fails, the slot takes the next."""
         self._check_streaming()
         if not self._slots[slot].busy:
             raise StreamingError(f"slot {slot} has no file to finish")
-        reports: list[LayerReport] = []
-        if self._pending_reset[slot]:  # started, never stepped: nothing of it reached the model
-            self._pending_reset[slot] = False
-        elif self.controller:
+        try:
+            if self._pending_reset[slot]:  # started, never stepped: nothing of it reached the model
+                self._pending_reset[slot] = False
+                return []
+            if not self.controller:
+                return []
             self.controller.flush([slot])
-            reports = self.controller.reports(slot)
-        self._slots[slot] = _Slot()
-        return reports
+            return self.controller.reports(slot)
+        finally:
+            self._slots[slot] = _Slot()
 
     def _apply_resets(self) -> None:
         if not any(self._pending_reset):

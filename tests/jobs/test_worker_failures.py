@@ -359,3 +359,29 @@ def test_a_decode_error_part_way_fails_that_file_alone(job, model, recordings, t
         else:  # c starts earlier in its slot; TTT commits batch differently: float rounding only
             np.testing.assert_allclose(np.load(mine.output), np.load(theirs.output), atol=1e-5)
     assert partials(tmp_path) == []
+
+
+def test_a_diverging_file_fails_alone_when_scored_too(model, recordings, tmp_path: Path) -> None:
+    """`score` jobs share the boundary: a file whose fast weights turn NaN fails alone, and the
+    file that next takes its slot scores what it scores without it (its caches were scrubbed)."""
+    from moshi_ttt.jobs.kinds import LossWeights, ScoreFiles
+    from moshi_ttt.streaming.score_runner import ScoreRunner
+
+    a, b, c = recordings
+
+    def scoring() -> FileWorker:
+        return FileWorker(ScoreFiles(ScoreRunner(model, 2), LossWeights(1.0, "test", 0.5, "test"), 60.0))
+
+    def jobs(folder: Path, inputs: list[Path]) -> list[Job]:
+        return [Job(p, folder / f"{p.stem}.nll.npy") for p in inputs]
+
+    runner = scoring()
+    report = BatchRunner(runner, SETTINGS, events=PoisonAt(runner.runner, index=0, slot=0)).run(
+        jobs(tmp_path / "out", [a, b, c])
+    )
+    assert [f.status for f in report.files] == ["failed", "ok", "ok"]
+    assert_one_line_failure(report.files[0])
+    assert "fast weights became NaN/Inf" in report.files[0].reason
+    clean = BatchRunner(scoring(), SETTINGS).run(jobs(tmp_path / "clean", [b, c]))
+    for mine, theirs in zip(report.files[1:], clean.files):
+        np.testing.assert_allclose(np.load(mine.output), np.load(theirs.output), atol=1e-5)
