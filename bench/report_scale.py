@@ -41,8 +41,8 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from moshi_ttt.jobs.files import SAMPLE_RATE, atomic_output  # noqa: E402
 from moshi_ttt.jobs.driver import BatchRunner  # noqa: E402
+from moshi_ttt.jobs.files import SAMPLE_RATE, atomic_output  # noqa: E402
 from moshi_ttt.jobs.plan import Job, prepare_batch  # noqa: E402
 from moshi_ttt.options import RunOptions  # noqa: E402
 from moshi_ttt.report.schema import FileResult, FileTTT, LayerReport, RunSettings, sha256_of  # noqa: E402
