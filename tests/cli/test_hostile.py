@@ -528,14 +528,16 @@ def test_a_file_whose_fast_weights_diverge_fails_alone(tiny_inplace, tmp_path: P
     assert (tmp_path / "out" / "b_noise.wav").read_bytes() == (tmp_path / "alone.wav").read_bytes()
 
 
-def test_a_wav_that_crashes_the_decoder_fails_alone(tiny_inplace, recordings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rate", [0, 2**31 - 1])
+def test_a_wav_with_an_impossible_rate_fails_alone(rate, tiny_inplace, recordings, tmp_path: Path) -> None:
     """A WAV header with sample rate 0 makes the Rust decoder panic (pyo3's PanicException is a
-    BaseException): one failed entry with a one-line reason, and the run goes on."""
+    BaseException), and one saying 2^31-1 Hz once made the resampler allocate tens of GB: either
+    is one failed entry with a one-line reason, refused from the header, and the run goes on."""
     src = tmp_path / "rec"
     src.mkdir()
     data = bytearray(recordings[0].read_bytes())
     at = data.find(b"fmt ") + 12  # the fmt chunk's sample rate
-    data[at : at + 4] = (0).to_bytes(4, "little")
+    data[at : at + 4] = rate.to_bytes(4, "little")
     (src / "a_rate0.wav").write_bytes(bytes(data))
     shutil.copy(recordings[1], src / "b.wav")
     result = infer(tiny_inplace, src, tmp_path / "out", "--batch-size", 2, "--quiet")
@@ -543,5 +545,6 @@ def test_a_wav_that_crashes_the_decoder_fails_alone(tiny_inplace, recordings, tm
     assert result.exit_code == 1, result.output
     files = {Path(f["input"]).name: f for f in report_of(tmp_path / "out" / REPORT_NAME)["files"]}
     assert files["a_rate0.wav"]["status"] == "failed" and "\n" not in files["a_rate0.wav"]["reason"]
+    assert "sample rate" in files["a_rate0.wav"]["reason"]
     assert files["b.wav"]["status"] == "ok"
     assert partials(tmp_path) == []
