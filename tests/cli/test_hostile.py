@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from typer.testing import CliRunner
 
 from helpers import files_under, partials, sweep
 from helpers.cli import (
@@ -37,7 +36,6 @@ from moshi_ttt.jobs.audio import read_audio, write_audio
 from moshi_ttt.jobs.files import FRAME_SIZE, PARTIAL_SUFFIX, SAMPLE_RATE, _umask, atomic_output
 from moshi_ttt.jobs.guard import LOCK_NAME
 from moshi_ttt.report.schema import REPORT_NAME, FileResult, Report, RunSettings
-from moshi_ttt_cli.app import app
 
 
 def checksums(folder: Path) -> dict[str, str]:
@@ -236,20 +234,7 @@ def test_report_failing_mid_run_is_one_line_and_the_run_goes_on(tiny_inplace, lo
 )
 def test_non_finite_or_out_of_range_ttt_settings_are_refused(key, value, tiny_inplace, rec, tmp_path: Path) -> None:
     checkpoint = edit_finetune_config(tiny_inplace, tmp_path / "ckpt", **{key: value})
-    result = CliRunner().invoke(
-        app,
-        [
-            "infer",
-            str(rec),
-            str(tmp_path / "out"),
-            "--base",
-            str(tiny_inplace.base),
-            "--checkpoint",
-            str(checkpoint),
-            "--device",
-            "cpu",
-        ],
-    )
+    result = infer(tiny_inplace, rec, tmp_path / "out", checkpoint=checkpoint)
     line = one_error_line(result)
     assert key in line and "config.json" in line
     assert not (tmp_path / "out").exists()
@@ -265,20 +250,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny_inplace, rec, tmp
     name = sorted(weights)[-1]
     weights[name][0, 0] = float("nan")
     save_file(weights, str(weights_path))
-    result = CliRunner().invoke(
-        app,
-        [
-            "infer",
-            str(rec),
-            str(tmp_path / "out"),
-            "--base",
-            str(tiny_inplace.base),
-            "--checkpoint",
-            str(checkpoint),
-            "--device",
-            "cpu",
-        ],
-    )
+    result = infer(tiny_inplace, rec, tmp_path / "out", checkpoint=checkpoint)
     line = one_error_line(result)
     assert name in line and "lora.safetensors" in line and "NaN" in line
 
@@ -313,21 +285,7 @@ def test_bad_settings_exit_2_before_loading(case, tiny_inplace, rec, tmp_path: P
     else:
         size = {"chunk_1e12": 1e12, "chunk_1e6": 1e6, "chunk_inf": float("inf")}[case]
         checkpoint = edit_finetune_config(tiny_inplace, tmp_path / "ckpt", chunk_size=size)
-    result = CliRunner().invoke(
-        app,
-        [
-            "infer",
-            str(rec),
-            str(tmp_path / "out"),
-            "--base",
-            str(tiny_inplace.base),
-            "--checkpoint",
-            str(checkpoint),
-            "--device",
-            "cpu",
-            *extra,
-        ],
-    )
+    result = infer(tiny_inplace, rec, tmp_path / "out", *extra, checkpoint=checkpoint)
     line = one_error_line(result)
     assert ("--seed" if case.startswith("seed") else "chunk") in line
     assert not (tmp_path / "out").exists()
@@ -338,20 +296,7 @@ def test_bad_settings_exit_2_before_loading(case, tiny_inplace, rec, tmp_path: P
 
 def test_enabled_ttt_that_picks_no_layer_is_an_error(tiny_inplace, rec, tmp_path: Path) -> None:
     checkpoint = edit_finetune_config(tiny_inplace, tmp_path / "ckpt", start_layer=99)
-    result = CliRunner().invoke(
-        app,
-        [
-            "infer",
-            str(rec),
-            str(tmp_path / "out"),
-            "--base",
-            str(tiny_inplace.base),
-            "--checkpoint",
-            str(checkpoint),
-            "--device",
-            "cpu",
-        ],
-    )
+    result = infer(tiny_inplace, rec, tmp_path / "out", checkpoint=checkpoint)
     assert "picks no layer" in one_error_line(result)
 
 

@@ -33,8 +33,10 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-def infer(tiny, *args: object, env: dict | None = None):
-    argv = ["infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(tiny.finetune), "--device", "cpu"]
+def infer(tiny, *args: object, env: dict | None = None, checkpoint: Path | None = None):
+    """`moshi-ttt infer ARGS` on CPU with the tiny base and its fine-tune (or `checkpoint`)."""
+    finetune = tiny.finetune if checkpoint is None else checkpoint
+    argv = ["infer", *map(str, args), "--base", str(tiny.base), "--checkpoint", str(finetune), "--device", "cpu"]
     return CliRunner().invoke(app, argv, env=env)
 
 
